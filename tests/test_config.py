@@ -1,0 +1,118 @@
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import (PRESETS, Config, config_hash, dump_yaml, flat_dict, from_dict, load_config,
+                                 parse_override, replace, to_dict)
+
+
+@pytest.mark.parametrize("preset", [p for p in PRESETS if p != "paper"])
+def test_presets_load(preset, tmp_path):
+    cfg = load_config(preset, storage_base=tmp_path)
+    assert cfg.preset == preset
+    assert Path(cfg.cluster.storage_path).is_absolute()
+    assert cfg.dataset.name == "synthetic"
+
+
+def test_paper_preset_needs_a_dataset_root(tmp_path):
+    with pytest.raises(ValueError, match="dataset.root is required"):
+        load_config("paper")
+    cfg = load_config("paper", overrides=[f"dataset.root={tmp_path}"])
+    assert cfg.reid.backbone == "resnet50" and cfg.reid.image_size == (256, 128)
+    assert cfg.labels.num_gan == 24000 and cfg.reid.use_gpu
+
+
+def test_presets_differ_in_scale():
+    smoke, cpu = load_config("smoke"), load_config("cpu")
+    assert smoke.reid.epochs < cpu.reid.epochs
+    assert smoke.dataset.synthetic_ids < cpu.dataset.synthetic_ids
+
+
+def test_overrides_are_typed():
+    cfg = load_config("smoke", overrides=["reid.epochs=3", "labels.keep=5", "reid.image_size=[32, 16]",
+                                          "reid.embed_dim=null", "sweep.methods=[lsro, smprl]", "reid.lr=1e-3"])
+    assert cfg.reid.epochs == 3 and cfg.labels.keep == 5 and cfg.reid.image_size == (32, 16)
+    assert cfg.reid.embed_dim is None and cfg.sweep.methods == ("lsro", "smprl")
+    assert cfg.reid.lr == pytest.approx(1e-3) and isinstance(cfg.reid.lr, float)
+
+
+def test_yaml_file_then_overrides(tmp_path):
+    f = tmp_path / "exp.yaml"
+    f.write_text("reid:\n  epochs: 7\n  backbone: resnet34\nlabels:\n  method: dmprl2\n")
+    cfg = load_config("smoke", file=f, overrides=["reid.epochs=9"])
+    assert (cfg.reid.epochs, cfg.reid.backbone, cfg.labels.method) == (9, "resnet34", "dmprl2")
+
+
+@pytest.mark.parametrize("override, field", [
+    ("reid.epoch=3", "reid.epoch"),
+    ("labelz.method=lsro", "labelz"),
+    ("reid.backbone=resnet51", "reid.backbone"),
+    ("labels.method=dmprl3", "labels.method"),
+    ("labels.order=matlab", "labels.order"),
+    ("labels.num_gan=-1", "labels.num_gan"),
+    ("labels.keep=0", "labels.keep"),
+    ("reid.epochs=ten", "reid.epochs"),
+    ("reid.batch_size=0", "reid.batch_size"),
+    ("reid.dropout=1.5", "reid.dropout"),
+    ("reid.use_gpu=maybe", "reid.use_gpu"),
+    ("dataset.name=market", "dataset.name"),
+    ("sweep.methods=[lsro, nope]", "sweep.methods"),
+    ("labels.switch_epoch=2", "labels.switch_epoch"),
+])
+def test_bad_values_name_the_key(override, field):
+    with pytest.raises(ValueError) as err:
+        load_config("smoke", overrides=[override])
+    assert field in str(err.value)
+
+
+def test_choice_errors_list_the_options():
+    with pytest.raises(ValueError, match="'lsro'.*'smprl'"):
+        load_config("smoke", overrides=["labels.method=lrso"])
+
+
+def test_batch_must_divide_across_workers():
+    with pytest.raises(ValueError, match="reid.batch_size=30 is not divisible by reid.num_workers=4"):
+        load_config("smoke", overrides=["reid.batch_size=30", "reid.num_workers=4"])
+
+
+def test_keep_cannot_exceed_training_ids():
+    with pytest.raises(ValueError, match="labels.keep"):
+        load_config("smoke", overrides=["labels.keep=1000"])
+
+
+def test_malformed_override_and_file(tmp_path):
+    with pytest.raises(ValueError, match="section.key=value"):
+        parse_override("reid.epochs")
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_config("smoke", file=tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(ValueError, match="mapping"):
+        load_config("smoke", file=bad)
+
+
+def test_round_trip_through_dict_and_yaml():
+    cfg = load_config("cpu", overrides=["labels.keep=3"])
+    assert from_dict(to_dict(cfg)) == cfg
+    import yaml
+    assert from_dict(yaml.safe_load(dump_yaml(cfg))) == cfg
+    flat = flat_dict(cfg)
+    assert flat["labels.keep"] == 3 and flat["reid.image_size"] == [128, 64]
+
+
+def test_config_is_frozen():
+    cfg = Config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.reid.epochs = 3  # type: ignore[misc]
+
+
+def test_hash_depends_only_on_named_sections():
+    a = load_config("smoke")
+    b = replace(a, **{"labels.method": "smprl", "reid.epochs": 5})
+    c = replace(a, **{"gan.epochs": 5})
+    assert config_hash(a, "dataset", "gan") == config_hash(b, "dataset", "gan")
+    assert config_hash(a, "dataset", "gan") != config_hash(c, "dataset", "gan")
+    assert config_hash(a, "reid.epochs") != config_hash(b, "reid.epochs")
+    with pytest.raises(ValueError, match="unknown config key"):
+        config_hash(a, "reid.nope")
