@@ -1,0 +1,188 @@
+"""Re-ID networks (trainables.models) and the two-stream pair sampler (trainables.pairs). CPU, tiny inputs."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from trainables.models import (
+    IdentificationNet,
+    TwoStreamNet,
+    build_backbone,
+    build_reid_model,
+    load_pretrained_backbone,
+    two_stream_loss,
+)
+from trainables.pairs import PairSampler, pos_fraction_for_epoch, sample_pairs
+
+B, C = 2, 7
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def _images(b: int = B) -> torch.Tensor:
+    return torch.randn(b, 3, 64, 32)
+
+
+def _soft_ce(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    per = -(targets * F.log_softmax(logits, dim=1)).sum(dim=1)
+    return (per if weights is None else per * weights).mean()
+
+
+@pytest.mark.parametrize("embed_dim, dim", [(32, 32), (None, 512)])
+def test_identification_net_shapes(embed_dim: int | None, dim: int) -> None:
+    net = IdentificationNet(C, backbone="resnet18", embed_dim=embed_dim)
+    x = _images()
+    assert net(x).shape == (B, C)  # training mode: logits
+    assert net.forward_features(x).shape == (B, 512)
+    net.eval()
+    with torch.no_grad():
+        assert net(x).shape == (B, dim)  # eval mode: embedding
+        assert net.embed(x).shape == (B, dim)
+        assert net.classify(x).shape == (B, C)
+
+
+def test_last_stride_one_doubles_final_map() -> None:
+    x = _images()
+    trunk2, _ = build_backbone("resnet18")
+    trunk1, _ = build_backbone("resnet18", last_stride=1)
+    assert trunk2(x).shape[-2:] == (2, 1)
+    assert trunk1(x).shape[-2:] == (4, 2)
+
+
+def test_param_groups_cover_every_parameter_once() -> None:
+    net = TwoStreamNet(C, backbone="resnet18", embed_dim=16)
+    groups = net.param_groups(0.01, new_lr_mult=10.0, weight_decay=5e-4)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(net.parameters()))
+    by_name = {g["name"]: g for g in groups}
+    assert by_name["backbone"]["lr"] == pytest.approx(0.01)
+    assert by_name["new"]["lr"] == pytest.approx(0.1)
+    new_ids = {id(p) for p in by_name["new"]["params"]}
+    for layer in (net.classifier, net.bottleneck, net.verif_classifier):
+        assert all(id(p) in new_ids for p in layer.parameters())
+    assert all(g["weight_decay"] == 5e-4 for g in groups)
+    torch.optim.SGD(groups, lr=0.01, momentum=0.9)  # accepted as-is
+
+
+def test_two_stream_forward() -> None:
+    net = TwoStreamNet(C, backbone="resnet18", embed_dim=16)
+    x1, x2 = _images(), _images()
+    l1, l2, v = net(x1, x2)
+    assert l1.shape == l2.shape == (B, C) and v.shape == (B, 2)
+    net.eval()
+    with torch.no_grad():
+        assert net(x1).shape == (B, 16)
+        assert net(x1, x2)[2].shape == (B, 2)
+
+
+def test_two_stream_loss_formula_and_mask() -> None:
+    l1, l2, v = torch.randn(4, C), torch.randn(4, C), torch.randn(4, 2, requires_grad=True)
+    t1 = F.one_hot(torch.tensor([0, 1, 2, 3]), C).float()
+    t2 = torch.full((4, C), 1.0 / C)
+    same = torch.tensor([1, 0, 1, 0])
+    w2 = torch.tensor([1.0, 0.5, 0.5, 1.0])
+    got = two_stream_loss(l1, l2, v, t1, t2, same, id_loss_fn=_soft_ce, weights2=w2)
+    want = 0.5 * _soft_ce(l1, t1, None) + 0.5 * _soft_ce(l2, t2, w2) + F.cross_entropy(v, same)
+    assert torch.allclose(got, want)
+
+    mask = torch.tensor([True, False, True, False])
+    got = two_stream_loss(l1, l2, v, t1, t2, same, id_loss_fn=_soft_ce, verif_mask=mask)
+    want = 0.5 * _soft_ce(l1, t1, None) + 0.5 * _soft_ce(l2, t2, None) + F.cross_entropy(v[mask], same[mask])
+    assert torch.allclose(got, want)
+
+    none = torch.zeros(4, dtype=torch.bool)
+    got, parts = two_stream_loss(
+        l1, l2, v, t1, t2, same, id_loss_fn=_soft_ce, verif_mask=none, return_parts=True
+    )
+    assert parts["verif"].item() == 0.0
+    assert torch.allclose(got, 0.5 * _soft_ce(l1, t1, None) + 0.5 * _soft_ce(l2, t2, None))
+    got.backward()
+    assert v.grad is not None and torch.all(v.grad == 0)
+
+
+def test_load_pretrained_backbone_round_trip(tmp_path) -> None:
+    ref = torchvision.models.resnet18(weights=None)  # has fc.*, like an ImageNet checkpoint
+    path = tmp_path / "resnet18.pth"
+    torch.save(ref.state_dict(), path)
+    net = IdentificationNet(C, backbone="resnet18", embed_dim=None, last_stride=1)
+    msg = load_pretrained_backbone(net, path)
+    assert str(path) in msg
+    for key, value in net.backbone.state_dict().items():
+        assert torch.equal(value, ref.state_dict()[key]), key
+
+
+def test_load_pretrained_backbone_errors(tmp_path) -> None:
+    net = IdentificationNet(C, backbone="resnet18", embed_dim=None)
+    missing = tmp_path / "nope.pth"
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        load_pretrained_backbone(net, missing)
+    wrong = tmp_path / "resnet34.pth"
+    torch.save(torchvision.models.resnet34(weights=None).state_dict(), wrong)
+    with pytest.raises(ValueError, match="resnet34.pth"):
+        load_pretrained_backbone(net, wrong)
+
+
+def test_unknown_backbone_and_kind() -> None:
+    with pytest.raises(ValueError, match="reid.backbone.*resnet50"):
+        build_backbone("vgg16")
+    with pytest.raises(ValueError, match="reid.model"):
+        build_reid_model("triplet", C, "resnet18", 16, 0.5)
+
+
+def test_build_reid_model_warns_without_weights(caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="trainables.models"):
+        model = build_reid_model("twostream", C, "resnet18", None, 0.75, channels_last=True)
+    assert isinstance(model, TwoStreamNet)
+    assert "random init" in caplog.text
+
+
+def test_resnet50_shapes() -> None:
+    net = IdentificationNet(C, backbone="resnet50", embed_dim=None).eval()
+    with torch.no_grad():
+        assert net(_images()).shape == (B, 2048)
+
+
+# ---- pairs -------------------------------------------------------------------------------------------------
+
+LABELS = np.array([0, 0, 0, 1, 1, 2, 3, 3, 3, 3, 4])  # class 2 and 4 have one image
+
+
+def test_sample_pairs_counts_and_labels() -> None:
+    idx1, idx2, same = sample_pairs(LABELS, 50, pos_fraction=1 / 3, rng=np.random.default_rng(0))
+    assert len(idx1) == len(idx2) == len(same) == 50
+    assert same.sum() == round(50 / 3)
+    assert np.all(LABELS[idx1[same]] == LABELS[idx2[same]])
+    assert np.all(idx1[same] != idx2[same])
+    assert np.all(LABELS[idx1[~same]] != LABELS[idx2[~same]])
+    assert idx1.min() >= 0 and max(idx1.max(), idx2.max()) < len(LABELS)
+
+
+def test_sample_pairs_deterministic() -> None:
+    a = sample_pairs(LABELS, 20, pos_fraction=0.5, rng=np.random.default_rng(3))
+    b = sample_pairs(LABELS, 20, pos_fraction=0.5, rng=np.random.default_rng(3))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    s = PairSampler(LABELS, seed=3)
+    assert all(np.array_equal(x, y) for x, y in zip(s.epoch_pairs(2, 12), s.epoch_pairs(2, 12)))
+
+
+def test_sample_pairs_errors() -> None:
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="at least 2 images"):
+        sample_pairs(np.array([0, 1, 2]), 4, pos_fraction=0.5, rng=rng)
+    with pytest.raises(ValueError, match="2 classes"):
+        sample_pairs(np.array([5, 5, 5]), 4, pos_fraction=0.5, rng=rng)
+
+
+def test_pos_fraction_schedule() -> None:
+    assert pos_fraction_for_epoch(0) == pytest.approx(1 / 3)
+    assert pos_fraction_for_epoch(10) == pytest.approx(1 / (1 + 2 * 1.01**10))
+    assert pos_fraction_for_epoch(200) == pytest.approx(1 / 6)

@@ -1,0 +1,104 @@
+"""Image pairs for the two-stream (identification + verification) net.
+
+Pairs are drawn from REAL images only: the verification loss is defined on real identities (research/mprl.md
+§4). The reference code grows the share of negative pairs over training: ``min(5, 2 * 1.01**epoch)`` negatives
+per positive, i.e. a positive fraction from 1/3 at epoch 0 down to 1/6.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def pos_fraction_for_epoch(
+    epoch: int, *, start_ratio: float = 2.0, growth: float = 1.01, max_ratio: float = 5.0
+) -> float:
+    """Positive-pair fraction 1 / (1 + r); r = min(max_ratio, start_ratio * growth**epoch) neg. per pos.."""
+    if epoch < 0:
+        raise ValueError(f"epoch must be >= 0, got {epoch!r}")
+    ratio = min(max_ratio, start_ratio * growth**epoch)
+    return 1.0 / (1.0 + ratio)
+
+
+def _class_layout(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Indices sorted by label, and per image: its class's start in that order and its class size."""
+    order = np.argsort(labels, kind="stable")
+    _, cls, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    return order, starts[cls], counts[cls]
+
+
+def _positives(
+    labels: np.ndarray, n: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """n (anchor, partner) pairs, same label, distinct indices; anchors uniform over images of classes >= 2."""
+    order, start, count = _class_layout(labels)
+    eligible = np.flatnonzero(count >= 2)
+    if eligible.size == 0:
+        raise ValueError("sample_pairs: positive pairs need a class with at least 2 images; none has")
+    anchors = rng.choice(eligible, size=n)
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)  # position of each image in the label-sorted order
+    offset = rank[anchors] - start[anchors]  # anchor's position inside its class
+    r = rng.integers(0, count[anchors] - 1)  # pick among the class's other images
+    partner = order[start[anchors] + np.where(r < offset, r, r + 1)]
+    return anchors, partner
+
+
+def _negatives(
+    labels: np.ndarray, n: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """n (anchor, partner) pairs with different labels; anchor uniform, partner uniform over other classes."""
+    order, start, count = _class_layout(labels)
+    if count[0] == labels.size:
+        raise ValueError("sample_pairs: negative pairs need at least 2 classes; only one exists")
+    anchors = rng.integers(0, labels.size, size=n)
+    r = rng.integers(0, labels.size - count[anchors])  # position among images outside the anchor's class
+    partner = order[np.where(r < start[anchors], r, r + count[anchors])]
+    return anchors, partner
+
+
+def sample_pairs(
+    labels: np.ndarray, num_pairs: int, *, pos_fraction: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Draw ``num_pairs`` index pairs into a dataset of real images labelled ``labels`` [N].
+
+    Exactly ``round(num_pairs * pos_fraction)`` pairs are positive (same label, distinct indices); the rest
+    are negative (different labels). Order is shuffled. Returns (idx1 [P] int64, idx2 [P] int64, same [P]
+    bool). Deterministic for a given ``rng`` state.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or labels.size == 0:
+        raise ValueError(f"sample_pairs: labels must be a non-empty 1-D array, got shape {labels.shape}")
+    if num_pairs < 0:
+        raise ValueError(f"sample_pairs: num_pairs must be >= 0, got {num_pairs!r}")
+    if not 0.0 <= pos_fraction <= 1.0:
+        raise ValueError(f"sample_pairs: pos_fraction must be in [0, 1], got {pos_fraction!r}")
+    n_pos = int(round(num_pairs * pos_fraction))
+    n_neg = num_pairs - n_pos
+    empty = (np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64))
+    p1, p2 = _positives(labels, n_pos, rng) if n_pos else empty
+    q1, q2 = _negatives(labels, n_neg, rng) if n_neg else empty
+    idx1 = np.concatenate([p1, q1]).astype(np.int64)
+    idx2 = np.concatenate([p2, q2]).astype(np.int64)
+    same = np.concatenate([np.ones(n_pos, dtype=bool), np.zeros(n_neg, dtype=bool)])
+    perm = rng.permutation(num_pairs)
+    return idx1[perm], idx2[perm], same[perm]
+
+
+@dataclass(frozen=True)
+class PairSampler:
+    """Per-epoch pairs on the reference schedule, reproducible from (seed, epoch) alone (resume-safe).
+
+    ``labels`` are the real training images' class labels; use ``seed + rank`` per worker.
+    """
+
+    labels: np.ndarray
+    seed: int
+
+    def epoch_pairs(self, epoch: int, num_pairs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Pairs for ``epoch`` with ``pos_fraction_for_epoch(epoch)`` positives; see ``sample_pairs``."""
+        rng = np.random.default_rng([self.seed, epoch])
+        return sample_pairs(self.labels, num_pairs, pos_fraction=pos_fraction_for_epoch(epoch), rng=rng)
