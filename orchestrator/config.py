@@ -253,6 +253,8 @@ class Config:
 
     def __post_init__(self) -> None:
         _choice("preset", self.preset, PRESETS)
+        if self.sweep.asha and self.reid.eval_every == 0:
+            raise ValueError("sweep.asha=true needs reid.eval_every > 0 (ASHA compares trials on rank1)")
         if self.labels.keep is not None and self.dataset.name == "synthetic":
             if self.labels.keep > self.dataset.synthetic_ids:
                 raise ValueError(

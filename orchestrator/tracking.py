@@ -1,0 +1,137 @@
+"""MLflow bookkeeping: one parent run per sweep, a child run per stage and per trial.
+
+The driver creates every child run up front (status SCHEDULED, tagged with a deterministic key), so a resumed
+sweep finds its runs again instead of duplicating them, and an interrupted one can mark what was left as KILLED.
+MLflow 3 refuses the plain file store, so the local default is ``sqlite:///<storage>/mlflow.db`` with an
+absolute artifact root (Ray changes the working directory of trials).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+os.environ.setdefault("MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK", "true")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+import mlflow  # noqa: E402
+from mlflow.entities import RunStatus  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+log = logging.getLogger(__name__)
+TAG_KIND = "mprl.kind"  # sweep | stage | trial
+TAG_KEY = "mprl.key"  # sweep instance / stage key / trial key
+TAG_PARENT = "mlflow.parentRunId"
+MAX_PARAM = 6000  # MLflow's limit on a param value's length
+
+
+def default_tracking_uri(storage: str | Path) -> str:
+    return f"sqlite:///{Path(storage).resolve() / 'mlflow.db'}"
+
+
+def setup(tracking_uri: str, experiment: str, storage: str | Path) -> tuple[MlflowClient, str]:
+    """Point MLflow at ``tracking_uri`` and return (client, experiment id), creating the experiment if needed."""
+    mlflow.set_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is not None:
+        return client, exp.experiment_id
+    location = None
+    if tracking_uri.startswith("sqlite:"):
+        location = (Path(storage).resolve() / "mlartifacts").as_uri()
+    return client, client.create_experiment(experiment, artifact_location=location)
+
+
+def check_reachable(tracking_uri: str, timeout_s: float = 5.0) -> None:
+    """Fail within seconds, naming the URI, when an HTTP tracking server does not answer."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=timeout_s).read()
+    except Exception as err:
+        raise ConnectionError(f"MLflow tracking server {tracking_uri} is not reachable ({err}); start it or "
+                              f"pass another --tracking-uri") from None
+
+
+def find_run(client: MlflowClient, exp_id: str, kind: str, key: str, parent: str | None = None) -> str | None:
+    filt = f"tags.`{TAG_KIND}` = '{kind}' and tags.`{TAG_KEY}` = '{key}'"
+    if parent:
+        filt += f" and tags.`{TAG_PARENT}` = '{parent}'"
+    runs = client.search_runs([exp_id], filt, max_results=1, order_by=["attributes.start_time DESC"])
+    return runs[0].info.run_id if runs else None
+
+
+def get_or_create_run(client: MlflowClient, exp_id: str, kind: str, key: str, name: str, *,
+                      parent: str | None = None, tags: dict[str, str] | None = None,
+                      status: str = "RUNNING") -> tuple[str, bool]:
+    """(run id, created?) for the run tagged (kind, key) under ``parent``."""
+    found = find_run(client, exp_id, kind, key, parent)
+    if found:
+        return found, False
+    all_tags = {TAG_KIND: kind, TAG_KEY: key, **(tags or {})}
+    if parent:
+        all_tags[TAG_PARENT] = parent
+    run = client.create_run(exp_id, run_name=name, tags=all_tags)
+    if status != "RUNNING":
+        client.update_run(run.info.run_id, status=status)
+    return run.info.run_id, True
+
+
+def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
+    """Log params, skipping keys already logged (MLflow refuses to change a param's value)."""
+    have = client.get_run(run_id).data.params
+    from mlflow.entities import Param
+
+    new = [Param(k, str(v)[:MAX_PARAM]) for k, v in params.items() if k not in have]
+    for i in range(0, len(new), 100):
+        client.log_batch(run_id, params=new[i:i + 100])
+
+
+def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, Any], step: int | None = None) -> None:
+    from mlflow.entities import Metric
+    import time
+
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if items:
+        client.log_batch(run_id, metrics=items)
+
+
+def set_status(client: MlflowClient, run_id: str, status: str) -> None:
+    if status in ("FINISHED", "FAILED", "KILLED"):
+        client.set_terminated(run_id, status=status)
+    else:
+        client.update_run(run_id, status=status)
+
+
+def end_unfinished(client: MlflowClient, exp_id: str, parent: str, status: str = "KILLED") -> int:
+    """Mark the parent's children that are still RUNNING/SCHEDULED as ``status``; returns how many."""
+    runs = client.search_runs([exp_id], f"tags.`{TAG_PARENT}` = '{parent}'", max_results=5000)
+    n = 0
+    for r in runs:
+        if r.info.status in ("RUNNING", "SCHEDULED"):
+            set_status(client, r.info.run_id, status)
+            n += 1
+    return n
+
+
+def log_model(run_id: str, model, input_example, *, registered_name: str | None = None) -> str:
+    """Log a torch model so that ``mlflow.pytorch.load_model`` returns it (pickle format: fast, no export)."""
+    import mlflow.pytorch
+
+    with mlflow.start_run(run_id=run_id, nested=True):
+        info = mlflow.pytorch.log_model(model, name="model", input_example=input_example,
+                                        serialization_format="pickle", registered_model_name=registered_name,
+                                        pip_requirements=["torch", "torchvision"])
+    return info.model_uri
+
+
+def log_artifacts(client: MlflowClient, run_id: str, paths: Iterable[Path], folder: str | None = None) -> None:
+    for p in paths:
+        if Path(p).is_file():
+            client.log_artifact(run_id, str(p), artifact_path=folder)
