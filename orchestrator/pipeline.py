@@ -81,7 +81,7 @@ def run_stage(paths: Paths, stage: str, key: str, build: Callable[[Path], dict[s
                                                                                if check else [])
         if not problems:
             return StageResult(stage, key, folder, True, record["info"])
-        aside = folder.with_name(f"{folder.name}.corrupt-{int(time.time())}")
+        aside = folder.with_name(f"{folder.name}.corrupt-{time.time_ns()}")
         print(f"[pipeline] {stage} cache at {folder} is unusable ({'; '.join(problems)}); "
               f"moved to {aside.name} and rebuilding", flush=True)
         shutil.move(str(folder), str(aside))

@@ -47,8 +47,18 @@ def sweep_name(cfg: Config, paths: pipeline.Paths, resume: bool) -> str:
     return f"{base}-{max(1, n - 1) if resume else n}"
 
 
+def _sigterm_as_sigint() -> None:
+    """SIGTERM (a scheduler, ``kill``) stops the sweep the way Ctrl+C does: gracefully, state saved."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
+
+
 def run_sweep(cfg: Config, *, resume: bool = False, log_models: bool = True) -> SweepOutcome:
     start = time.perf_counter()
+    _sigterm_as_sigint()
     paths = pipeline.Paths(Path(cfg.cluster.storage_path))
     uri = cfg.cluster.tracking_uri or tracking.default_tracking_uri(paths.storage)
     tracking.check_reachable(uri)
@@ -194,8 +204,17 @@ def _tune(cfg: Config, paths: pipeline.Paths, name: str, trials: list[Trial], st
             run_config=ray.tune.RunConfig(name=name, storage_path=str(paths.tune), verbose=1,
                                           failure_config=ray.tune.FailureConfig(max_failures=cfg.sweep.max_failures),
                                           callbacks=[EpochLogger(uri)]))
-    grid = tuner.fit()
-    return results_rows(grid, trials)
+    grid = tuner.fit()  # a first SIGINT makes Tune stop gracefully and return; the MLflow status tells
+    rows = results_rows(grid, trials)
+    status = {t.key: client.get_run(run_ids[t.key]).info.status for t in trials}
+    for row in rows:
+        row["status"] = status[row["trial"]]
+        if row["status"] == "FAILED" and not row.get("error"):
+            row["error"] = client.get_run(run_ids[row["trial"]]).data.tags.get("mprl.error", "failed")
+    if any(v in ("RUNNING", "SCHEDULED") for v in status.values()):
+        print("\n" + format_table(rows), flush=True)
+        raise KeyboardInterrupt(f"sweep {name} interrupted")
+    return rows
 
 
 class EpochLogger(Callback):

@@ -112,6 +112,7 @@ def _finish(client, run_id: str, cfg: Config, trial: Trial, result: dict, run_di
 
     final = {k: result[k] for k in ("rank1", "rank5", "rank10", "mAP", "mINP") if k in result}
     tracking.log_metrics(client, run_id, {f"final_{k}": v for k, v in final.items()})
+    tracking.log_params(client, run_id, {f"data.{k}": result[k] for k in ("num_train", "num_classes") if k in result})
     for tag, value in config.get("links", {}).items():
         client.set_tag(run_id, tag, value)
     with tempfile.TemporaryDirectory() as tmp:

@@ -170,7 +170,8 @@ def reid_loop(config: dict) -> dict[str, Any]:
                      "scheduler": scheduler.state_dict(), "final": final, "num_classes": num_classes,
                      "num_outputs": num_outputs(spec), "config": to_dict(cfg)}
         runtime.report(metrics, state=state)
-    return {**final, "epoch": cfg.reid.epochs - 1, "num_classes": num_classes, "num_gan": len(gen)}
+    return {**final, "epoch": cfg.reid.epochs - 1, "num_classes": num_classes, "num_gan": len(gen),
+            "num_train": len(split.train)}
 
 
 def _generated(cfg: Config, inputs: ReidInputs) -> tuple[tuple[Record, ...], np.ndarray | None]:

@@ -1,0 +1,107 @@
+"""End-to-end sweeps on a local Ray instance (slow: minutes each)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from orchestrator import tracking
+from orchestrator.config import load_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+ROOT = Path(__file__).parents[1]
+
+
+def _smoke(tmp_path, *extra):
+    return load_config("smoke", overrides=[f"cluster.storage_path={tmp_path}", "cluster.num_cpus=3", *extra])
+
+
+def _runs(client, exp_id, kind):
+    return client.search_runs([exp_id], f"tags.`{tracking.TAG_KIND}` = '{kind}'", max_results=1000)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    ray.init(num_cpus=3, include_dashboard=False, object_store_memory=150 * 1024**2)
+    yield
+    ray.shutdown()
+
+
+def test_smoke_sweep_end_to_end_and_cache_reuse(tmp_path, local_ray):
+    import mlflow.pytorch
+    import torch
+
+    from orchestrator.sweep import run_sweep
+
+    out = run_sweep(_smoke(tmp_path))
+    assert {r["method"] for r in out.rows} == {"baseline", "lsro", "dmprl2"}
+    assert all(r["error"] is None and 0 <= r["rank1"] <= 1 for r in out.rows)
+    client, exp_id = tracking.setup(out.tracking_uri, "mprl", tmp_path)
+    parent = client.get_run(out.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    trials = _runs(client, exp_id, "trial")
+    assert len(trials) == 3 and all(t.info.status == "FINISHED" for t in trials)
+    for t in trials:
+        assert t.data.tags[tracking.TAG_PARENT] == out.parent_run_id
+        assert {"final_rank1", "final_mAP"} <= set(t.data.metrics)
+        assert t.data.tags["mprl.gan_stage"].startswith("gan-")
+    lsro = next(t for t in trials if t.data.params["labels.method"] == "lsro")
+    history = client.get_metric_history(lsro.info.run_id, "loss")
+    assert [m.step for m in history] == [0, 1]  # one point per epoch
+    model = mlflow.pytorch.load_model(lsro.data.tags["mprl.model_uri"])
+    assert model(torch.zeros(1, 3, 64, 32)).shape[0] == 1
+
+    # a second sweep over another label method reuses the GAN, the generated images and the baseline
+    second = run_sweep(_smoke(tmp_path, "sweep.methods=[smprl]"))
+    assert second.rows[0]["error"] is None and second.stages["gan"].cached and second.stages["baseline"].cached
+    stages = _runs(client, exp_id, "stage")
+    built = [s for s in stages if s.data.tags["mprl.cached"] == "false"]
+    assert sorted(s.info.run_name for s in built) == ["stage:baseline", "stage:gan", "stage:generate", "stage:smprl"]
+    assert sum(s.info.run_name == "stage:gan" for s in stages) == 2  # logged by both sweeps, trained once
+
+
+def _sweep_cmd(tmp_path, *extra):
+    return [sys.executable, "-m", "orchestrator.sweep", "--preset", "smoke", "--set", f"cluster.storage_path={tmp_path}",
+            "--set", "cluster.num_cpus=3", "--set", "sweep.max_concurrent=1", "--set", "reid.epochs=3", *extra]
+
+
+def test_interrupted_sweep_resumes_without_rerunning(tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    tracking.setup(tracking.default_tracking_uri(tmp_path), "mprl", tmp_path)  # no migration race with polling
+    proc = subprocess.Popen(_sweep_cmd(tmp_path), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    uri = tracking.default_tracking_uri(tmp_path)
+    deadline = time.time() + 600
+    finished = []
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(2)
+        client, exp_id = tracking.setup(uri, "mprl", tmp_path)
+        finished = [t for t in _runs(client, exp_id, "trial") if t.info.status == "FINISHED"]
+        if finished:
+            break
+    assert finished, "no trial finished before the deadline"
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130, out[-3000:]
+    client, exp_id = tracking.setup(uri, "mprl", tmp_path)
+    trials = {t.info.run_name: t for t in _runs(client, exp_id, "trial")}
+    assert not [t for t in trials.values() if t.info.status in ("RUNNING", "SCHEDULED")]
+    done_before = {k: t.info.end_time for k, t in trials.items() if t.info.status == "FINISHED"}
+    assert done_before
+
+    res = subprocess.run(_sweep_cmd(tmp_path, "--resume"), cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    after = _runs(client, exp_id, "trial")
+    assert len(after) == len(trials) == 3  # no duplicated MLflow runs
+    assert all(t.info.status == "FINISHED" for t in after)
+    for t in after:
+        if t.info.run_name in done_before:
+            assert t.info.end_time == done_before[t.info.run_name]  # not rerun
+    assert len(_runs(client, exp_id, "sweep")) == 1
