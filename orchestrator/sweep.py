@@ -237,6 +237,8 @@ class EpochLogger(Callback):
 def results_rows(grid, trials: list[Trial]) -> list[dict[str, Any]]:
     by_key = {}
     for res in grid:
+        if not res.config:  # a trial that never started (interrupted sweep)
+            continue
         t = Trial(**res.config["trial"])
         m = res.metrics or {}
         by_key[t.key] = {"trial": t.key, "method": t.method, "num_gan": t.num_gan, "order": t.order,
