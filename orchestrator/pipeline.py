@@ -94,6 +94,14 @@ def run_stage(paths: Paths, stage: str, key: str, build: Callable[[Path], dict[s
     return StageResult(stage, key, folder, False, info)
 
 
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 # ------------------------------------------------------------------------------------------ stages
 
 def dataset_stage(cfg: Config, paths: Paths) -> StageResult:
@@ -108,9 +116,10 @@ def dataset_stage(cfg: Config, paths: Paths) -> StageResult:
         split = load(root)
         return StageResult("dataset", stage_key(cfg, "dataset"), Path(root), True, {"summary": split.summary()})
 
+    split = load(cfg.dataset.root)  # names and layout: fails fast, before anything is written
+
     def build(folder: Path) -> dict[str, Any]:
-        split = load(cfg.dataset.root)
-        check_images((*split.train, *split.query, *split.gallery))
+        check_images((*split.train, *split.query, *split.gallery))  # decodes every image, once per dataset
         return {"root": str(Path(cfg.dataset.root).resolve()), "summary": split.summary()}
 
     res = run_stage(paths, "dataset", stage_key(cfg, "dataset"), build)
@@ -122,10 +131,13 @@ def gan_stage(cfg: Config, paths: Paths, data_root: Path) -> StageResult:
 
     def build(folder: Path) -> dict[str, Any]:
         generator = train_gan(cfg, data_root, folder, "train")
-        return {"generator": str(generator), "epochs": cfg.gan.epochs}
+        return {"generator": str(generator), "epochs": cfg.gan.epochs, "sha256": file_sha256(generator)}
 
     def check(folder: Path, info: dict[str, Any]) -> list[str]:
-        return [] if Path(info["generator"]).is_file() else [f"{info['generator']} is missing"]
+        path = Path(info["generator"])
+        if not path.is_file():
+            return [f"{path} is missing"]
+        return [] if file_sha256(path) == info.get("sha256") else [f"{path} does not match its recorded checksum"]
 
     return run_stage(paths, "gan", stage_key(cfg, "dataset", "gan"), build, check)
 

@@ -62,7 +62,9 @@ def run_sweep(cfg: Config, *, resume: bool = False, log_models: bool = True) -> 
     paths = pipeline.Paths(Path(cfg.cluster.storage_path))
     uri = cfg.cluster.tracking_uri or tracking.default_tracking_uri(paths.storage)
     tracking.check_reachable(uri)
+    dataset = pipeline.dataset_stage(cfg, paths)  # bad dataset input fails here, before Ray starts
     _init_ray(cfg)
+    check_resources(cfg)
     paths.storage.mkdir(parents=True, exist_ok=True)
     client, exp_id = tracking.setup(uri, cfg.cluster.experiment, paths.storage)
     name = sweep_name(cfg, paths, resume)
@@ -72,7 +74,7 @@ def run_sweep(cfg: Config, *, resume: bool = False, log_models: bool = True) -> 
     client.log_text(parent, dump_yaml(cfg), "config.yaml")
     try:
         trials = build_trials(cfg)
-        stages = run_stages(cfg, paths, trials, client, exp_id, parent)
+        stages = run_stages(cfg, paths, trials, client, exp_id, parent, dataset)
         rows = _tune(cfg, paths, name, trials, stages, client, exp_id, parent, uri, resume, log_models)
     except BaseException as err:
         status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
@@ -97,13 +99,28 @@ def _init_ray(cfg: Config) -> None:
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
 
 
+def check_resources(cfg: Config) -> None:
+    """Refuse, before any stage runs, worker counts that the Ray cluster can never place (Ray would wait forever)."""
+    import ray
+
+    have = ray.cluster_resources()
+    for section in ("gan", "reid"):
+        sub = getattr(cfg, section)
+        kind = "GPU" if sub.use_gpu else "CPU"
+        # CPU: each Train worker takes 1 CPU and the stage/trial driving it 1 more; GPU: 1 GPU per worker
+        need = max(1, sub.num_workers) if sub.use_gpu else sub.num_workers + 1
+        if have.get(kind, 0) < need:
+            raise ValueError(f"{section}.num_workers={sub.num_workers} needs {need} {kind}s but the Ray cluster has "
+                             f"{int(have.get(kind, 0))}; lower {section}.num_workers or add nodes")
+    max_concurrent(cfg, _trial_resources(cfg))
+
+
 # ------------------------------------------------------------------------------------------ stages
 
 def run_stages(cfg: Config, paths: pipeline.Paths, trials: list[Trial], client, exp_id: str,
-               parent: str) -> dict[str, pipeline.StageResult]:
+               parent: str, dataset: pipeline.StageResult) -> dict[str, pipeline.StageResult]:
     """Run (or reuse) every stage the trials need, logging each as a child run."""
-    stages: dict[str, pipeline.StageResult] = {}
-    stages["dataset"] = pipeline.dataset_stage(cfg, paths)
+    stages: dict[str, pipeline.StageResult] = {"dataset": dataset}
     print(f"[pipeline] dataset: {stages['dataset'].info.get('summary')}", flush=True)
     n_max = max((t.num_gan for t in trials), default=0)
     if n_max > 0:

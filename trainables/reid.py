@@ -10,11 +10,12 @@ forward pass. SGD with (Nesterov) momentum, new layers at ``new_lr_mult`` x the 
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -67,12 +68,15 @@ def seed_everything(seed: int) -> None:
 # ------------------------------------------------------------------------------------- one epoch
 
 def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optimizer, spec: LabelSpec, epoch: int,
-                    *, static_ranks: torch.Tensor | None, device: torch.device, amp: bool) -> dict[str, float]:
+                    *, static_ranks: torch.Tensor | None, device: torch.device, amp: bool,
+                    on_step: Callable[[int], None] | None = None) -> dict[str, float]:
     """One pass of the identification net; returns mean loss, accuracy on real images and images/s."""
     model.train()
     totals = {"loss": 0.0, "correct": 0, "real": 0, "images": 0}
     start = time.perf_counter()
     for step, batch in enumerate(loader):
+        if on_step:
+            on_step(step)
         batch = to_device(batch, device)
         x = batch["img"]
         if device.type == "cuda":
@@ -92,12 +96,14 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
 
 def train_one_epoch_pairs(model: torch.nn.Module, loader, optimizer: torch.optim.Optimizer, spec: LabelSpec,
                           epoch: int, *, static_ranks: torch.Tensor | None, device: torch.device,
-                          amp: bool) -> dict[str, float]:
+                          amp: bool, on_step: Callable[[int], None] | None = None) -> dict[str, float]:
     """One pass of the two-stream net: 0.5 id1 + 0.5 id2 + verification on real pairs (Zheng et al.)."""
     model.train()
     totals = {"loss": 0.0, "correct": 0, "real": 0, "images": 0}
     start = time.perf_counter()
     for step, batch in enumerate(loader):
+        if on_step:
+            on_step(step)
         batch = to_device(batch, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits1, logits2, verif = model(batch["img1"], batch["img2"])
@@ -153,10 +159,16 @@ def reid_loop(config: dict) -> dict[str, Any]:
     static = torch.from_numpy(static_ranks.astype(np.int64)).to(ctx.device) if static_ranks is not None else None
     amp = cfg.reid.amp and ctx.device.type == "cuda"
     final: dict[str, Any] = dict(history.get("final", {}))
+    plan = runtime.FailurePlan.parse(config["inject_failure"]) if config.get("inject_failure") else None
     for epoch in range(start_epoch, cfg.reid.epochs):
+        # Reseed per epoch: a run resumed from the epoch-(e-1) checkpoint replays epoch e exactly.
+        seed_everything(cfg.reid.seed * 1000 + ctx.rank + 7919 * epoch)
         loader = _epoch_loader(cfg, split.train, records, len(gen), spec, epoch, ctx)
         step_fn = train_one_epoch_pairs if cfg.reid.model == "twostream" else train_one_epoch
-        metrics = step_fn(model, loader, optimizer, spec, epoch, static_ranks=static, device=ctx.device, amp=amp)
+        hook = (lambda step, e=epoch: plan.maybe_fail(config["run_dir"], config["run_name"], ctx.rank, e, step)) \
+            if plan else None
+        metrics = step_fn(model, loader, optimizer, spec, epoch, static_ranks=static, device=ctx.device, amp=amp,
+                          on_step=hook)
         scheduler.step()
         metrics.update(epoch=epoch, lr=optimizer.param_groups[0]["lr"])
         last = epoch == cfg.reid.epochs - 1
@@ -244,11 +256,20 @@ def _log_epoch(rank: int, epoch: int, epochs: int, m: dict) -> None:
 # ------------------------------------------------------------------------------------- driver
 
 def train_reid(cfg: Config, inputs: ReidInputs, run_parent: str | Path, name: str, *,
-               report_to_tune: bool = False, max_failures: int = 0) -> dict[str, Any]:
-    """Run one re-ID training (Ray Train worker group, or in-process when ``reid.num_workers == 0``)."""
+               report_to_tune: bool = False, max_failures: int = 0,
+               inject_failure: str | None = None) -> dict[str, Any]:
+    """Run one re-ID training (Ray Train worker group, or in-process when ``reid.num_workers == 0``).
+
+    ``inject_failure`` (default: the ``MPRL_INJECT_FAILURE`` environment variable) is the fault-injection
+    hook of :class:`trainables.runtime.FailurePlan`, for reliability tests.
+    """
     spec = runtime.RunSpec(name=name, storage_path=str(run_parent), num_workers=cfg.reid.num_workers,
                            use_gpu=cfg.reid.use_gpu, max_failures=max_failures, report_to_tune=report_to_tune)
-    config = {"cfg": to_dict(cfg), "inputs": inputs.__dict__}
+    inject = inject_failure if inject_failure is not None else os.environ.get(runtime.FAILURE_ENV)
+    if inject:
+        runtime.FailurePlan.parse(inject)  # a malformed spec fails here, on the driver
+    config = {"cfg": to_dict(cfg), "inputs": inputs.__dict__, "inject_failure": inject,
+              "run_dir": str(spec.run_dir), "run_name": name}
     return runtime.fit(reid_loop, config, spec)
 
 
@@ -276,7 +297,14 @@ def prepare_dataset(cfg: Config, cache: Path) -> str:
     from orchestrator.config import config_hash
 
     d = cfg.dataset
-    root = Path(d.root).expanduser() if d.root else cache / f"synthetic-{config_hash(cfg, 'dataset')}"
+    if d.root:  # an existing synthetic tree is only read; nothing is written outside the storage path
+        root = Path(d.root).expanduser()
+        if not (root / "synthetic.json").is_file():
+            raise ValueError(f"dataset.root={d.root} is not a synthetic dataset written by datasets.synthetic; "
+                             f"leave dataset.root unset to generate one under the storage path")
+        load(root)
+        return str(root)
+    root = cache / f"synthetic-{config_hash(cfg, 'dataset')}"
     generate(root, ids=d.synthetic_ids, images_per_id=d.synthetic_images_per_id,
              distractors=d.synthetic_distractors, junk=d.synthetic_junk, size=d.synthetic_size,
              seed=d.synthetic_seed, progress=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextvars
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ import torch
 
 STATE_FILE = "state.pt"
 METRICS_FILE = "metrics.json"
+_LOCAL_NAME = re.compile(r"checkpoint_\d+")  # in-process checkpoint folders (Ray Train's carry a timestamp)
 
 
 @dataclass(frozen=True)
@@ -186,8 +188,8 @@ def _save_local(spec: RunSpec, metrics: dict, state: dict, files: dict[str, Path
     """Write into a temporary sibling and rename: a crash never leaves a checkpoint that looks complete."""
     run_dir = spec.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    existing = _checkpoints(run_dir)
-    index = int(existing[-1].name.split("_")[1]) + 1 if existing else 0
+    numbers = [int(p.name[len("checkpoint_"):]) for p in _checkpoints(run_dir) if _LOCAL_NAME.fullmatch(p.name)]
+    index = max(numbers) + 1 if numbers else 0
     tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=".tmp_checkpoint_"))
     try:
         _write_checkpoint(tmp, metrics, state, files)
@@ -200,14 +202,64 @@ def _save_local(spec: RunSpec, metrics: dict, state: dict, files: dict[str, Path
 
 
 def _checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoint folders, oldest first (in-process ``checkpoint_NNNNNN`` and Ray Train's
+    ``checkpoint_<timestamp>`` names do not sort together, so order by modification time, then name)."""
     if not run_dir.is_dir():
         return []
-    return sorted(p for p in run_dir.iterdir() if p.name.startswith("checkpoint_") and (p / STATE_FILE).is_file())
+    found = [p for p in run_dir.iterdir() if p.name.startswith("checkpoint_") and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: (p.stat().st_mtime_ns, p.name))
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The newest complete checkpoint folder of a run (in-process or Ray Train layout), or None."""
     found = _checkpoints(Path(run_dir))
-    if not found:
-        return None
-    return max(found, key=lambda p: (p.stat().st_mtime_ns, p.name))
+    return found[-1] if found else None
+
+
+# ------------------------------------------------------------------------------------- fault injection
+
+FAILURE_ENV = "MPRL_INJECT_FAILURE"
+
+
+@dataclass(frozen=True)
+class FailurePlan:
+    """Make one rank fail once at (epoch, step): the test hook for worker-failure recovery.
+
+    Spec string: ``"rank=1,epoch=1,step=2,mode=exit[,match=lsro]"``. ``mode``: ``exit`` (``os._exit``: a dead
+    worker process), ``raise`` (an exception, once) or ``always`` (raise on every attempt: a permanent failure).
+    ``match`` limits it to runs whose name contains that text. "Once" is remembered by a marker file in the run
+    folder, so the retried worker goes on.
+    """
+
+    rank: int
+    epoch: int
+    step: int
+    mode: str = "raise"
+    match: str = ""
+
+    @classmethod
+    def parse(cls, spec: str) -> "FailurePlan":
+        try:
+            fields = dict(item.split("=", 1) for item in spec.split(",") if item)
+            plan = cls(int(fields.pop("rank", 0)), int(fields.pop("epoch")), int(fields.pop("step", 0)),
+                       fields.pop("mode", "raise"), fields.pop("match", ""))
+        except (KeyError, ValueError) as err:
+            raise ValueError(f"{FAILURE_ENV}={spec!r} must look like rank=1,epoch=1,step=2,mode=exit ({err})") from None
+        if fields or plan.mode not in ("exit", "raise", "always"):
+            raise ValueError(f"{FAILURE_ENV}={spec!r}: unknown keys {sorted(fields)} or mode {plan.mode!r} "
+                             f"(exit | raise | always)")
+        return plan
+
+    def maybe_fail(self, run_dir: str, run_name: str, rank: int, epoch: int, step: int) -> None:
+        if (rank, epoch, step) != (self.rank, self.epoch, self.step) or self.match not in run_name:
+            return
+        marker = Path(run_dir) / ".failure_injected"
+        if self.mode == "always":
+            raise RuntimeError(f"injected permanent failure at rank {rank}, epoch {epoch}, step {step}")
+        if marker.exists():
+            return
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"rank={rank} epoch={epoch} step={step}\n")
+        if self.mode == "exit":
+            os._exit(17)
+        raise RuntimeError(f"injected failure at rank {rank}, epoch {epoch}, step {step}")
