@@ -279,7 +279,8 @@ PRESET_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
     "smoke": {
         "dataset": {"synthetic_ids": 12, "synthetic_images_per_id": 8, "synthetic_distractors": 12,
                     "synthetic_junk": 8, "synthetic_size": [64, 32]},
-        "gan": {"image_size": [32, 16], "g_width": 16, "d_width": 16, "epochs": 2, "batch_size": 32},
+        "gan": {"image_size": [32, 16], "g_width": 16, "d_width": 16, "epochs": 2, "batch_size": 32,
+                "num_workers": 0},
         "reid": {"backbone": "resnet18", "embed_dim": 64, "image_size": [64, 32], "epochs": 2,
                  "batch_size": 32, "lr": 0.02, "loader_workers": 0},
         "labels": {"num_gan": 64},
@@ -289,7 +290,9 @@ PRESET_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
     "cpu": {
         "dataset": {"synthetic_ids": 40, "synthetic_images_per_id": 12, "synthetic_distractors": 60,
                     "synthetic_junk": 40},
-        "gan": {"image_size": [64, 32], "g_width": 32, "d_width": 32, "epochs": 10},
+        # 16-image batches for 20 epochs = ~600 steps: the fewest that draw recognisable figures here
+        "gan": {"image_size": [64, 32], "g_width": 32, "d_width": 32, "epochs": 20, "batch_size": 16,
+                "num_workers": 0},
         "reid": {"backbone": "resnet18", "embed_dim": 256, "image_size": [128, 64], "epochs": 12,
                  "batch_size": 32, "lr": 0.02, "loader_workers": 1, "eval_every": 4},
         "labels": {"num_gan": 480},

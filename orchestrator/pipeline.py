@@ -170,6 +170,8 @@ def baseline_stage(cfg: Config, paths: Paths, data_root: Path) -> StageResult:
     from trainables.reid import ReidInputs, train_reid
 
     base = replace(cfg, **{"labels.method": "baseline", "labels.num_gan": 0})
+    if cfg.sweep.in_process and cfg.reid.num_workers <= 1:  # as the trials do: no Train worker group for one
+        base = replace(base, **{"reid.num_workers": 0})
 
     def build(folder: Path) -> dict[str, Any]:
         res = train_reid(base, ReidInputs(str(data_root)), folder, "train")

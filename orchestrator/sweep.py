@@ -346,5 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if any(r.get("error") for r in out.rows) else 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # run the imported module's main, so Ray pickles functions by reference
+    from orchestrator.sweep import main as _main
+
+    sys.exit(_main())

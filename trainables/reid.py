@@ -10,6 +10,7 @@ forward pass. SGD with (Nesterov) momentum, new layers at ``new_lr_mult`` x the 
 from __future__ import annotations
 
 import logging
+import sys
 import os
 import random
 import time
@@ -349,5 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":  # run the imported module's main, so Ray pickles functions by reference
+    from trainables.reid import main as _main
+
+    sys.exit(_main())

@@ -1,0 +1,227 @@
+"""The GAN stage (trainables.dcgan, trainables.generation): one step, in-process run + resume, a real 2-worker
+Ray Train run + resume (marked ``ray``), and the generated-image store (count, determinism, resume, refusal)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from datasets.generated import GeneratedStore
+from orchestrator.config import load_config, replace, to_dict
+from trainables import generation, runtime
+from trainables.dcgan import GlobalBatchSampler, gan_loop, main, train_epoch, train_gan, train_step
+from trainables.gan_models import Discriminator, Generator
+from trainables.generation import export_generator, generate, read_export
+
+TINY_GAN = ["gan.image_size=[32,16]", "gan.g_width=8", "gan.d_width=8", "gan.batch_size=8", "gan.num_workers=0",
+            "gan.latent_dim=16"]
+
+
+def _cfg(*extra: str):
+    return load_config("smoke", overrides=[*TINY_GAN, *extra])
+
+
+def _fit(cfg, root: Path, parent: Path, name: str = "gan") -> dict:
+    spec = runtime.RunSpec(name=name, storage_path=str(parent), num_workers=cfg.gan.num_workers)
+    return runtime.fit(gan_loop, {"cfg": to_dict(cfg), "data_root": str(root)}, spec)
+
+
+def _state(run_dir: Path) -> dict:
+    return torch.load(runtime.latest_checkpoint(run_dir) / runtime.STATE_FILE, weights_only=True)
+
+
+# ------------------------------------------------------------------------------------- training
+
+def test_one_step_leaves_losses_and_parameters_finite() -> None:
+    torch.manual_seed(0)
+    G, D = Generator(16, (32, 16), 8), Discriminator((32, 16), 8)
+    opt_g, opt_d = (torch.optim.Adam(m.parameters(), 2e-4, betas=(0.5, 0.999)) for m in (G, D))
+    before = [p.detach().clone() for p in G.parameters()]
+    vals = train_step(G, D, opt_g, opt_d, torch.rand(8, 3, 32, 16) * 2 - 1, 16)
+    assert vals.shape == (4,) and torch.isfinite(vals).all() and 0 < vals[2] < 1 and 0 < vals[3] < 1
+    assert all(torch.isfinite(p).all() for p in (*G.parameters(), *D.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(before, G.parameters()))
+
+
+def test_non_finite_loss_names_epoch_and_step() -> None:
+    G, D = Generator(16, (32, 16), 8), Discriminator((32, 16), 8)
+    opt_g, opt_d = (torch.optim.Adam(m.parameters()) for m in (G, D))
+    batches = [{"img": torch.zeros(4, 3, 32, 16)}, {"img": torch.full((4, 3, 32, 16), float("nan"))}]
+    with pytest.raises(FloatingPointError, match="epoch 7, step 1"):
+        train_epoch(G, D, opt_g, opt_d, batches, 16, torch.device("cpu"), 7)
+
+
+def test_global_batches_do_not_depend_on_world_size() -> None:
+    one = list(GlobalBatchSampler(37, 8, 0, 1, seed=5))
+    parts = [list(GlobalBatchSampler(37, 8, r, 2, seed=5)) for r in range(2)]
+    assert len(one) == 32 and all(len(p) == 16 for p in parts)
+    for step in range(4):  # global batch `step` = rank 0's 4 + rank 1's 4, in order
+        assert one[step * 8:(step + 1) * 8] == parts[0][step * 4:(step + 1) * 4] + parts[1][step * 4:(step + 1) * 4]
+    s = GlobalBatchSampler(37, 8, 0, 1, seed=5)
+    s.set_epoch(1)
+    assert list(s) != one
+
+
+def test_in_process_run_writes_checkpoints_and_resumes(tiny_root: Path, tmp_path: Path) -> None:
+    cfg = _cfg("gan.epochs=2")
+    assert _fit(cfg, tiny_root, tmp_path / "a")["epoch"] == 1
+    run = tmp_path / "a" / "gan"
+    assert sorted(p.name for p in run.glob("checkpoint_*")) == ["checkpoint_000000", "checkpoint_000001"]
+    with Image.open(run / "checkpoint_000001" / "samples.png") as im:
+        assert im.size == (8 * 16 + 9 * 2, 8 * 32 + 9 * 2)  # 8x8 grid of 32x16 images, 2 px padding
+    state = _state(run)
+    assert state["epoch"] == 1 and set(state) >= {"G", "D", "opt_g", "opt_d", "gan_config"}
+
+    resumed = _fit(replace(cfg, **{"gan.epochs": 3}), tiny_root, tmp_path / "a")
+    assert resumed["epoch"] == 2 and np.isfinite([resumed["loss_d"], resumed["loss_g"]]).all()
+    names = sorted(p.name for p in run.glob("checkpoint_*"))
+    assert names == ["checkpoint_000001", "checkpoint_000002"]  # one new checkpoint, counter continued
+    # per-epoch seeding: 2 epochs + 1 resumed epoch == 3 uninterrupted epochs
+    _fit(replace(cfg, **{"gan.epochs": 3}), tiny_root, tmp_path / "b")
+    straight = _state(tmp_path / "b" / "gan")
+    assert _state(run)["epoch"] == straight["epoch"] == 2
+    for k, v in straight["G"].items():
+        torch.testing.assert_close(_state(run)["G"][k], v, msg=k)
+
+
+def test_in_process_resumes_a_ray_layout_checkpoint(tiny_root: Path, tmp_path: Path) -> None:
+    _fit(_cfg("gan.epochs=1"), tiny_root, tmp_path)
+    run = tmp_path / "gan"
+    ray_style = run / "checkpoint_2026-01-01_00-00-00.000000"  # what a Ray Train run leaves
+    (run / "checkpoint_000000").rename(ray_style)
+    assert _fit(_cfg("gan.epochs=2"), tiny_root, tmp_path)["epoch"] == 1
+    assert runtime.latest_checkpoint(run) == run / "checkpoint_000000" and _state(run)["epoch"] == 1
+    assert ray_style.is_dir()
+
+
+def test_train_gan_exports_once(tiny_root: Path, tmp_path: Path) -> None:
+    cfg = _cfg("gan.epochs=1")
+    path = train_gan(cfg, tiny_root, tmp_path, "g")
+    data = read_export(path)
+    assert path == tmp_path / "g" / "generator.pt"
+    assert (data["epochs"], data["image_size"], data["latent_dim"], data["g_width"]) == (1, [32, 16], 16, 8)
+    mtime = path.stat().st_mtime_ns
+    assert train_gan(cfg, tiny_root, tmp_path, "g") == path and path.stat().st_mtime_ns == mtime
+    with pytest.raises(ValueError, match="gan.g_width=8"):  # same run name, other architecture
+        train_gan(replace(cfg, **{"gan.g_width": 16, "gan.epochs": 2}), tiny_root, tmp_path, "g")
+
+
+def test_batch_larger_than_dataset(tiny_root: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="gan.batch_size=512"):
+        _fit(_cfg("gan.batch_size=512"), tiny_root, tmp_path)
+
+
+def test_cli_smoke(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    args = ["--preset", "smoke", "--out", str(tmp_path), "--set", "gan.num_workers=0", "--set", "gan.epochs=1",
+            "--set", "dataset.synthetic_ids=4", "--num-images", "12"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "[gan] epoch 1/1" in out and "img/s" in out and "generated:" in out
+    assert GeneratedStore(tmp_path / "generated").complete and (tmp_path / "samples.png").is_file()
+
+
+# ------------------------------------------------------------------------------------- generation
+
+def _export(tmp_path: Path, seed: int = 0, name: str = "generator.pt") -> Path:
+    gan = _cfg(f"gan.seed={seed}").gan
+    torch.manual_seed(seed)
+    G = Generator(gan.latent_dim, gan.image_size, gan.g_width)
+    return export_generator({"epoch": 0, "G": G.state_dict(), "gan_config": to_dict(gan)}, tmp_path / name)
+
+
+def _pixels(store: GeneratedStore) -> np.ndarray:
+    return np.stack([np.asarray(Image.open(r.path)) for r in store.records()])
+
+
+def test_generate_writes_n_readable_images(tmp_path: Path) -> None:
+    store = generate(_export(tmp_path), tmp_path / "s", 23, chunk_size=10, parallel=False)
+    assert store.complete and store.verify() == [] and len(store.records()) == 23
+    assert sorted(os.listdir(tmp_path / "s" / "images")) == [f"{i:06d}.jpg" for i in range(23)]
+    assert _pixels(store).shape == (23, 32, 16, 3)
+
+
+def test_generate_is_deterministic_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    gen = _export(tmp_path)
+    full = generate(gen, tmp_path / "full", 25, seed=3, chunk_size=10, parallel=False)
+    again = generate(gen, tmp_path / "again", 25, seed=3, chunk_size=10, parallel=False)
+    for a, b in zip(full.records(), again.records()):
+        assert Path(a.path).read_bytes() == Path(b.path).read_bytes()
+    other_seed = generate(gen, tmp_path / "seed4", 25, seed=4, chunk_size=10, parallel=False)
+    assert not np.array_equal(_pixels(full), _pixels(other_seed))
+
+    real_write = generation.write_chunks
+
+    def interrupted(path, root, chunks, seed):  # writes the first missing chunk, then crashes
+        real_write(path, root, chunks[:1], seed)
+        raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(generation, "write_chunks", interrupted)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        generate(gen, tmp_path / "cut", 25, seed=3, chunk_size=10, parallel=False)
+    monkeypatch.undo()
+    assert GeneratedStore(tmp_path / "cut").missing_chunks() == [1, 2]
+    (tmp_path / "cut" / "images" / "000012.jpg").write_bytes(b"partial")  # a half-written chunk is redone
+    resumed = generate(gen, tmp_path / "cut", 25, seed=3, chunk_size=10, parallel=False)
+    assert resumed.complete
+    for a, b in zip(full.records(), resumed.records()):
+        assert Path(a.path).read_bytes() == Path(b.path).read_bytes()
+
+
+def test_store_of_another_generator_is_refused(tmp_path: Path) -> None:
+    generate(_export(tmp_path, seed=0, name="g0.pt"), tmp_path / "s", 5, parallel=False)
+    with pytest.raises(ValueError, match="other settings"):
+        generate(_export(tmp_path, seed=1, name="g1.pt"), tmp_path / "s", 5, parallel=False)
+
+
+def test_generate_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        generate(tmp_path / "missing.pt", tmp_path / "s", 5)
+    torch.save({"G": {}}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="lacks"):
+        generate(tmp_path / "bad.pt", tmp_path / "s", 5)
+    with pytest.raises(ValueError, match="ray.init"):
+        generate(_export(tmp_path), tmp_path / "s", 5, parallel=True)
+
+
+# ------------------------------------------------------------------------------------- real Ray
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    with pytest.MonkeyPatch.context() as mp:
+        for key in ("RAY_AUTH_MODE", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_TRAIN_METRICS_ENABLED"):
+            mp.setenv(key, "disabled" if key == "RAY_AUTH_MODE" else "0")
+        ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=150 * 1024**2)
+        try:
+            yield ray
+        finally:
+            ray.shutdown()
+
+
+@pytest.mark.ray
+def test_two_worker_ray_run_and_resume(ray_cluster, tiny_root: Path, tmp_path: Path) -> None:
+    cfg = load_config("smoke", overrides=["gan.num_workers=2", "gan.epochs=1"])
+    assert _fit(cfg, tiny_root, tmp_path)["epoch"] == 0
+    run = tmp_path / "gan"
+    first = runtime.latest_checkpoint(run)
+    assert first is not None and _state(run)["epoch"] == 0 and (first / "samples.png").is_file()
+
+    path = train_gan(replace(cfg, **{"gan.epochs": 2}), tiny_root, tmp_path, "gan")  # same name: resumes
+    assert read_export(path)["epochs"] == 2 and _state(run)["epoch"] == 1
+    assert first.is_dir() and runtime.latest_checkpoint(run) != first  # epoch 0 was not trained again
+
+
+@pytest.mark.ray
+def test_ray_parallel_generation_matches_in_process(ray_cluster, tmp_path: Path) -> None:
+    gen = _export(tmp_path)
+    par = generate(gen, tmp_path / "par", 25, chunk_size=6, parallel=True)
+    seq = generate(gen, tmp_path / "seq", 25, chunk_size=6, parallel=False)
+    assert par.complete and par.verify() == []
+    diff = np.abs(_pixels(par).astype(int) - _pixels(seq).astype(int))
+    assert diff.max() <= 2  # other processes may round a float differently; JPEG then differs slightly
