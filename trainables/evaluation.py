@@ -28,6 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from trainables.rerank import _ragged_ranges, re_rank  # noqa: F401  (re_rank: importable from here too)
+
 AP_MODES = ("standard", "market")
 DISTANCE_METRICS = ("cosine", "euclidean")
 _CHUNK_ELEMENTS = 1 << 21  # distance entries per query chunk: bounds working memory, stays cache-friendly
@@ -205,9 +207,6 @@ def _labels(shape: tuple[int, int], q_pids: Any, g_pids: Any, q_camids: Any, g_c
                    qi[~same], gi[~same], qi[same], gi[same])
 
 
-def _ragged_ranges(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
-    """Concatenation of arange(s, s + n) over the pairs (s, n), without a Python loop."""
-    return np.repeat(starts - (np.cumsum(lens) - lens), lens) + np.arange(lens.sum())
 
 
 def _chunk_pairs(q: np.ndarray, g: np.ndarray, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray]:
@@ -432,5 +431,3 @@ def compute_distance(qf: Any, gf: Any, metric: str = "cosine", *, chunk_size: in
     return out
 
 
-
-from trainables.rerank import re_rank  # noqa: E402,F401  (kept importable from here)

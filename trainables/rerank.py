@@ -9,6 +9,7 @@ import scipy.sparse as sp
 import torch
 
 
+
 # ----------------------------------------------------------------------------------------------------
 # k-reciprocal re-ranking (Zhong et al., "Re-ranking Person Re-identification with k-reciprocal
 # Encoding", CVPR 2017), written from the paper's description
@@ -121,3 +122,7 @@ def _min_overlap(vq: sp.csr_matrix, vg: sp.csc_matrix, num_g: int, budget: int =
         out[r0:r1] = np.bincount(flat, contrib, minlength=(r1 - r0) * num_g).reshape(-1, num_g)
         r0 = r1
     return out
+
+def _ragged_ranges(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """Concatenation of arange(s, s + n) over the pairs (s, n), without a Python loop."""
+    return np.repeat(starts - (np.cumsum(lens) - lens), lens) + np.arange(lens.sum())
