@@ -20,10 +20,11 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from ray.tune import Callback  # noqa: E402
 
-from orchestrator import pipeline, tracking  # noqa: E402
+from orchestrator import cluster, pipeline, tracking  # noqa: E402
 from orchestrator.config import Config, config_hash, dump_yaml, flat_dict, load_config, replace, to_dict  # noqa: E402
 from orchestrator.trials import EPOCH_METRICS, Trial, build_trials, run_trial, trial_space  # noqa: E402
 
@@ -62,8 +63,10 @@ def run_sweep(cfg: Config, *, resume: bool = False, log_models: bool = True) -> 
     paths = pipeline.Paths(Path(cfg.cluster.storage_path))
     uri = cfg.cluster.tracking_uri or tracking.default_tracking_uri(paths.storage)
     tracking.check_reachable(uri)
+    cluster.check_address(cfg.cluster.address)  # a dead address fails in seconds, not after ray.init retries
     dataset = pipeline.dataset_stage(cfg, paths)  # bad dataset input fails here, before Ray starts
     _init_ray(cfg)
+    cluster.preflight(cfg)  # multi-node: shared storage and an MLflow server, or a clear error
     check_resources(cfg)
     paths.storage.mkdir(parents=True, exist_ok=True)
     client, exp_id = tracking.setup(uri, cfg.cluster.experiment, paths.storage)
@@ -96,7 +99,8 @@ def _init_ray(cfg: Config) -> None:
         ray.init(address=cfg.cluster.address)
         return
     num_cpus = cfg.cluster.num_cpus or max(3, os.cpu_count() or 1)
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    # address="local": always a fresh instance, never one some other user's `ray start` left on this machine
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
 
 
 def check_resources(cfg: Config) -> None:
@@ -104,6 +108,10 @@ def check_resources(cfg: Config) -> None:
     import ray
 
     have = ray.cluster_resources()
+    if cluster.scales_on_demand(have):  # GPU workers join when trials ask for them
+        if not cfg.sweep.max_concurrent:
+            raise ValueError("sweep.max_concurrent must be set on a cluster that adds GPU workers on demand")
+        return
     for section in ("gan", "reid"):
         sub = getattr(cfg, section)
         kind = "GPU" if sub.use_gpu else "CPU"
@@ -204,6 +212,8 @@ def _tune(cfg: Config, paths: pipeline.Paths, name: str, trials: list[Trial], st
              "baseline": {"run_dir": base.info["run_dir"], "metrics": base.info["metrics"],
                           "cmc": base.info.get("cmc", [])} if base else None}
     resources = _trial_resources(cfg)
+    if not (cfg.sweep.in_process and cfg.reid.num_workers <= 1):  # the trial only drives a Train worker group
+        resources = cluster.driver_resources(resources, ray.cluster_resources())
     trainable = ray.tune.with_resources(run_trial, resources)
     experiment = paths.tune / name
     if resume and ray.tune.Tuner.can_restore(str(experiment)):

@@ -1,0 +1,148 @@
+"""A real two-node Ray cluster and a real MLflow server on loopback, and the smoke sweep run against them.
+
+The nodes are two raylets of ``ray.cluster_utils.Cluster`` on this machine, with 1 CPU each: the two trials
+that run at once cannot share a node, so the trials must land on both. The nodes share the filesystem, which
+the storage path declares the way a real cluster does (a ``.mprl-shared`` marker at the "mount"). The sweep
+is the CLI with ``--address`` and ``--tracking-uri``, as ``ray job submit`` would run it.
+
+Isolation on a shared machine: ``RAY_TMPDIR`` gives this cluster its own session folder and its own
+"latest cluster" file (so no other ``ray.init()`` on the machine connects to it), and
+``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` makes Ray use 127.0.0.1 as every node's address (otherwise it
+advertises the machine's network address).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from orchestrator import cluster, tracking
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+ROOT = Path(__file__).parents[1]
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
+                "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}  # no traffic off this machine
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def mlflow_server(folder: Path, backend_store_uri: str | None = None) -> Iterator[str]:
+    """``scripts/mlflow_server.sh start`` on a free loopback port; stopped (by its pid file) on exit."""
+    env = {**os.environ, **LOOPBACK_ENV, "MLFLOW_DIR": str(folder), "MLFLOW_PORT": str(free_port()),
+           "MLFLOW_HOST": "127.0.0.1", "MLFLOW_WORKERS": "1", "MLFLOW_START_TIMEOUT": "120"}
+    if backend_store_uri:
+        env["MLFLOW_BACKEND_STORE_URI"] = backend_store_uri
+    script = str(ROOT / "scripts" / "mlflow_server.sh")
+    subprocess.run(["bash", script, "start"], env=env, check=True, timeout=180)
+    try:
+        yield (folder / "url").read_text().strip()
+    finally:
+        subprocess.run(["bash", script, "stop"], env=env, timeout=60)
+
+
+@pytest.fixture
+def loopback_cluster(monkeypatch) -> Iterator[object]:
+    """Head (1 CPU, advertises tune_driver) + one worker node (1 CPU), both on 127.0.0.1."""
+    import ray._private.ray_constants
+    from ray.cluster_utils import Cluster
+
+    ray_tmp = tempfile.mkdtemp(prefix="mn", dir="/tmp")  # short: Ray's socket paths live below it
+    monkeypatch.setenv("RAY_TMPDIR", ray_tmp)
+    for k, v in LOOPBACK_ENV.items():
+        monkeypatch.setenv(k, v)  # for the processes started from here on (the sweep CLI, Ray workers)
+    monkeypatch.setattr(ray._private.ray_constants, "ENABLE_RAY_CLUSTER", False)  # ray is imported already
+    small = {"num_cpus": 1, "object_store_memory": 150 * 1024**2, "node_ip_address": "127.0.0.1"}
+    c = Cluster(initialize_head=True, head_node_args={**small, "include_dashboard": False,
+                                                      "resources": {cluster.DRIVER_RESOURCE: 1}})
+    try:
+        c.add_node(**small, resources={"second_node": 1})
+        c.wait_for_nodes()
+        yield c
+    finally:
+        c.shutdown()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _preflight_against(c, cfg) -> None:
+    """The live-cluster checks, from a driver connected the way run_sweep connects."""
+    import ray
+
+    ray.init(address=c.address)
+    try:
+        assert cluster.num_nodes() == 2
+        assert {n["NodeManagerAddress"] for n in cluster.alive_nodes()} == {"127.0.0.1"}
+        assert cluster.driver_resources({"CPU": 1}, ray.cluster_resources())[cluster.DRIVER_RESOURCE] > 0
+        marker = Path(cfg.cluster.storage_path).parent / cluster.SHARED_MARKER
+        with pytest.raises(ValueError, match=r"cluster\.storage_path=.*not marked shared"):
+            cluster.preflight(cfg)
+        marker.touch()  # what clusters/*.yaml do on the head after mounting the shared file system
+        cluster.preflight(cfg)  # also runs a probe task on each node that looks for the marker
+        from orchestrator.config import replace
+
+        with pytest.raises(ValueError, match=r"cluster\.tracking_uri"):
+            cluster.preflight(replace(cfg, **{"cluster.tracking_uri": None}))
+    finally:
+        ray.shutdown()
+
+
+def _trial_nodes(c) -> set[str]:
+    """Node ids of the Tune trial actors, from the GCS actor table (dead actors stay listed)."""
+    actors = c.global_state.actor_table(None).values()
+    return {a["Address"]["NodeID"] for a in actors
+            if "run_trial" in a["ActorClassName"] or a["ActorClassName"] == "ImplicitFunc"}
+
+
+def test_smoke_sweep_on_two_nodes_with_an_mlflow_server(tmp_path, loopback_cluster):
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.config import load_config
+
+    c = loopback_cluster
+    storage = tmp_path / "shared" / "mprl"
+    storage.parent.mkdir()
+    with mlflow_server(tmp_path / "mlflow") as url:
+        cfg = load_config("smoke", overrides=[f"cluster.storage_path={storage}", f"cluster.address={c.address}",
+                                              f"cluster.tracking_uri={url}"])
+        _preflight_against(c, cfg)
+        log = tmp_path / "sweep.log"
+        start = time.perf_counter()
+        with log.open("w") as out:
+            res = subprocess.run([sys.executable, "-m", "orchestrator.sweep", "--preset", "smoke",
+                                  "--address", c.address, "--tracking-uri", url,
+                                  "--set", f"cluster.storage_path={storage}"],
+                                 cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=out,
+                                 stderr=subprocess.STDOUT, timeout=480)
+        print(f"sweep on 2 nodes: {time.perf_counter() - start:.0f} s")
+        assert res.returncode == 0, log.read_text()[-4000:]
+
+        heads = {c.head_node.node_id} | {n.node_id for n in c.worker_nodes}
+        assert len(heads) == 2
+        assert _trial_nodes(c) == heads, "the trials did not run on both nodes"
+
+        client = MlflowClient(url)
+        exp = client.get_experiment_by_name(cfg.cluster.experiment)
+        assert exp.artifact_location.startswith("mlflow-artifacts:")  # proxied by the server
+        sweeps = client.search_runs([exp.experiment_id], f"tags.`{tracking.TAG_KIND}` = 'sweep'")
+        assert len(sweeps) == 1 and sweeps[0].info.status == "FINISHED"
+        trials = client.search_runs([exp.experiment_id], f"tags.`{tracking.TAG_KIND}` = 'trial'")
+        assert {t.data.params["labels.method"] for t in trials} == {"baseline", "lsro", "dmprl2"}
+        for t in trials:
+            assert t.info.status == "FINISHED"
+            assert t.data.tags[tracking.TAG_PARENT] == sweeps[0].info.run_id
+            assert 0.0 <= t.data.metrics["final_rank1"] <= 1.0 and "final_mAP" in t.data.metrics
+        assert [a.path for a in client.list_artifacts(trials[0].info.run_id, "plots")] == ["plots/cmc.png"]
