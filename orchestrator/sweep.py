@@ -226,7 +226,7 @@ def _tune(cfg: Config, paths: pipeline.Paths, name: str, trials: list[Trial], st
                                       max_t=cfg.reid.epochs, grace_period=max(1, cfg.reid.eval_every))
         tuner = ray.tune.Tuner(
             trainable, param_space=space,
-            tune_config=ray.tune.TuneConfig(scheduler=scheduler,
+            tune_config=ray.tune.TuneConfig(scheduler=scheduler, reuse_actors=True,  # skip re-imports per trial
                                             max_concurrent_trials=max_concurrent(cfg, resources)),
             run_config=ray.tune.RunConfig(name=name, storage_path=str(paths.tune), verbose=1,
                                           failure_config=ray.tune.FailureConfig(max_failures=cfg.sweep.max_failures),

@@ -70,44 +70,50 @@ def seed_everything(seed: int) -> None:
 
 def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optimizer, spec: LabelSpec, epoch: int,
                     *, static_ranks: torch.Tensor | None, device: torch.device, amp: bool,
-                    on_step: Callable[[int], None] | None = None) -> dict[str, float]:
-    """One pass of the identification net; returns mean loss, accuracy on real images and images/s."""
+                    channels_last: bool = False, on_step: Callable[[int], None] | None = None) -> dict[str, float]:
+    """One pass of the identification net; returns mean loss, accuracy on real images and images/s.
+
+    Running totals stay on the device (no host sync per step); finiteness is checked every few steps.
+    """
     model.train()
-    totals = {"loss": 0.0, "correct": 0, "real": 0, "images": 0}
+    totals = _new_totals(device)
     start = time.perf_counter()
     for step, batch in enumerate(loader):
         if on_step:
             on_step(step)
         batch = to_device(batch, device)
         x = batch["img"]
-        if device.type == "cuda":
+        if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(x)  # [B, C]
         ranks = static_ranks[batch["gen_row"].clamp(min=0)] if static_ranks is not None else None
         targets, weights = targets_for(spec, logits.float(), batch["label"], batch["generated"], epoch, ranks)
         loss = soft_cross_entropy(logits, targets, weights)
-        _check_finite(loss, epoch, step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        _accumulate(totals, loss, logits[:, :spec.num_classes], batch["label"], ~batch["generated"])
-    return _epoch_metrics(totals, time.perf_counter() - start)
+        _accumulate(totals, loss, logits[:, :spec.num_classes], batch["label"], ~batch["generated"], epoch, step)
+    return _epoch_metrics(totals, time.perf_counter() - start, epoch)
 
 
 def train_one_epoch_pairs(model: torch.nn.Module, loader, optimizer: torch.optim.Optimizer, spec: LabelSpec,
                           epoch: int, *, static_ranks: torch.Tensor | None, device: torch.device,
-                          amp: bool, on_step: Callable[[int], None] | None = None) -> dict[str, float]:
+                          amp: bool, channels_last: bool = False,
+                          on_step: Callable[[int], None] | None = None) -> dict[str, float]:
     """One pass of the two-stream net: 0.5 id1 + 0.5 id2 + verification on real pairs (Zheng et al.)."""
     model.train()
-    totals = {"loss": 0.0, "correct": 0, "real": 0, "images": 0}
+    totals = _new_totals(device)
     start = time.perf_counter()
     for step, batch in enumerate(loader):
         if on_step:
             on_step(step)
         batch = to_device(batch, device)
+        x1, x2 = batch["img1"], batch["img2"]
+        if channels_last:
+            x1, x2 = (x.contiguous(memory_format=torch.channels_last) for x in (x1, x2))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits1, logits2, verif = model(batch["img1"], batch["img2"])
+            logits1, logits2, verif = model(x1, x2)
         parts = []
         for s, logits in (("1", logits1), ("2", logits2)):
             ranks = static_ranks[batch["gen_row" + s].clamp(min=0)] if static_ranks is not None else None
@@ -115,31 +121,41 @@ def train_one_epoch_pairs(model: torch.nn.Module, loader, optimizer: torch.optim
         loss = two_stream_loss(logits1, logits2, verif, parts[0][0], parts[1][0], batch["same"],
                                id_loss_fn=soft_cross_entropy, weights1=parts[0][1], weights2=parts[1][1],
                                verif_mask=batch["verif"])
-        _check_finite(loss, epoch, step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        _accumulate(totals, loss, logits1[:, :spec.num_classes], batch["label1"], ~batch["generated1"])
+        _accumulate(totals, loss, logits1[:, :spec.num_classes], batch["label1"], ~batch["generated1"], epoch, step)
         totals["images"] += len(batch["img2"])
-    return _epoch_metrics(totals, time.perf_counter() - start)
+    return _epoch_metrics(totals, time.perf_counter() - start, epoch)
 
 
-def _check_finite(loss: torch.Tensor, epoch: int, step: int) -> None:
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"re-ID loss is {loss.item()} at epoch {epoch} step {step}; lower reid.lr?")
+CHECK_EVERY = 25  # steps between loss finiteness checks (each one is a host-device sync)
+
+
+def _new_totals(device: torch.device) -> dict:
+    zero = torch.zeros((), device=device)
+    return {"loss": zero.clone(), "correct": zero.clone(), "real": zero.clone(), "images": 0}
 
 
 def _accumulate(totals: dict, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
-                real: torch.Tensor) -> None:
-    totals["loss"] += float(loss.detach()) * len(labels)
+                real: torch.Tensor, epoch: int, step: int) -> None:
+    totals["loss"] += loss.detach().float() * len(labels)
     totals["images"] += len(labels)
-    totals["correct"] += int((logits.detach().argmax(1)[real] == labels[real]).sum())
-    totals["real"] += int(real.sum())
+    totals["correct"] += ((logits.detach().argmax(1) == labels) & real).sum()
+    totals["real"] += real.sum()
+    if step % CHECK_EVERY == CHECK_EVERY - 1:
+        _check_finite(totals["loss"], epoch, step)
 
 
-def _epoch_metrics(totals: dict, seconds: float) -> dict[str, float]:
+def _check_finite(loss_sum: torch.Tensor, epoch: int, step: int) -> None:
+    if not torch.isfinite(loss_sum):
+        raise FloatingPointError(f"re-ID loss became {loss_sum.item()} by epoch {epoch} step {step}; lower reid.lr?")
+
+
+def _epoch_metrics(totals: dict, seconds: float, epoch: int) -> dict[str, float]:
+    _check_finite(totals["loss"], epoch, -1)
     n = max(totals["images"], 1)
-    return {"loss": totals["loss"] / n, "train_acc": totals["correct"] / max(totals["real"], 1),
+    return {"loss": float(totals["loss"]) / n, "train_acc": float(totals["correct"]) / max(float(totals["real"]), 1),
             "images_per_s": totals["images"] / max(seconds, 1e-9), "epoch_time_s": seconds}
 
 
@@ -159,6 +175,7 @@ def reid_loop(config: dict) -> dict[str, Any]:
     start_epoch, history = _resume(model, optimizer, scheduler)
     static = torch.from_numpy(static_ranks.astype(np.int64)).to(ctx.device) if static_ranks is not None else None
     amp = cfg.reid.amp and ctx.device.type == "cuda"
+    channels_last = cfg.reid.channels_last and ctx.device.type == "cuda"
     final: dict[str, Any] = dict(history.get("final", {}))
     plan = runtime.FailurePlan.parse(config["inject_failure"]) if config.get("inject_failure") else None
     for epoch in range(start_epoch, cfg.reid.epochs):
@@ -169,7 +186,7 @@ def reid_loop(config: dict) -> dict[str, Any]:
         hook = (lambda step, e=epoch: plan.maybe_fail(config["run_dir"], config["run_name"], ctx.rank, e, step)) \
             if plan else None
         metrics = step_fn(model, loader, optimizer, spec, epoch, static_ranks=static, device=ctx.device, amp=amp,
-                          on_step=hook)
+                          channels_last=channels_last, on_step=hook)
         scheduler.step()
         metrics.update(epoch=epoch, lr=optimizer.param_groups[0]["lr"])
         last = epoch == cfg.reid.epochs - 1
@@ -206,6 +223,8 @@ def _generated(cfg: Config, inputs: ReidInputs) -> tuple[tuple[Record, ...], np.
 
 def _build(cfg: Config, spec: LabelSpec, ctx: runtime.Context):
     r = cfg.reid
+    if ctx.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
     model = build_reid_model(r.model, num_outputs(spec), r.backbone, r.embed_dim, r.dropout,
                              pretrained_path=r.pretrained, last_stride=r.last_stride,
                              channels_last=ctx.device.type == "cuda" and r.channels_last)
