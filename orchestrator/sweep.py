@@ -236,8 +236,9 @@ def _tune(cfg: Config, paths: pipeline.Paths, name: str, trials: list[Trial], st
     status = {t.key: client.get_run(run_ids[t.key]).info.status for t in trials}
     for row in rows:
         row["status"] = status[row["trial"]]
-        if row["status"] == "FAILED" and not row.get("error"):
-            row["error"] = client.get_run(run_ids[row["trial"]]).data.tags.get("mprl.error", "failed")
+        if row["status"] == "FAILED":  # the trial's own message, not Ray's wrapped traceback header
+            tag = client.get_run(run_ids[row["trial"]]).data.tags.get("mprl.error")
+            row["error"] = tag or row.get("error") or "failed"
     if any(v in ("RUNNING", "SCHEDULED") for v in status.values()):
         print("\n" + format_table(rows), flush=True)
         raise KeyboardInterrupt(f"sweep {name} interrupted")

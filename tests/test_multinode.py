@@ -124,7 +124,8 @@ def test_smoke_sweep_on_two_nodes_with_an_mlflow_server(tmp_path, loopback_clust
         with log.open("w") as out:
             res = subprocess.run([sys.executable, "-m", "orchestrator.sweep", "--preset", "smoke",
                                   "--address", c.address, "--tracking-uri", url,
-                                  "--set", f"cluster.storage_path={storage}"],
+                                  "--set", f"cluster.storage_path={storage}",
+                                  "--set", "sweep.max_concurrent=2"],  # required where workers join on demand
                                  cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=out,
                                  stderr=subprocess.STDOUT, timeout=480)
         print(f"sweep on 2 nodes: {time.perf_counter() - start:.0f} s")
