@@ -94,14 +94,6 @@ def run_stage(paths: Paths, stage: str, key: str, build: Callable[[Path], dict[s
     return StageResult(stage, key, folder, False, info)
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 # ------------------------------------------------------------------------------------------ stages
 
 def dataset_stage(cfg: Config, paths: Paths) -> StageResult:
@@ -128,6 +120,7 @@ def dataset_stage(cfg: Config, paths: Paths) -> StageResult:
 
 def gan_stage(cfg: Config, paths: Paths, data_root: Path) -> StageResult:
     from trainables.dcgan import train_gan
+    from trainables.generation import file_sha256
 
     def build(folder: Path) -> dict[str, Any]:
         generator = train_gan(cfg, data_root, folder, "train")

@@ -1,8 +1,6 @@
-import shutil
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image

@@ -7,7 +7,6 @@ brute-force pure-Python re-statement of the definitions in research/mprl.md, nev
 from __future__ import annotations
 
 import math
-import random
 
 import numpy as np
 import pytest

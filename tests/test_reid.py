@@ -4,11 +4,10 @@ import torch
 
 from orchestrator.config import load_config, replace
 from tests.conftest import tiny_reid_overrides
-from trainables import runtime
 from trainables.labels import LabelSpec, METHODS, soft_cross_entropy, targets_for
 from trainables.models import IdentificationNet
 from trainables.reid import ReidInputs, load_trained, train_one_epoch, train_reid, weight_decay
-from trainables.reid_data import epoch_batches, train_loader
+from trainables.reid_data import train_loader
 
 
 def _three_batches(tiny_split, tiny_store, n_gen=16):

@@ -5,10 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from orchestrator.config import load_config, replace
+from orchestrator.config import load_config
 from tests.conftest import tiny_reid_overrides
 from trainables import runtime
 from trainables.reid import ReidInputs, load_trained, train_reid

@@ -12,15 +12,14 @@ generator file's sha256: a store made by another generator is refused, never reu
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
+import io
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from datasets.generated import GeneratedStore
+from datasets.generated import GeneratedStore, atomic_write_bytes
 from trainables.gan_models import Generator, sample_latent
 
 GENERATOR_FILE = "generator.pt"
@@ -37,17 +36,9 @@ def export_generator(state: dict[str, Any], path: str | Path) -> Path:
     payload = {"G": state["G"], "latent_dim": int(gan["latent_dim"]), "image_size": [int(s) for s in gan["image_size"]],
                "g_width": int(gan["g_width"]), "epochs": int(state["epoch"]) + 1}
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    atomic_write_bytes(path, buf.getvalue())
     return path
 
 

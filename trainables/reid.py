@@ -23,14 +23,14 @@ import torch
 
 from datasets.generated import GeneratedStore
 from datasets.market1501 import load
-from datasets.records import Record, Split
+from datasets.records import Record
 from orchestrator.config import Config, from_dict, to_dict
 from trainables import runtime
 from trainables.labels import LabelSpec, num_outputs, samples_generated, soft_cross_entropy, switch_epoch_for, \
     targets_for
 from trainables.models import build_reid_model, two_stream_loss
 from trainables.pairs import pos_fraction_for_epoch
-from trainables.reid_data import epoch_batches, epoch_pairs, pair_loader, test_loader, to_device, train_loader
+from trainables.reid_data import epoch_batches, epoch_pairs, pair_loader, to_device, train_loader
 from trainables.reid_eval import evaluate_model
 
 log = logging.getLogger(__name__)
