@@ -41,7 +41,7 @@ class SweepOutcome:
 
 def sweep_name(cfg: Config, paths: pipeline.Paths, resume: bool) -> str:
     """``sweep-<hash>-<n>``: a fresh sweep gets the next free n; --resume takes the latest one."""
-    base = f"sweep-{config_hash(replace(cfg, **{'cluster.storage_path': '/'}), 'dataset', 'gan', 'reid', 'labels', 'sweep')}"
+    base = f"sweep-{config_hash(cfg, 'dataset', 'gan', 'reid', 'labels', 'sweep')}"  # cluster.* is not in the hash
     n = 1
     while (paths.tune / f"{base}-{n}").exists():
         n += 1
