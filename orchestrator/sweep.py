@@ -25,7 +25,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 from ray.tune import Callback  # noqa: E402
 
 from orchestrator import cluster, pipeline, tracking  # noqa: E402
-from orchestrator.config import Config, config_hash, dump_yaml, flat_dict, load_config, replace, to_dict  # noqa: E402
+from orchestrator.config import Config, config_hash, dump_yaml, flat_dict, load_config, to_dict  # noqa: E402
 from orchestrator.trials import EPOCH_METRICS, Trial, build_trials, run_trial, trial_space  # noqa: E402
 
 
