@@ -28,10 +28,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from trainables.config import AP_MODES, DISTANCES as DISTANCE_METRICS  # the choice lists
 from trainables.rerank import _ragged_ranges, re_rank  # noqa: F401  (re_rank: importable from here too)
 
-AP_MODES = ("standard", "market")
-DISTANCE_METRICS = ("cosine", "euclidean")
 _CHUNK_ELEMENTS = 1 << 21  # distance entries per query chunk: bounds working memory, stays cache-friendly
 _DENSE_SHARE = 16  # use the dense path when more than 1/16 of a chunk's entries are candidates
 _BINS = 2048  # dense path: quantisation bins per query row

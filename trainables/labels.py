@@ -20,9 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-METHODS = ("baseline", "allinone", "pseudo", "lsro", "smprl", "dmprl1", "dmprl2")
-ORDERS = ("paper", "reference_code")
-BEFORE_SWITCH = ("ignore", "exclude")
+from trainables.config import BEFORE_SWITCH, LABEL_METHODS as METHODS, LABEL_ORDERS as ORDERS  # the choice lists
+
 SWITCHED_METHODS = ("pseudo", "dmprl2")  # generated images carry loss only from spec.switch_epoch
 PAPER_SWITCH_FRACTION = 0.4  # paper: active after epoch 20 of 50 (Algorithm 1; code `epoch > 20`, 1-based)
 

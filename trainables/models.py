@@ -23,12 +23,8 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-BACKBONES: dict[str, tuple[Callable[..., torchvision.models.ResNet], int]] = {
-    "resnet18": (torchvision.models.resnet18, 512),
-    "resnet34": (torchvision.models.resnet34, 512),
-    "resnet50": (torchvision.models.resnet50, 2048),
-}
-MODEL_KINDS = ("ident", "twostream")
+from trainables.config import BACKBONES, REID_MODELS as MODEL_KINDS  # the choice lists (torchvision names)
+
 IdLossFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
@@ -58,11 +54,11 @@ def _set_last_stride(trunk: ResNetTrunk, stride: int) -> None:
 def build_backbone(name: str, *, last_stride: int = 2) -> tuple[nn.Module, int]:
     """Randomly initialised ResNet trunk (weights=None, never a download) and its feature width F."""
     if name not in BACKBONES:
-        raise ValueError(f"reid.backbone must be one of {sorted(BACKBONES)}, got {name!r}")
+        raise ValueError(f"reid.backbone must be one of {list(BACKBONES)}, got {name!r}")
     if last_stride not in (1, 2):
         raise ValueError(f"reid.last_stride must be 1 or 2, got {last_stride!r}")
-    factory, feat_dim = BACKBONES[name]
-    trunk = ResNetTrunk(factory(weights=None))
+    net = getattr(torchvision.models, name)(weights=None)
+    trunk, feat_dim = ResNetTrunk(net), net.fc.in_features
     if last_stride == 1:
         _set_last_stride(trunk, 1)
     return trunk, feat_dim
