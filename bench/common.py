@@ -17,37 +17,12 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from orchestrator.tables import cell, format_table  # noqa: F401  (format_table: re-exported for bench/*)
+
 if TYPE_CHECKING:
     from orchestrator.config import Config
 
-# Quieter, faster Ray Train runs (research/ray_mlflow.md §6); set before ray is imported.
-RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
-           "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRICS_ENABLED": "0"}
 DEFAULT_CACHE = Path(tempfile.gettempdir()) / "mprl-bench"
-
-
-def ray_env() -> None:
-    for key, value in RAY_ENV.items():
-        os.environ.setdefault(key, value)
-
-
-def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """Right-aligned plain-text columns (the first column left-aligned), one header rule."""
-    cells = [[str(c) for c in header]] + [[_cell(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-
-    def line(r: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
-
-    return "\n".join([line(cells[0]), "-" * len(line(cells[0]))] + [line(r) for r in cells[1:]])
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}" if abs(value) < 1000 else f"{value:.0f}"
-    return str(value)
 
 
 def reproduce(module: str, argv: Sequence[str] | None) -> str:
@@ -75,7 +50,7 @@ def spread(values: Sequence[float]) -> tuple[float, str]:
     if not values:
         return float("nan"), "-"
     lo, hi = min(values), max(values)
-    return statistics.median(values), f"{_cell(lo)}-{_cell(hi)}"
+    return statistics.median(values), f"{cell(lo)}-{cell(hi)}"
 
 
 def cycle_batches(n: int, batch: int, steps: int, *, seed: int, rank: int = 0, world_size: int = 1) -> list[list[int]]:

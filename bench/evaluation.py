@@ -1,4 +1,4 @@
-"""Benchmark `trainables.evaluation.evaluate_rank` against a straightforward per-query reference.
+"""Benchmark `trainables.evaluation.evaluate_rank` against the per-query reference (bench/reference.py).
 
 Generates Market-1501-scale data (3,368 queries x 15,913 gallery, 2,048-d features, 750 test ids, 6
 cameras, ~2,800 distractors with pid 0 and ~3,800 junk entries with pid -1), times the distance matrix,
@@ -19,6 +19,7 @@ import time
 import numpy as np
 import torch
 
+from bench.reference import reference_rank
 from trainables.evaluation import compute_distance, evaluate_rank
 
 NUM_CAMS = 6
@@ -78,33 +79,6 @@ def market_like_features(lab: dict, dim: int, scenario: str,
     return torch.from_numpy(noisy(q_center, lab["q_cam"])), torch.from_numpy(noisy(g_center, lab["g_cam"]))
 
 
-def reference_rank(distmat: np.ndarray, q_pids: np.ndarray, g_pids: np.ndarray, q_camids: np.ndarray,
-                   g_camids: np.ndarray, max_rank: int, ap: str) -> tuple[np.ndarray, float]:
-    """Straightforward per-query loop (stable argsort per row), the semantics of evaluate_rank."""
-    cmc_sum, aps = np.zeros(max_rank), []
-    for i in range(distmat.shape[0]):
-        order = np.argsort(distmat[i], kind="stable")
-        pids, cams = g_pids[order], g_camids[order]
-        keep = (pids != -1) & ~((pids == q_pids[i]) & (cams == q_camids[i]))
-        matches = pids[keep] == q_pids[i]
-        if not matches.any():
-            continue
-        positions = np.flatnonzero(matches) + 1  # 1-based ranks of the true matches
-        if positions[0] <= max_rank:
-            cmc_sum[positions[0] - 1:] += 1
-        ngood, total, old_recall = len(positions), 0.0, 0.0
-        for k, r in enumerate(positions, start=1):
-            precision = k / r
-            if ap == "standard":
-                total += precision / ngood
-            else:  # Market devkit compute_AP; old_precision = precision at the previous kept position
-                old_precision = (k - 1) / (r - 1) if r > 1 else 1.0
-                total += (k / ngood - old_recall) * (old_precision + precision) / 2
-                old_recall = k / ngood
-        aps.append(total)
-    return cmc_sum / len(aps), float(np.mean(aps))
-
-
 def best_time(fn, repeats: int) -> tuple[float, object]:
     """Best wall time of `repeats` calls and the last result."""
     best, out = float("inf"), None
@@ -125,7 +99,8 @@ def run_scenario(scenario: str, args: argparse.Namespace) -> list[tuple]:
     rows = []
     for ap in ("standard", "market"):
         ours_s, (cmc, mAP) = best_time(lambda: evaluate_rank(dist, *labels, max_rank=50, ap=ap), args.repeats)
-        ref_s, (ref_cmc, ref_mAP) = best_time(lambda: reference_rank(dist, *labels, 50, ap), 1)
+        # not None: evaluate_rank above already raised ValueError if no query has a valid match
+        ref_s, (ref_cmc, ref_mAP, _) = best_time(lambda: reference_rank(dist, *labels, 50, ap), 1)
         rows.append((scenario, ap, dist_s, ours_s, ref_s, cmc[0], mAP,
                      float(np.abs(cmc - ref_cmc).max()), abs(mAP - ref_mAP)))
     return rows

@@ -30,12 +30,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import format_table, machine, ray_env, reproduce
+from bench.common import format_table, machine, reproduce
 
-ray_env()
-
-from orchestrator import tracking  # noqa: E402
-from orchestrator.config import LABEL_METHODS, Config, load_config  # noqa: E402
+from orchestrator import tracking
+from orchestrator.config import LABEL_METHODS, Config, load_config
 
 OVERHEAD_TARGET_S = 10.0
 
@@ -48,7 +46,7 @@ def sweep_config(args: argparse.Namespace, storage: Path) -> Config:
 
 def tune_results(tune_dir: Path) -> dict[str, dict[str, float]]:
     """Per trial key: train_s (sum of epoch_time_s), in_tune_s (last time_total_s), epochs, from result.json."""
-    from orchestrator.trials import Trial
+    from orchestrator.trials import TrialSpec
 
     out = {}
     for result_file in sorted(tune_dir.glob("*/result.json")):
@@ -60,7 +58,7 @@ def tune_results(tune_dir: Path) -> dict[str, dict[str, float]]:
                 by_iter[r.get("training_iteration", len(by_iter))] = r
         results = [by_iter[k] for k in sorted(by_iter)]
         timed = [r["epoch_time_s"] for r in results if "epoch_time_s" in r]
-        out[Trial(**params["trial"]).key] = {"train_s": sum(timed), "epochs": len(timed),
+        out[TrialSpec(**params["trial"]).key] = {"train_s": sum(timed), "epochs": len(timed),
                                              "in_tune_s": results[-1].get("time_total_s", 0.0) if results else 0.0}
     return out
 

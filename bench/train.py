@@ -1,6 +1,7 @@
 """Training throughput: our re-ID and DCGAN loops vs a plain PyTorch loop on the same model, data and batch.
 
-Rows, per loop (``reid``: ``trainables.reid.train_one_epoch`` on the model/optimizer of ``reid._build``;
+Rows, per loop (``reid``: ``trainables.engine.train_one_epoch`` on the model/optimizer of
+``reid.build_training``;
 ``gan``: ``trainables.dcgan.train_epoch`` on the models/optimizers ``gan_loop`` builds):
 
 * ``plain``: model + optimizer + loss in a bare loop in this process (re-ID: SGD + ``soft_cross_entropy`` on
@@ -30,17 +31,15 @@ import time
 from dataclasses import asdict
 from typing import Any, Callable
 
-from bench.common import Bench, Measured, bench_config, cudnn_benchmark, epoch_data, format_table, \
-    machine, maybe_compile, num_classes, ray_env, reproduce, run_epochs, spread, synthetic_dataset, timed
+import torch
+import torch.nn.functional as F
 
-ray_env()
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from orchestrator.config import from_dict, to_dict  # noqa: E402
-from trainables import reid as reid_module  # noqa: E402
-from trainables import runtime  # noqa: E402
+from bench.common import Bench, Measured, bench_config, cudnn_benchmark, epoch_data, format_table, machine, \
+    maybe_compile, num_classes, reproduce, run_epochs, spread, synthetic_dataset, timed
+from orchestrator.config import from_dict, to_dict
+from trainables import reid as reid_module
+from trainables import runtime
+from trainables.engine import ident_step, train_one_epoch
 
 TARGET_RATIO = 0.95
 H100_TARGET = 2000.0  # images/s, ResNet-50 at 256x128
@@ -49,7 +48,7 @@ H100_TARGET = 2000.0  # images/s, ResNet-50 at 256x128
 # ------------------------------------------------------------------------------------------ re-ID
 
 class PlainReid:
-    """Bare loop: the network and SGD groups of ``reid._build``, one-hot targets, no per-step host syncs."""
+    """Bare loop: the network and SGD groups of ``reid.build_training``, one-hot targets, no per-step host syncs."""
 
     def __init__(self, b: Bench) -> None:
         from trainables.labels import num_outputs
@@ -58,10 +57,10 @@ class PlainReid:
         cfg, self.b, self.device = bench_config(b), b, torch.device(b.device)
         r, self.cl, self.amp = cfg.reid, b.cuda and b.channels_last, b.cuda and b.amp
         torch.manual_seed(b.seed)
-        self.classes = num_outputs(reid_module.label_spec(cfg, num_classes(b)))
+        self.classes = num_outputs(reid_module.label_spec(cfg.reid, cfg.labels, num_classes(b)))
         model = build_reid_model(r.model, self.classes, r.backbone, r.embed_dim, r.dropout,
                                  last_stride=r.last_stride, channels_last=self.cl).to(self.device)
-        groups = model.param_groups(r.lr, new_lr_mult=r.new_lr_mult, weight_decay=reid_module.weight_decay(cfg))
+        groups = model.param_groups(r.lr, new_lr_mult=r.new_lr_mult, weight_decay=reid_module.weight_decay(cfg.reid, cfg.labels))
         self.opt = torch.optim.SGD(groups, lr=r.lr, momentum=r.momentum, nesterov=r.nesterov)
         self.model = maybe_compile(model, b.compile)
 
@@ -90,18 +89,22 @@ class PlainReid:
 
 
 def reid_worker(config: dict) -> dict:
-    """Per-worker loop: ``reid._build`` (model, SGD, DDP wrap) + ``train_one_epoch``, as ``reid_loop`` runs them."""
+    """Per-worker loop: ``reid.build_training`` (model, SGD, DDP wrap) + ``train_one_epoch``, as ``reid_loop``
+    runs them."""
     b, cfg, ctx = Bench(**config["bench"]), from_dict(config["cfg"]), runtime.context()
     torch.manual_seed(b.seed)
-    spec = reid_module.label_spec(cfg, num_classes(b))
-    model, optimizer, _ = reid_module._build(cfg, spec, ctx)
+    spec = reid_module.label_spec(cfg.reid, cfg.labels, num_classes(b))
+    wd = reid_module.weight_decay(cfg.reid, cfg.labels)
+    model, optimizer, _ = reid_module.build_training(cfg.reid, spec, wd, ctx)
     model = maybe_compile(model, b.compile)
-    amp = cfg.reid.amp and ctx.device.type == "cuda"  # as reid_loop
+    cuda = ctx.device.type == "cuda"  # as reid_loop
+    amp, channels_last = cfg.reid.amp and cuda, cfg.reid.channels_last and cuda
+    step_fn = ident_step(spec, None, lambda: torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=amp))
 
     def epoch(steps: int, e: int) -> tuple[int, float]:
         data = epoch_data(b, "reid", steps, e, ctx.rank, ctx.world_size)
-        m = reid_module.train_one_epoch(model, data, optimizer, spec, e, static_ranks=None, device=ctx.device,
-                                        amp=amp)
+        m = train_one_epoch(model, data, optimizer, step_fn, epoch=e, device=ctx.device,
+                            channels_last=channels_last)
         runtime.report({"epoch": e, **m})
         return round(m["images_per_s"] * m["epoch_time_s"]), m["epoch_time_s"]
 

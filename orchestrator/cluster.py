@@ -224,3 +224,73 @@ def preflight(cfg: Any) -> None:
     check_storage_and_tracking(cfg, expected, node_ips=[n["NodeManagerAddress"] for n in nodes])
     if len(nodes) > 1:
         check_marker_on_nodes(find_marker(cfg.cluster.storage_path), nodes)
+
+
+# ------------------------------------------------------------------------------------ resources
+
+def runs_in_process(cfg: Any) -> bool:
+    """A single-worker re-ID run trains inside its Tune trial / stage task (no Train worker group start-up)."""
+    return cfg.sweep.in_process and cfg.reid.num_workers <= 1
+
+
+def connect(cfg: Any) -> None:
+    """``ray.init`` for the sweep: the cluster at ``cluster.address``, else a fresh local instance."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if cfg.cluster.address:
+        ray.init(address=cfg.cluster.address)
+        return
+    num_cpus = cfg.cluster.num_cpus or max(3, os.cpu_count() or 1)
+    # address="local": always a fresh instance, never one some other user's `ray start` left on this machine
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+
+
+def trial_resources(cfg: Any) -> dict[str, float]:
+    """What one Tune trial asks for: all of an in-process trial; only the driver of a Train worker group."""
+    import ray
+
+    if runs_in_process(cfg):
+        return {"CPU": 1 + cfg.reid.loader_workers, "GPU": 1 if cfg.reid.use_gpu else 0}
+    return driver_resources({"CPU": 1}, ray.cluster_resources())
+
+
+def max_concurrent(cfg: Any) -> int:
+    """Trials that fit the cluster at once (``sweep.max_concurrent`` when set)."""
+    if cfg.sweep.max_concurrent:
+        return cfg.sweep.max_concurrent
+    import ray
+
+    have = ray.cluster_resources()
+    if runs_in_process(cfg):
+        fit = int(have.get("CPU", 1) // (1 + cfg.reid.loader_workers))
+        if cfg.reid.use_gpu:
+            fit = min(fit, int(have.get("GPU", 0)))
+    else:
+        workers = max(1, cfg.reid.num_workers)
+        fit = int(have.get("GPU", 0) // workers) if cfg.reid.use_gpu else int(have.get("CPU", 1) // (workers + 1))
+    if fit < 1:
+        raise ValueError(f"one trial needs {trial_resources(cfg)} plus {cfg.reid.num_workers} workers but the Ray "
+                         f"cluster has {dict(have)}; lower reid.num_workers / reid.loader_workers or add nodes")
+    return fit
+
+
+def check_resources(cfg: Any) -> None:
+    """Refuse, before any stage runs, worker counts that the Ray cluster can never place (Ray would wait forever)."""
+    import ray
+
+    have = ray.cluster_resources()
+    if scales_on_demand(have):  # GPU workers join when trials ask for them
+        if not cfg.sweep.max_concurrent:
+            raise ValueError("sweep.max_concurrent must be set on a cluster that adds GPU workers on demand")
+        return
+    for section in ("gan", "reid"):
+        sub = getattr(cfg, section)
+        kind = "GPU" if sub.use_gpu else "CPU"
+        # CPU: each Train worker takes 1 CPU and the stage/trial driving it 1 more; GPU: 1 GPU per worker
+        need = max(1, sub.num_workers) if sub.use_gpu else sub.num_workers + 1
+        if have.get(kind, 0) < need:
+            raise ValueError(f"{section}.num_workers={sub.num_workers} needs {need} {kind}s but the Ray cluster has "
+                             f"{int(have.get(kind, 0))}; lower {section}.num_workers or add nodes")
+    max_concurrent(cfg)

@@ -3,34 +3,74 @@
 Each stage's output lives in ``<storage>/stages/<stage>-<key>/``, where ``key`` hashes exactly the config fields
 the stage depends on (so a sweep over label hyperparameters trains no GAN). A stage counts as done only when
 its ``done.json`` (written atomically, last) carries that key; an output that fails its check is moved aside
-(never deleted) and rebuilt.
+(never deleted) and rebuilt. Each stage returns a :class:`StageResult` whose ``out`` is a small frozen record.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Generic, TypeVar
 
-from datasets.generated import GeneratedStore, atomic_write_bytes
-from orchestrator.config import Config, replace, to_dict
+from datasets.files import atomic_write_bytes, file_sha256
+from datasets.generated import GeneratedStore
+from orchestrator.cluster import runs_in_process
+from orchestrator.config import Config, DatasetConfig, config_hash, to_dict
 
 DONE = "done.json"
 # Fields that change where/how fast a stage runs but not what it produces.
 RUNTIME_FIELDS = ("num_workers", "use_gpu", "loader_workers", "amp", "channels_last")
+T = TypeVar("T")
+
+
+# ------------------------------------------------------------------------------------ stage outputs
+
+@dataclass(frozen=True)
+class DatasetOut:
+    root: str
+    summary: str
 
 
 @dataclass(frozen=True)
-class StageResult:
+class GanOut:
+    generator: str
+    epochs: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class GeneratedOut:
+    store: str
+    n: int
+
+
+@dataclass(frozen=True)
+class BaselineOut:
+    run_dir: str
+    metrics: dict[str, float]
+    cmc: list[float]
+
+
+@dataclass(frozen=True)
+class SmprlOut:
+    labels: str  # the label file's name in the store
+    store: str
+    n: int
+
+
+@dataclass(frozen=True)
+class StageResult(Generic[T]):
     stage: str
     key: str
     path: Path
     cached: bool
-    info: dict[str, Any] = field(default_factory=dict)
+    out: T
+    seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -54,6 +94,8 @@ class Paths:
         return self.storage / "trials"
 
 
+# ------------------------------------------------------------------------------------ caching
+
 def stage_key(cfg: Config, *sections: str, extra: dict[str, Any] | None = None) -> str:
     """Hash of the named config sections without their runtime-only fields (workers, GPU, AMP)."""
     tree = to_dict(cfg)
@@ -67,20 +109,17 @@ def stage_key(cfg: Config, *sections: str, extra: dict[str, Any] | None = None) 
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def run_stage(paths: Paths, stage: str, key: str, build: Callable[[Path], dict[str, Any]],
-              check: Callable[[Path, dict[str, Any]], list[str]] | None = None) -> StageResult:
+def run_stage(paths: Paths, stage: str, key: str, kind: type[T], build: Callable[[Path], T],
+              check: Callable[[Path, T], list[str]] | None = None) -> StageResult[T]:
     """Return the cached output of (stage, key), or build it into its folder and mark it done."""
     folder = paths.stages / f"{stage}-{key}"
     done = folder / DONE
     if done.is_file():
-        try:
-            record = json.loads(done.read_text())
-        except json.JSONDecodeError:
-            record = {}
-        problems = ["done.json is damaged"] if record.get("key") != key else (check(folder, record["info"])
-                                                                               if check else [])
+        record, out = _read_done(done, kind)
+        problems = ["done.json is damaged"] if out is None or record.get("key") != key else (
+            check(folder, out) if check else [])
         if not problems:
-            return StageResult(stage, key, folder, True, record["info"])
+            return StageResult(stage, key, folder, True, out, record["info"].get("seconds", 0.0))
         aside = folder.with_name(f"{folder.name}.corrupt-{time.time_ns()}")
         print(f"[pipeline] {stage} cache at {folder} is unusable ({'; '.join(problems)}); "
               f"moved to {aside.name} and rebuilding", flush=True)
@@ -88,123 +127,140 @@ def run_stage(paths: Paths, stage: str, key: str, build: Callable[[Path], dict[s
     folder.mkdir(parents=True, exist_ok=True)
     print(f"[pipeline] {stage}: building {folder.name}", flush=True)
     start = time.perf_counter()
-    info = build(folder)
-    info["seconds"] = round(time.perf_counter() - start, 1)
+    out = build(folder)
+    seconds = round(time.perf_counter() - start, 1)
+    info = {**dataclasses.asdict(out), "seconds": seconds}
     atomic_write_bytes(done, json.dumps({"key": key, "stage": stage, "info": info}, indent=1).encode())
-    return StageResult(stage, key, folder, False, info)
+    return StageResult(stage, key, folder, False, out, seconds)
+
+
+def _read_done(done: Path, kind: type[T]) -> tuple[dict, T | None]:
+    try:
+        record = json.loads(done.read_text())
+        names = {f.name for f in dataclasses.fields(kind)}
+        return record, kind(**{k: v for k, v in record["info"].items() if k in names})
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return {}, None
 
 
 # ------------------------------------------------------------------------------------------ stages
 
-def dataset_stage(cfg: Config, paths: Paths) -> StageResult:
+def dataset_root(dataset: DatasetConfig, cache: Path) -> Path:
+    """The dataset root: ``dataset.root`` for real data; the synthetic set drawn (once) under ``cache``."""
+    from datasets import synthetic
+    from datasets.market1501 import load
+
+    if dataset.name != "synthetic":
+        return Path(dataset.root).expanduser()
+    if dataset.root:  # an existing synthetic tree is only read; nothing is written outside the storage path
+        root = Path(dataset.root).expanduser()
+        if not (root / synthetic.MARKER).is_file():
+            raise ValueError(f"dataset.root={dataset.root} is not a synthetic dataset written by datasets.synthetic; "
+                             f"leave dataset.root unset to generate one under the storage path")
+        load(root)
+        return root
+    root = cache / f"synthetic-{config_hash(dataset)}"
+    synthetic.generate(root, ids=dataset.synthetic_ids, images_per_id=dataset.synthetic_images_per_id,
+                       distractors=dataset.synthetic_distractors, junk=dataset.synthetic_junk,
+                       size=dataset.synthetic_size, seed=dataset.synthetic_seed, progress=True)
+    return root
+
+
+def dataset_stage(cfg: Config, paths: Paths) -> StageResult[DatasetOut]:
     """The dataset root: a real dataset is parsed and every image decoded once; the synthetic one is drawn."""
     from datasets.check import check_images
     from datasets.market1501 import load
 
+    key = stage_key(cfg, "dataset")
     if cfg.dataset.name == "synthetic":
-        from trainables.reid import prepare_dataset
-
-        root = prepare_dataset(cfg, paths.datasets)
-        split = load(root)
-        return StageResult("dataset", stage_key(cfg, "dataset"), Path(root), True, {"summary": split.summary()})
+        root = dataset_root(cfg.dataset, paths.datasets)
+        return StageResult("dataset", key, root, True, DatasetOut(str(root), load(root).summary()))
 
     split = load(cfg.dataset.root)  # names and layout: fails fast, before anything is written
 
-    def build(folder: Path) -> dict[str, Any]:
+    def build(folder: Path) -> DatasetOut:
         check_images((*split.train, *split.query, *split.gallery))  # decodes every image, once per dataset
-        return {"root": str(Path(cfg.dataset.root).resolve()), "summary": split.summary()}
+        return DatasetOut(str(Path(cfg.dataset.root).resolve()), split.summary())
 
-    res = run_stage(paths, "dataset", stage_key(cfg, "dataset"), build)
-    return StageResult(res.stage, res.key, Path(res.info["root"]), res.cached, res.info)
+    res = run_stage(paths, "dataset", key, DatasetOut, build)
+    return dataclasses.replace(res, path=Path(res.out.root))
 
 
-def gan_stage(cfg: Config, paths: Paths, data_root: Path) -> StageResult:
+def gan_stage(cfg: Config, paths: Paths, data_root: Path) -> StageResult[GanOut]:
     from trainables.dcgan import train_gan
-    from trainables.generation import file_sha256
 
-    def build(folder: Path) -> dict[str, Any]:
-        generator = train_gan(cfg, data_root, folder, "train")
-        return {"generator": str(generator), "epochs": cfg.gan.epochs, "sha256": file_sha256(generator)}
+    def build(folder: Path) -> GanOut:
+        generator = train_gan(cfg.gan, data_root, folder, "train")
+        return GanOut(str(generator), cfg.gan.epochs, file_sha256(generator))
 
-    def check(folder: Path, info: dict[str, Any]) -> list[str]:
-        path = Path(info["generator"])
+    def check(folder: Path, out: GanOut) -> list[str]:
+        path = Path(out.generator)
         if not path.is_file():
             return [f"{path} is missing"]
-        return [] if file_sha256(path) == info.get("sha256") else [f"{path} does not match its recorded checksum"]
+        return [] if file_sha256(path) == out.sha256 else [f"{path} does not match its recorded checksum"]
 
-    return run_stage(paths, "gan", stage_key(cfg, "dataset", "gan"), build, check)
+    return run_stage(paths, "gan", stage_key(cfg, "dataset", "gan"), GanOut, build, check)
 
 
-def generate_stage(cfg: Config, paths: Paths, gan: StageResult, n: int) -> StageResult:
+def generate_stage(cfg: Config, paths: Paths, gan: StageResult[GanOut], n: int) -> StageResult[GeneratedOut]:
     from trainables.generation import generate
 
-    key = stage_key(cfg, "dataset", "gan", extra={"n": n})
+    def build(folder: Path) -> GeneratedOut:
+        store = generate(gan.out.generator, folder / "store", n, seed=cfg.gan.seed)
+        return GeneratedOut(str(store.root), store.n)
 
-    def build(folder: Path) -> dict[str, Any]:
-        store = generate(gan.info["generator"], folder / "store", n, seed=cfg.gan.seed)
-        return {"store": str(store.root), "n": store.n}
-
-    def check(folder: Path, info: dict[str, Any]) -> list[str]:
+    def check(folder: Path, out: GeneratedOut) -> list[str]:
         try:
-            store = GeneratedStore(info["store"])
+            store = GeneratedStore(out.store)
         except (FileNotFoundError, ValueError) as err:
             return [str(err)]
         return store.verify() if store.complete else ["store is incomplete"]
 
-    return run_stage(paths, "generate", key, build, check)
+    key = stage_key(cfg, "dataset", "gan", extra={"n": n})
+    return run_stage(paths, "generate", key, GeneratedOut, build, check)
 
 
 def baseline_key(cfg: Config) -> str:
     return stage_key(cfg, "dataset", "reid", "labels.real_smoothing")
 
 
-def baseline_stage(cfg: Config, paths: Paths, data_root: Path) -> StageResult:
+def baseline_stage(cfg: Config, paths: Paths, data_root: Path) -> StageResult[BaselineOut]:
     """Re-ID on real data only: the sweep's baseline and the model that sMpRL labels come from."""
-    from trainables.reid import ReidInputs, train_reid
+    from trainables.reid import ReidInputs, run_spec, train_reid
 
-    base = replace(cfg, **{"labels.method": "baseline", "labels.num_gan": 0})
-    if cfg.sweep.in_process and cfg.reid.num_workers <= 1:  # as the trials do: no Train worker group for one
-        base = replace(base, **{"reid.num_workers": 0})
+    labels = dataclasses.replace(cfg.labels, method="baseline", num_gan=0)
+    reid = dataclasses.replace(cfg.reid, num_workers=0) if runs_in_process(cfg) else cfg.reid
 
-    def build(folder: Path) -> dict[str, Any]:
-        res = train_reid(base, ReidInputs(str(data_root)), folder, "train")
-        return {"run_dir": str(folder / "train"), "metrics": {k: v for k, v in res.items() if k != "cmc"},
-                "cmc": res.get("cmc", [])}
+    def build(folder: Path) -> BaselineOut:
+        res = train_reid(reid, labels, ReidInputs(str(data_root)), run_spec(reid, folder, "train"))
+        return BaselineOut(str(folder / "train"), {k: v for k, v in res.items() if k != "cmc"}, res.get("cmc", []))
 
-    def check(folder: Path, info: dict[str, Any]) -> list[str]:
+    def check(folder: Path, out: BaselineOut) -> list[str]:
         from trainables.runtime import latest_checkpoint
 
-        return [] if latest_checkpoint(info["run_dir"]) else ["no checkpoint"]
+        return [] if latest_checkpoint(out.run_dir) else ["no checkpoint"]
 
-    return run_stage(paths, "baseline", baseline_key(cfg), build, check)
+    return run_stage(paths, "baseline", baseline_key(cfg), BaselineOut, build, check)
 
 
-def smprl_stage(cfg: Config, paths: Paths, baseline: StageResult, generated: StageResult) -> StageResult:
+def smprl_stage(cfg: Config, paths: Paths, baseline: StageResult[BaselineOut],
+                generated: StageResult[GeneratedOut]) -> StageResult[SmprlOut]:
     """Static multi-pseudo labels: the baseline's class ranks for every generated image, stored as uint16."""
-    import torch
-
-    from trainables.labels import predict_static_ranks
-    from trainables.reid import load_trained
-    from trainables.reid_data import test_loader
-
     key = stage_key(cfg, extra={"baseline": baseline.key, "generate": generated.key})
     name = f"smprl-{key}"
 
-    def build(folder: Path) -> dict[str, Any]:
-        model, state = load_trained(baseline.info["run_dir"])
-        store = GeneratedStore(generated.info["store"])
-        device = torch.device("cuda" if cfg.reid.use_gpu and torch.cuda.is_available() else "cpu")
-        loader = test_loader(store.records(), cfg.reid.image_size, batch_size=2 * cfg.reid.batch_size,
-                             workers=cfg.reid.loader_workers)
-        ranks = predict_static_ranks(model.to(device), loader, logits_fn=lambda m, x: m.classify(x), device=device)
-        store.write_labels(name, ranks, {"baseline": baseline.key, "num_classes": state["num_classes"]})
-        return {"labels": name, "store": str(store.root), "n": int(ranks.shape[0])}
+    def build(folder: Path) -> SmprlOut:
+        from trainables.smprl import write_static_labels
 
-    def check(folder: Path, info: dict[str, Any]) -> list[str]:
+        store = GeneratedStore(generated.out.store)
+        n = write_static_labels(baseline.out.run_dir, store, name, cfg.reid, {"baseline": baseline.key})
+        return SmprlOut(name, str(store.root), n)
+
+    def check(folder: Path, out: SmprlOut) -> list[str]:
         try:
-            found = GeneratedStore(info["store"]).read_labels(info["labels"])
+            found = GeneratedStore(out.store).read_labels(out.labels)
         except (FileNotFoundError, ValueError) as err:
             return [str(err)]
         return [] if found is not None else ["label file missing"]
 
-    return run_stage(paths, "smprl", key, build, check)
+    return run_stage(paths, "smprl", key, SmprlOut, build, check)

@@ -9,21 +9,30 @@ absolute artifact root (Ray changes the working directory of trials).
 from __future__ import annotations
 
 import logging
-import os
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-os.environ.setdefault("MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK", "true")
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-
-import mlflow  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
+import mlflow
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
 
 log = logging.getLogger(__name__)
 TAG_KIND = "mprl.kind"  # sweep | stage | trial
 TAG_KEY = "mprl.key"  # sweep instance / stage key / trial key
 TAG_PARENT = "mlflow.parentRunId"
 MAX_PARAM = 6000  # MLflow's limit on a param value's length
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    """The MLflow handles of one sweep: the client, its experiment and the sweep's parent run."""
+
+    client: MlflowClient
+    exp_id: str
+    parent: str
+    tracking_uri: str
 
 
 def default_tracking_uri(storage: str | Path) -> str:
@@ -83,17 +92,12 @@ def get_or_create_run(client: MlflowClient, exp_id: str, kind: str, key: str, na
 def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
     """Log params, skipping keys already logged (MLflow refuses to change a param's value)."""
     have = client.get_run(run_id).data.params
-    from mlflow.entities import Param
-
     new = [Param(k, str(v)[:MAX_PARAM]) for k, v in params.items() if k not in have]
     for i in range(0, len(new), 100):
         client.log_batch(run_id, params=new[i:i + 100])
 
 
 def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, Any], step: int | None = None) -> None:
-    from mlflow.entities import Metric
-    import time
-
     now = int(time.time() * 1000)
     items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()
              if isinstance(v, (int, float)) and not isinstance(v, bool)]

@@ -1,17 +1,24 @@
-"""Shared fixtures: a tiny synthetic Market-format dataset (session-scoped; ~1 s to draw)."""
+"""Shared fixtures: a tiny synthetic Market-format dataset and generated store, config factories, one Ray.
+
+Importing :mod:`orchestrator` sets the Ray/MLflow environment defaults (orchestrator/env.py) before Ray starts.
+"""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
-os.environ.setdefault("MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK", "true")
+import orchestrator  # noqa: F401  (environment defaults)
 
 TINY = dict(ids=6, images_per_id=6, distractors=5, junk=4, size=(64, 32), seed=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_params() -> dict:
+    """The arguments of ``datasets.synthetic.generate`` that draw the tiny dataset."""
+    return dict(TINY)
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +56,37 @@ def tiny_store(tmp_path_factory: pytest.TempPathFactory, tiny_split):
     return store
 
 
-def tiny_reid_overrides(tmp_path) -> list[str]:
-    """Overrides that make one re-ID epoch on the tiny dataset take about a second."""
+@pytest.fixture
+def tiny_overrides(tmp_path: Path) -> list[str]:
+    """Overrides that make one re-ID epoch on the tiny dataset take about a second (storage in tmp_path)."""
     return ["reid.image_size=[32, 16]", "reid.batch_size=16", "reid.embed_dim=32", "reid.loader_workers=0",
             "reid.num_workers=0", f"cluster.storage_path={tmp_path}"]
+
+
+@pytest.fixture
+def tiny_cfg(tiny_overrides: list[str]) -> Callable[..., "object"]:
+    """``tiny_cfg("labels.method=lsro", ...)``: the smoke preset with the tiny overrides, then these."""
+    from orchestrator.config import load_config
+
+    return lambda *extra: load_config("smoke", overrides=[*tiny_overrides, *extra])
+
+
+@pytest.fixture(scope="session")
+def _ray_session():
+    yield
+    import ray
+
+    ray.shutdown()
+
+
+@pytest.fixture
+def local_ray(_ray_session):
+    """A local Ray instance (3 CPUs), started once and shared by the tests that need real Ray.
+
+    Tests that build their own cluster (multi-node on loopback) shut it down first; the next user starts it again.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=3, include_dashboard=False, object_store_memory=150 * 1024**2)
+    return ray

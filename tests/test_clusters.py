@@ -142,9 +142,7 @@ def test_launcher_head_runs_mlflow_on_a_private_address_and_marks_storage(path):
 
 def test_gpu_workers_fit_a_paper_trial():
     from orchestrator.config import load_config
-    from orchestrator.sweep import _trial_resources
-
-    need = _trial_resources(load_config("paper", overrides=["dataset.root=/mnt/shared/data/Market-1501"]))
+    need = cluster.trial_resources(load_config("paper", overrides=["dataset.root=/mnt/shared/data/Market-1501"]))
     assert need.get("GPU", 0) >= 1
     types = _docs(ROOT / "clusters" / "gpu.yaml")[0]["available_node_types"]
     fits = [name for name, t in types.items()
@@ -364,10 +362,6 @@ def test_driver_resources_pins_drivers_only_where_the_head_advertises_it():
     assert cluster.driver_resources({"CPU": 9, "GPU": 1}, with_head) == {"CPU": 9, "GPU": 1}  # trains in place
 
 
-_INTEGRATED = "check_address" in (ROOT / "orchestrator" / "sweep.py").read_text()
-
-
-@pytest.mark.skipif(not _INTEGRATED, reason="orchestrator/sweep.py does not call orchestrator.cluster yet")
 def test_cli_names_an_unreachable_address_within_seconds(tmp_path):
     port = _free_port()
     start = time.perf_counter()

@@ -14,7 +14,8 @@ from PIL import Image
 from datasets.generated import GeneratedStore
 from orchestrator.config import load_config, replace, to_dict
 from trainables import generation, runtime
-from trainables.dcgan import GlobalBatchSampler, gan_loop, main, train_epoch, train_gan, train_step
+from orchestrator.train import main
+from trainables.dcgan import GlobalBatchSampler, gan_loop, train_epoch, train_gan, train_step
 from trainables.gan_models import Discriminator, Generator
 from trainables.generation import export_generator, generate, read_export
 
@@ -28,7 +29,7 @@ def _cfg(*extra: str):
 
 def _fit(cfg, root: Path, parent: Path, name: str = "gan") -> dict:
     spec = runtime.RunSpec(name=name, storage_path=str(parent), num_workers=cfg.gan.num_workers)
-    return runtime.fit(gan_loop, {"cfg": to_dict(cfg), "data_root": str(root)}, spec)
+    return runtime.fit(gan_loop, {"gan": to_dict(cfg.gan), "data_root": str(root)}, spec)
 
 
 def _state(run_dir: Path) -> dict:
@@ -101,14 +102,14 @@ def test_in_process_resumes_a_ray_layout_checkpoint(tiny_root: Path, tmp_path: P
 
 def test_train_gan_exports_once(tiny_root: Path, tmp_path: Path) -> None:
     cfg = _cfg("gan.epochs=1")
-    path = train_gan(cfg, tiny_root, tmp_path, "g")
+    path = train_gan(cfg.gan, tiny_root, tmp_path, "g")
     data = read_export(path)
     assert path == tmp_path / "g" / "generator.pt"
     assert (data["epochs"], data["image_size"], data["latent_dim"], data["g_width"]) == (1, [32, 16], 16, 8)
     mtime = path.stat().st_mtime_ns
-    assert train_gan(cfg, tiny_root, tmp_path, "g") == path and path.stat().st_mtime_ns == mtime
+    assert train_gan(cfg.gan, tiny_root, tmp_path, "g") == path and path.stat().st_mtime_ns == mtime
     with pytest.raises(ValueError, match="gan.g_width=8"):  # same run name, other architecture
-        train_gan(replace(cfg, **{"gan.g_width": 16, "gan.epochs": 2}), tiny_root, tmp_path, "g")
+        train_gan(replace(cfg, **{"gan.g_width": 16, "gan.epochs": 2}).gan, tiny_root, tmp_path, "g")
 
 
 def test_batch_larger_than_dataset(tiny_root: Path, tmp_path: Path) -> None:
@@ -117,7 +118,7 @@ def test_batch_larger_than_dataset(tiny_root: Path, tmp_path: Path) -> None:
 
 
 def test_cli_smoke(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    args = ["--preset", "smoke", "--out", str(tmp_path), "--set", "gan.num_workers=0", "--set", "gan.epochs=1",
+    args = ["gan", "--preset", "smoke", "--out", str(tmp_path), "--set", "gan.num_workers=0", "--set", "gan.epochs=1",
             "--set", "dataset.synthetic_ids=4", "--num-images", "12"]
     assert main(args) == 0
     out = capsys.readouterr().out
@@ -190,35 +191,21 @@ def test_generate_errors(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------------- real Ray
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    with pytest.MonkeyPatch.context() as mp:
-        for key in ("RAY_AUTH_MODE", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_TRAIN_METRICS_ENABLED"):
-            mp.setenv(key, "disabled" if key == "RAY_AUTH_MODE" else "0")
-        ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=150 * 1024**2)
-        try:
-            yield ray
-        finally:
-            ray.shutdown()
-
-
 @pytest.mark.ray
-def test_two_worker_ray_run_and_resume(ray_cluster, tiny_root: Path, tmp_path: Path) -> None:
+def test_two_worker_ray_run_and_resume(local_ray, tiny_root: Path, tmp_path: Path) -> None:
     cfg = load_config("smoke", overrides=["gan.num_workers=2", "gan.epochs=1"])
     assert _fit(cfg, tiny_root, tmp_path)["epoch"] == 0
     run = tmp_path / "gan"
     first = runtime.latest_checkpoint(run)
     assert first is not None and _state(run)["epoch"] == 0 and (first / "samples.png").is_file()
 
-    path = train_gan(replace(cfg, **{"gan.epochs": 2}), tiny_root, tmp_path, "gan")  # same name: resumes
+    path = train_gan(replace(cfg, **{"gan.epochs": 2}).gan, tiny_root, tmp_path, "gan")  # same name: resumes
     assert read_export(path)["epochs"] == 2 and _state(run)["epoch"] == 1
     assert first.is_dir() and runtime.latest_checkpoint(run) != first  # epoch 0 was not trained again
 
 
 @pytest.mark.ray
-def test_ray_parallel_generation_matches_in_process(ray_cluster, tmp_path: Path) -> None:
+def test_ray_parallel_generation_matches_in_process(local_ray, tmp_path: Path) -> None:
     gen = _export(tmp_path)
     par = generate(gen, tmp_path / "par", 25, chunk_size=6, parallel=True)
     seq = generate(gen, tmp_path / "seq", 25, chunk_size=6, parallel=False)

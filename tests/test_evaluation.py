@@ -10,45 +10,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from bench.reference import reference_rank  # the per-query oracle (cmc, mAP, mINP), or None
 from trainables import evaluation as ev
-from trainables.evaluation import (compute_distance, evaluate, evaluate_rank, extract_features,
-                                   re_rank)
+from trainables.evaluation import compute_distance, evaluate, evaluate_rank, extract_features
 from trainables.plots import plot_cmc
-
-
-# ----------------------------------------------------------------------------------------------------
-# Reference: the protocol written as plainly as possible, one query at a time
-# ----------------------------------------------------------------------------------------------------
-
-
-def reference_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank, ap):
-    """Per-query loop with a stable argsort; (cmc, mAP, mINP), or None when every query is skipped."""
-    distmat = np.asarray(distmat, dtype=np.float64)
-    cmc, aps, inps = np.zeros(max_rank), [], []
-    for i in range(distmat.shape[0]):
-        order = np.argsort(distmat[i], kind="stable")
-        pids, cams = g_pids[order], g_camids[order]
-        keep = (pids != -1) & ~((pids == q_pids[i]) & (cams == q_camids[i]))
-        matches = pids[keep] == q_pids[i]
-        if not matches.any():
-            continue
-        positions = np.flatnonzero(matches) + 1
-        if positions[0] <= max_rank:
-            cmc[positions[0] - 1:] += 1
-        total, old_recall = 0.0, 0.0
-        for k, r in enumerate(positions, start=1):
-            if ap == "standard":
-                total += (k / r) / len(positions)
-            else:
-                old_precision = (k - 1) / (r - 1) if r > 1 else 1.0
-                recall = k / len(positions)
-                total += (recall - old_recall) * (old_precision + k / r) / 2
-                old_recall = recall
-        aps.append(total)
-        inps.append(len(positions) / positions[-1])
-    if not aps:
-        return None
-    return cmc / len(aps), float(np.mean(aps)), float(np.mean(inps))
+from trainables.rerank import re_rank
 
 
 def one_query(distances, g_pids, g_camids, q_pid=1, q_cam=0, **kwargs):

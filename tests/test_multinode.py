@@ -58,6 +58,7 @@ def mlflow_server(folder: Path, backend_store_uri: str | None = None) -> Iterato
 @pytest.fixture
 def loopback_cluster(monkeypatch) -> Iterator[object]:
     """Head (1 CPU, advertises tune_driver) + one worker node (1 CPU), both on 127.0.0.1."""
+    import ray
     import ray._private.ray_constants
     from ray.cluster_utils import Cluster
 
@@ -67,6 +68,7 @@ def loopback_cluster(monkeypatch) -> Iterator[object]:
         monkeypatch.setenv(k, v)  # for the processes started from here on (the sweep CLI, Ray workers)
     monkeypatch.setattr(ray._private.ray_constants, "ENABLE_RAY_CLUSTER", False)  # ray is imported already
     small = {"num_cpus": 1, "object_store_memory": 150 * 1024**2, "node_ip_address": "127.0.0.1"}
+    ray.shutdown()  # the shared local instance of other tests (conftest.local_ray), if it is up
     c = Cluster(initialize_head=True, head_node_args={**small, "include_dashboard": False,
                                                       "resources": {cluster.DRIVER_RESOURCE: 1}})
     try:

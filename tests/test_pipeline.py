@@ -1,10 +1,12 @@
 import json
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from orchestrator.config import load_config, replace
 from orchestrator.pipeline import DONE, Paths, baseline_key, run_stage, stage_key
-from orchestrator.trials import Trial, build_trials
+from orchestrator.trials import TrialSpec, build_trials
 
 
 def test_trials_fold_equivalent_settings():
@@ -28,7 +30,7 @@ def test_random_search_samples_the_grid():
 
 def test_trial_overrides_apply():
     cfg = load_config("smoke")
-    t = Trial("smprl", 64, "reference_code", 5, 2)
+    t = TrialSpec("smprl", 64, "reference_code", 5, 2)
     c = replace(cfg, **t.overrides())
     assert (c.labels.method, c.labels.num_gan, c.labels.order, c.labels.keep, c.reid.seed) == \
         ("smprl", 64, "reference_code", 5, 2)
@@ -45,6 +47,11 @@ def test_stage_keys_depend_only_on_their_fields():
     assert stage_key(cfg, "dataset", "gan") != stage_key(replace(cfg, **{"gan.epochs": 9}), "dataset", "gan")
 
 
+@dataclass(frozen=True)
+class Toy:
+    out: str
+
+
 def test_stage_cache_reuse_failure_and_corruption(tmp_path):
     paths = Paths(tmp_path)
     calls = []
@@ -52,28 +59,29 @@ def test_stage_cache_reuse_failure_and_corruption(tmp_path):
     def build(folder):
         calls.append(folder)
         (folder / "out.txt").write_text("x")
-        return {"out": str(folder / "out.txt")}
+        return Toy(str(folder / "out.txt"))
 
-    def check(folder, info):
-        return [] if (folder / "out.txt").is_file() else ["out.txt missing"]
+    def check(folder, out):
+        return [] if Path(out.out).is_file() else ["out.txt missing"]
 
-    first = run_stage(paths, "toy", "k1", build, check)
-    again = run_stage(paths, "toy", "k1", build, check)
+    first = run_stage(paths, "toy", "k1", Toy, build, check)
+    again = run_stage(paths, "toy", "k1", Toy, build, check)
     assert not first.cached and again.cached and len(calls) == 1
+    assert again.out == first.out == Toy(str(first.path / "out.txt"))  # the typed output survives the round trip
 
     (first.path / "out.txt").unlink()  # a damaged output is moved aside and rebuilt
-    rebuilt = run_stage(paths, "toy", "k1", build, check)
+    rebuilt = run_stage(paths, "toy", "k1", Toy, build, check)
     assert not rebuilt.cached and len(calls) == 2
     assert len(list(tmp_path.glob("stages/toy-k1.corrupt-*"))) == 1
 
     (rebuilt.path / DONE).write_text("{broken")
-    run_stage(paths, "toy", "k1", build, check)
+    run_stage(paths, "toy", "k1", Toy, build, check)
     assert len(calls) == 3
 
     def boom(folder):
         raise RuntimeError("interrupted")
 
     with pytest.raises(RuntimeError):
-        run_stage(paths, "toy", "k2", boom)
+        run_stage(paths, "toy", "k2", Toy, boom)
     assert not (tmp_path / "stages" / "toy-k2" / DONE).exists()  # never looks complete
     assert json.loads((rebuilt.path / DONE).read_text())["key"] == "k1"

@@ -3,10 +3,10 @@ import pytest
 import torch
 
 from orchestrator.config import load_config, replace
-from tests.conftest import tiny_reid_overrides
 from trainables.labels import LabelSpec, METHODS, soft_cross_entropy, targets_for
 from trainables.models import IdentificationNet
-from trainables.reid import ReidInputs, load_trained, train_one_epoch, train_reid, weight_decay
+from trainables.engine import ident_step, train_one_epoch
+from trainables.reid import ReidInputs, load_trained, run_spec, train_reid, weight_decay
 from trainables.reid_data import train_loader
 
 
@@ -42,48 +42,58 @@ def test_three_batch_overfit(method, tiny_split, tiny_store):
         return total
 
     before = excess()
+    step = ident_step(spec, static, lambda: torch.autocast("cpu", enabled=False))
     for _ in range(8):
-        m = train_one_epoch(model, loader, opt, spec, 5, static_ranks=static, device=torch.device("cpu"), amp=False)
+        m = train_one_epoch(model, loader, opt, step, epoch=5, device=torch.device("cpu"))
     assert np.isfinite(m["loss"])
     assert excess() < 0.3 * before
 
 
 def test_weight_decay_defaults():
     cfg = load_config("smoke")
-    assert weight_decay(replace(cfg, **{"labels.method": "lsro"})) == 1e-4
-    assert weight_decay(replace(cfg, **{"labels.method": "dmprl2"})) == 5e-4
-    assert weight_decay(replace(cfg, **{"labels.method": "dmprl1", "reid.weight_decay": 0.0})) == 0.0
+
+    def wd(**dotted):
+        c = replace(cfg, **dotted)
+        return weight_decay(c.reid, c.labels)
+
+    assert wd(**{"labels.method": "lsro"}) == 1e-4
+    assert wd(**{"labels.method": "dmprl2"}) == 5e-4
+    assert wd(**{"labels.method": "dmprl1", "reid.weight_decay": 0.0}) == 0.0
 
 
 @pytest.mark.parametrize("method, model", [("lsro", "ident"), ("smprl", "twostream")])
-def test_in_process_run_checkpoints_and_resumes(method, model, tmp_path, tiny_root, tiny_split, tiny_store):
+def test_in_process_run_checkpoints_and_resumes(method, model, tmp_path, tiny_root, tiny_split, tiny_store,
+                                                 tiny_cfg):
     k = tiny_split.num_train_ids
     name = f"labels-{method}"
     if method == "smprl" and tiny_store.read_labels(name) is None:
         ranks = np.stack([np.random.default_rng(i).permutation(k) + 1 for i in range(tiny_store.n)])
         tiny_store.write_labels(name, ranks.astype(np.uint16), {"test": True})
-    cfg = load_config("smoke", overrides=[*tiny_reid_overrides(tmp_path), "reid.epochs=1", f"reid.model={model}",
-                                          f"labels.method={method}", "labels.num_gan=16"])
+    cfg = tiny_cfg("reid.epochs=1", f"reid.model={model}", f"labels.method={method}", "labels.num_gan=16")
     inputs = ReidInputs(str(tiny_root), str(tiny_store.root), name)
-    first = train_reid(cfg, inputs, tmp_path / "runs", "r")
+    first = _train(cfg, inputs, tmp_path / "runs", "r")
     assert 0 <= first["rank1"] <= 1 and 0 <= first["mAP"] <= 1 and first["epoch"] == 0 and first["num_gan"] == 16
     model_, state = load_trained(tmp_path / "runs" / "r")
     assert state["epoch"] == 0 and state["num_classes"] == k
     assert model_(torch.zeros(2, 3, 32, 16)).shape == (2, 32)  # eval mode: the embedding
-    more = train_reid(replace(cfg, **{"reid.epochs": 2}), inputs, tmp_path / "runs", "r")
+    more = _train(replace(cfg, **{"reid.epochs": 2}), inputs, tmp_path / "runs", "r")
     assert more["epoch"] == 1
     _, state = load_trained(tmp_path / "runs" / "r")
     assert state["epoch"] == 1  # continued from the checkpoint, one more epoch only
     assert len(list((tmp_path / "runs" / "r").glob("checkpoint_*"))) == 2
 
 
-def test_missing_inputs_are_clear(tmp_path, tiny_root, tiny_store):
-    cfg = load_config("smoke", overrides=[*tiny_reid_overrides(tmp_path), "labels.method=lsro", "labels.num_gan=8"])
+def test_missing_inputs_are_clear(tmp_path, tiny_root, tiny_store, tiny_cfg):
+    cfg = tiny_cfg("labels.method=lsro", "labels.num_gan=8")
     with pytest.raises(ValueError, match="needs a generated-image store"):
-        train_reid(cfg, ReidInputs(str(tiny_root)), tmp_path / "runs", "a")
+        _train(cfg, ReidInputs(str(tiny_root)), tmp_path / "runs", "a")
     with pytest.raises(ValueError, match="labels.num_gan=999"):
-        train_reid(replace(cfg, **{"labels.num_gan": 999}), ReidInputs(str(tiny_root), str(tiny_store.root)),
-                   tmp_path / "runs", "b")
+        _train(replace(cfg, **{"labels.num_gan": 999}), ReidInputs(str(tiny_root), str(tiny_store.root)),
+               tmp_path / "runs", "b")
     with pytest.raises(ValueError, match="sMpRL label stage"):
-        train_reid(replace(cfg, **{"labels.method": "smprl"}), ReidInputs(str(tiny_root), str(tiny_store.root), "x"),
-                   tmp_path / "runs", "c")
+        _train(replace(cfg, **{"labels.method": "smprl"}), ReidInputs(str(tiny_root), str(tiny_store.root), "x"),
+               tmp_path / "runs", "c")
+
+
+def _train(cfg, inputs, parent, name, **kw):
+    return train_reid(cfg.reid, cfg.labels, inputs, run_spec(cfg.reid, parent, name), **kw)

@@ -8,16 +8,18 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config import load_config
-from tests.conftest import tiny_reid_overrides
 from trainables import runtime
-from trainables.reid import ReidInputs, load_trained, train_reid
+from trainables.reid import ReidInputs, load_trained, run_spec, train_reid
 
 ROOT = Path(__file__).parents[1]
 
 
-def _cfg(tmp_path, *extra):
-    return load_config("smoke", overrides=[*tiny_reid_overrides(tmp_path), "reid.epochs=3", "labels.method=lsro",
-                                           "labels.num_gan=16", *extra])
+def _cfg(tiny_cfg, *extra):
+    return tiny_cfg("reid.epochs=3", "labels.method=lsro", "labels.num_gan=16", *extra)
+
+
+def _train(cfg, inputs, parent, name, max_failures=0, **kw):
+    return train_reid(cfg.reid, cfg.labels, inputs, run_spec(cfg.reid, parent, name, max_failures=max_failures), **kw)
 
 
 def test_failure_plan_parsing():
@@ -28,35 +30,29 @@ def test_failure_plan_parsing():
             runtime.FailurePlan.parse(bad)
 
 
-def test_in_process_failure_then_rerun_matches_uninterrupted(tmp_path, tiny_root, tiny_store):
+def test_in_process_failure_then_rerun_matches_uninterrupted(tmp_path, tiny_root, tiny_store, tiny_cfg):
     """A run that dies mid-epoch and is restarted ends exactly where an uninterrupted run ends."""
-    cfg = _cfg(tmp_path)
+    cfg = _cfg(tiny_cfg)
     inputs = ReidInputs(str(tiny_root), str(tiny_store.root))
-    clean = train_reid(cfg, inputs, tmp_path / "runs", "clean")
+    clean = _train(cfg, inputs, tmp_path / "runs", "clean")
     with pytest.raises(RuntimeError, match="injected failure at rank 0, epoch 1, step 1"):
-        train_reid(cfg, inputs, tmp_path / "runs", "faulty", inject_failure="rank=0,epoch=1,step=1,mode=raise")
+        _train(cfg, inputs, tmp_path / "runs", "faulty", inject_failure="rank=0,epoch=1,step=1,mode=raise")
     _, state = load_trained(tmp_path / "runs" / "faulty")
     assert state["epoch"] == 0  # the finished epoch's checkpoint survived the crash
-    resumed = train_reid(cfg, inputs, tmp_path / "runs", "faulty", inject_failure="rank=0,epoch=1,step=1,mode=raise")
+    resumed = _train(cfg, inputs, tmp_path / "runs", "faulty", inject_failure="rank=0,epoch=1,step=1,mode=raise")
     for k in ("rank1", "rank5", "mAP"):
         assert resumed[k] == pytest.approx(clean[k], abs=1e-6)
 
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_killed_ray_train_worker_is_retried(tmp_path, tiny_root, tiny_store):
+def test_killed_ray_train_worker_is_retried(tmp_path, tiny_root, tiny_store, tiny_cfg, local_ray):
     """Rank 1 dies (os._exit) mid-epoch; FailureConfig restarts the group from the last checkpoint."""
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 1024**2)
-    try:
-        cfg = _cfg(tmp_path, "reid.num_workers=2", "reid.batch_size=16")
-        inputs = ReidInputs(str(tiny_root), str(tiny_store.root))
-        clean = train_reid(cfg, inputs, tmp_path / "runs", "clean")
-        faulty = train_reid(cfg, inputs, tmp_path / "runs", "faulty", max_failures=1,
-                            inject_failure="rank=1,epoch=1,step=1,mode=exit")
-    finally:
-        ray.shutdown()
+    cfg = _cfg(tiny_cfg, "reid.num_workers=2", "reid.batch_size=16")
+    inputs = ReidInputs(str(tiny_root), str(tiny_store.root))
+    clean = _train(cfg, inputs, tmp_path / "runs", "clean")
+    faulty = _train(cfg, inputs, tmp_path / "runs", "faulty", max_failures=1,
+                    inject_failure="rank=1,epoch=1,step=1,mode=exit")
     assert (tmp_path / "runs" / "faulty" / ".failure_injected").is_file()
     for k in ("rank1", "mAP"):
         assert faulty[k] == pytest.approx(clean[k], abs=1e-3)
@@ -116,9 +112,9 @@ def test_bad_input_fails_fast_naming_the_field(tmp_path, args, message):
 
 
 def test_synthetic_root_outside_storage_is_not_written(tmp_path):
-    from trainables.reid import prepare_dataset
+    from orchestrator.pipeline import dataset_root
 
     cfg = load_config("smoke", overrides=[f"dataset.root={tmp_path / 'elsewhere'}"])
     with pytest.raises(ValueError, match="dataset.root"):
-        prepare_dataset(cfg, tmp_path / "cache")
+        dataset_root(cfg.dataset, tmp_path / "cache")
     assert not (tmp_path / "elsewhere").exists()

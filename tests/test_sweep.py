@@ -24,15 +24,6 @@ def _runs(client, exp_id, kind):
     return client.search_runs([exp_id], f"tags.`{tracking.TAG_KIND}` = '{kind}'", max_results=1000)
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(num_cpus=3, include_dashboard=False, object_store_memory=150 * 1024**2)
-    yield
-    ray.shutdown()
-
-
 def test_smoke_sweep_end_to_end_and_cache_reuse(tmp_path, local_ray):
     import mlflow.pytorch
     import torch

@@ -9,7 +9,6 @@ from PIL import Image
 
 from datasets.market1501 import load
 from datasets.synthetic import MARKER, contact_sheet, generate, plan
-from tests.conftest import TINY
 
 
 def _digest(root: Path) -> str:
@@ -20,7 +19,8 @@ def _digest(root: Path) -> str:
     return h.hexdigest()
 
 
-def test_layout_and_protocol(tiny_root, tiny_split):
+def test_layout_and_protocol(tiny_root, tiny_split, tiny_params):
+    TINY = tiny_params
     for d in ("bounding_box_train", "bounding_box_test", "query"):
         assert (tiny_root / d).is_dir()
     train_ids = {r.pid for r in tiny_split.train}
@@ -40,7 +40,8 @@ def test_layout_and_protocol(tiny_root, tiny_split):
         assert im.size == (TINY["size"][1], TINY["size"][0])
 
 
-def test_deterministic_for_a_seed_and_workers(tmp_path, tiny_root):
+def test_deterministic_for_a_seed_and_workers(tmp_path, tiny_root, tiny_params):
+    TINY = tiny_params
     a = generate(tmp_path / "a", workers=2, **TINY)
     assert _digest(tmp_path / "a") == _digest(tiny_root)  # 2 processes == 1 process
     assert a == load(tmp_path / "a")
@@ -49,7 +50,8 @@ def test_deterministic_for_a_seed_and_workers(tmp_path, tiny_root):
     assert _digest(tmp_path / "b") != _digest(tiny_root)
 
 
-def test_existing_folder_is_reused_or_refused(tmp_path):
+def test_existing_folder_is_reused_or_refused(tmp_path, tiny_params):
+    TINY = tiny_params
     small = dict(TINY, ids=3, images_per_id=3, distractors=1, junk=1)
     generate(tmp_path / "d", workers=1, **small)
     stamp = (tmp_path / "d" / MARKER).stat().st_mtime_ns

@@ -5,16 +5,13 @@ in-process when ``gan.num_workers == 0``). Every global batch is the same whatev
 epoch's permutation depends on ``seed + epoch`` only and each global batch is cut into ``world_size`` equal
 parts. Per-epoch random state (latents, flips) is reseeded from ``(seed + rank, epoch)``, so a resumed run
 continues exactly as an uninterrupted one. :func:`train_gan` runs it and exports ``generator.pt``;
-:func:`trainables.generation.generate` samples the generated-image store from that file.
-
-    python -m trainables.dcgan --preset smoke --out DIR [--set key=value ...] [--num-images N]
+:func:`trainables.generation.generate` samples the generated-image store from that file. It reads the ``gan``
+config section only; the command line lives with the presets: ``python -m orchestrator.train gan --help``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,12 +26,11 @@ from torchvision.utils import save_image
 
 from datasets.market1501 import load as load_split
 from datasets.torch_data import ImageDataset
-from orchestrator.config import Config, GanConfig, config_hash, from_dict, to_dict
 from trainables import runtime
+from trainables.config import GanConfig, build, to_dict
 from trainables.gan_models import Discriminator, Generator, g_loss, sample_latent
-from trainables.generation import GENERATOR_FILE, export_generator, generate, read_export
-
-__all__ = ["gan_loop", "train_gan", "generate", "run_name", "gan_transform", "GlobalBatchSampler", "main"]
+from trainables.modes import eval_mode
+from trainables.generation import GENERATOR_FILE, export_generator, read_export
 
 ARCH_FIELDS = ("image_size", "latent_dim", "g_width", "d_width")  # a checkpoint must match these to resume
 RESULT_FIELDS = ("image_size", "latent_dim", "g_width", "d_width", "epochs", "batch_size", "lr", "beta1", "beta2",
@@ -70,11 +66,6 @@ class GlobalBatchSampler(Sampler[int]):
         order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
         order = order[: self.steps * self.batch_size].view(self.steps, self.world_size, self.local)
         return iter(order[:, self.rank].reshape(-1).tolist())
-
-
-def run_name(cfg: Config) -> str:
-    """A deterministic run name from the dataset and the GAN fields the result depends on."""
-    return "gan-" + config_hash(cfg, "dataset", *(f"gan.{k}" for k in RESULT_FIELDS))
 
 
 # ------------------------------------------------------------------------------------- one step / epoch
@@ -120,9 +111,8 @@ def train_epoch(G: torch.nn.Module, D: torch.nn.Module, opt_g: torch.optim.Optim
 # ------------------------------------------------------------------------------------- the worker loop
 
 def gan_loop(config: dict) -> dict[str, Any]:
-    """Per-worker DCGAN training; ``config = {"cfg": to_dict(cfg), "data_root": str}``. Returns rank 0's result."""
-    cfg = from_dict(config["cfg"])
-    gan, ctx = cfg.gan, runtime.context()
+    """Per-worker DCGAN training; ``config = {"gan": to_dict(gan), "data_root": str}``. Returns rank 0's result."""
+    gan, ctx = build(GanConfig, config["gan"], "gan."), runtime.context()
     torch.manual_seed(gan.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     G, D = Generator(gan.latent_dim, gan.image_size, gan.g_width), Discriminator(gan.image_size, gan.d_width)
     state = runtime.load_state()
@@ -207,11 +197,9 @@ def _report(metrics: dict, G: torch.nn.Module, D: torch.nn.Module, opt_g: torch.
 
 
 def save_sample_grid(G: Generator, z: torch.Tensor, path: str | Path) -> Path:
-    """An 8x8 PNG of G(z) in eval mode (as the generation stage samples); leaves G in train mode."""
-    G.eval()
-    with torch.inference_mode():
+    """An 8x8 PNG of G(z) in eval mode (as the generation stage samples); restores G's mode."""
+    with eval_mode(G):
         images = G(z)  # [64, 3, H, W] in [-1, 1]
-    G.train()
     save_image(images, str(path), nrow=GRID, normalize=True, value_range=(-1, 1), padding=2)
     return Path(path)
 
@@ -224,7 +212,7 @@ def _log_epoch(rank: int, epochs: int, m: dict) -> None:
 
 # ------------------------------------------------------------------------------------- driver
 
-def train_gan(cfg: Config, data_root: str | Path, run_dir_parent: str | Path, name: str, *,
+def train_gan(gan: GanConfig, data_root: str | Path, run_dir_parent: str | Path, name: str, *,
               report_to_tune: bool = False, max_failures: int = 1) -> Path:
     """Train (or resume) the DCGAN run ``<run_dir_parent>/<name>`` and export ``generator.pt`` there.
 
@@ -232,22 +220,22 @@ def train_gan(cfg: Config, data_root: str | Path, run_dir_parent: str | Path, na
     """
     parent = Path(run_dir_parent).expanduser().resolve()
     run_dir, out = parent / name, parent / name / GENERATOR_FILE
-    if out.is_file() and read_export(out)["epochs"] == cfg.gan.epochs:
+    if out.is_file() and read_export(out)["epochs"] == gan.epochs:
         return out
     root = Path(data_root).expanduser().resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"dataset root not found: {root}")
-    spec = runtime.RunSpec(name=name, storage_path=str(parent), num_workers=cfg.gan.num_workers,
-                           use_gpu=cfg.gan.use_gpu, max_failures=max_failures if cfg.gan.num_workers else 0,
+    spec = runtime.RunSpec(name=name, storage_path=str(parent), num_workers=gan.num_workers,
+                           use_gpu=gan.use_gpu, max_failures=max_failures if gan.num_workers else 0,
                            report_to_tune=report_to_tune)
-    runtime.fit(gan_loop, {"cfg": to_dict(cfg), "data_root": str(root)}, spec)
+    runtime.fit(gan_loop, {"gan": to_dict(gan), "data_root": str(root)}, spec)
     ckpt = runtime.latest_checkpoint(run_dir)
     if ckpt is None:
         raise RuntimeError(f"GAN run {run_dir} finished without a checkpoint")
     state = torch.load(ckpt / runtime.STATE_FILE, map_location="cpu", weights_only=True)
-    if state["epoch"] + 1 != cfg.gan.epochs:
+    if state["epoch"] + 1 != gan.epochs:
         raise ValueError(f"GAN run {run_dir} holds a checkpoint after {state['epoch'] + 1} epochs but gan.epochs="
-                         f"{cfg.gan.epochs}; use another run name for fewer epochs")
+                         f"{gan.epochs}; use another run name for fewer epochs")
     return export_generator(state, out)
 
 
@@ -256,68 +244,3 @@ def sample_grid_path(run_dir: str | Path) -> Path | None:
     ckpt = runtime.latest_checkpoint(run_dir)
     grid = None if ckpt is None else ckpt / SAMPLES_FILE
     return grid if grid is not None and grid.is_file() else None
-
-
-# ------------------------------------------------------------------------------------- CLI
-
-def _dataset_root(cfg: Config, out: Path) -> Path:
-    if cfg.dataset.name != "synthetic":
-        return Path(cfg.dataset.root).expanduser()
-    from datasets.synthetic import generate as draw
-
-    d, root = cfg.dataset, out / "data"
-    draw(root, ids=d.synthetic_ids, images_per_id=d.synthetic_images_per_id, distractors=d.synthetic_distractors,
-         junk=d.synthetic_junk, size=d.synthetic_size, seed=d.synthetic_seed, progress=True)
-    return root
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    from orchestrator.config import load_config
-
-    p = argparse.ArgumentParser(description="Train one DCGAN and sample the generated-image store from it.")
-    p.add_argument("--preset", default="smoke")
-    p.add_argument("--out", required=True, help="folder for data/ (synthetic), runs/ and generated/")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--num-images", type=int, help="images to generate (default labels.num_gan)")
-    p.add_argument("--seed", type=int, default=0, help="generation seed")
-    args = p.parse_args(argv)
-    started = False
-    try:
-        cfg = load_config(args.preset, overrides=args.overrides)
-        out = Path(args.out).expanduser().resolve()
-        root = _dataset_root(cfg, out)
-        if cfg.gan.num_workers >= 1:
-            import ray
-
-            ray.init(num_cpus=max(2, cfg.gan.num_workers), include_dashboard=False)
-            started = True
-        t0 = time.perf_counter()
-        gen_path = train_gan(cfg, root, out / "runs", run_name(cfg))
-        t1 = time.perf_counter()
-        n = cfg.labels.num_gan if args.num_images is None else args.num_images
-        store = generate(gen_path, out / "generated", n, seed=args.seed)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
-    grid = sample_grid_path(gen_path.parent)
-    if grid is not None:
-        shutil.copyfile(grid, out / SAMPLES_FILE)
-    print(f"training {t1 - t0:.1f} s, generation {time.perf_counter() - t1:.1f} s")
-    print(f"generator: {gen_path}\nsamples:   {out / SAMPLES_FILE if grid else '-'}\n"
-          f"generated: {store.root} ({store.n} images)")
-    return 0
-
-
-if __name__ == "__main__":
-    # Run the imported module's main, not __main__'s: Ray then pickles gan_loop by reference (by value, a
-    # function of __main__ drags its globals along, and torch.backends.cudnn cannot be pickled).
-    from trainables.dcgan import main as _main
-
-    raise SystemExit(_main())

@@ -1,4 +1,7 @@
-"""Re-ID evaluation: ranking metrics (CMC, mAP, mINP), feature extraction, distances, re-ranking.
+"""Re-ID evaluation: ranking metrics (CMC, mAP, mINP) and the evaluation of a model on its split.
+
+Features and distances live in trainables/distance.py (re-exported here), k-reciprocal re-ranking in the
+optional trainables/rerank.py.
 
 Ranking protocol (Market-1501 / DukeMTMC-reID, as in torchreid and fast-reid): for each query, gallery
 entries with the query's pid *and* camera are removed, and so are entries with pid -1 (junk); pid 0
@@ -22,14 +25,14 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterable, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from trainables.config import AP_MODES, DISTANCES as DISTANCE_METRICS  # the choice lists
-from trainables.rerank import _ragged_ranges, re_rank  # noqa: F401  (re_rank: importable from here too)
+from datasets.records import Split
+from trainables.config import AP_MODES, ReidConfig  # AP_MODES: the choice list
+from trainables.distance import compute_distance, extract_features  # re-exported: callers import them from here
 
 _CHUNK_ELEMENTS = 1 << 21  # distance entries per query chunk: bounds working memory, stays cache-friendly
 _DENSE_SHARE = 16  # use the dense path when more than 1/16 of a chunk's entries are candidates
@@ -206,6 +209,9 @@ def _labels(shape: tuple[int, int], q_pids: Any, g_pids: Any, q_camids: Any, g_c
                    qi[~same], gi[~same], qi[same], gi[same])
 
 
+def _ragged_ranges(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """Concatenation of arange(s, s + n) over the pairs (s, n), without a Python loop (also used by rerank)."""
+    return np.repeat(starts - (np.cumsum(lens) - lens), lens) + np.arange(lens.sum())
 
 
 def _chunk_pairs(q: np.ndarray, g: np.ndarray, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray]:
@@ -358,75 +364,27 @@ def _summarise(ngood: np.ndarray, first: np.ndarray, last: np.ndarray, ap_sum: n
 
 
 # ----------------------------------------------------------------------------------------------------
-# Features and distances
+# A model on its dataset's query/gallery split
 # ----------------------------------------------------------------------------------------------------
 
 
-def extract_features(
-    model: torch.nn.Module, loader: Iterable[dict[str, torch.Tensor]],
-    *, flip: bool = True, normalize: bool = True, device: torch.device | str | None = None,
-) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-    """Embed every batch of `loader` (dicts with "img" [B,3,H,W], "pid" [B], "camid" [B]).
+def evaluate_model(model: torch.nn.Module, split: Split, reid: ReidConfig, device: torch.device) -> dict[str, Any]:
+    """rank-1/5/10, mAP, mINP (fractions), the CMC curve and the skipped-query count of `model`'s embeddings.
 
-    With `flip`, the embedding is model(x) + model(x flipped horizontally) (flip test-time augmentation);
-    with `normalize`, rows are L2-normalised. The model runs in eval mode under inference_mode on `device`
-    (default: its first parameter's device) and gets its previous train/eval mode back afterwards.
-    Returns feats [N, D] float32 on `device` (so distances can be computed there), pids [N], camids [N].
+    Reads reid.image_size, batch_size (x2: no gradients), loader_workers, flip_test, distance and ap.
     """
-    if device is None:
-        param = next(model.parameters(), None)
-        device = param.device if param is not None else torch.device("cpu")
-    was_training = model.training
-    model.eval()
-    feats, pids, camids = [], [], []
-    try:
-        with torch.inference_mode():
-            for i, batch in enumerate(loader):
-                missing = [key for key in ("img", "pid", "camid") if key not in batch]
-                if missing:
-                    raise ValueError(f"loader batch {i} lacks key(s) {missing}; expected 'img', 'pid', 'camid'")
-                x = batch["img"].to(device, non_blocking=True)  # [B, 3, H, W]
-                f = model(x)  # [B, D]
-                if flip:
-                    f = f + model(torch.flip(x, dims=[3]))
-                feats.append(f.float())
-                pids.append(torch.as_tensor(batch["pid"]).reshape(-1).cpu())
-                camids.append(torch.as_tensor(batch["camid"]).reshape(-1).cpu())
-    finally:
-        model.train(was_training)
-    if not feats:
-        raise ValueError("loader yielded no batches")
-    out = torch.cat(feats)  # [N, D]
-    if normalize:
-        out = F.normalize(out, p=2, dim=1)
-    return out, torch.cat(pids).numpy().astype(np.int64), torch.cat(camids).numpy().astype(np.int64)
+    from trainables.reid_data import test_loader  # lazy: the image pipeline (torchvision, PIL) only when used
 
-
-def compute_distance(qf: Any, gf: Any, metric: str = "cosine", *, chunk_size: int | None = None) -> torch.Tensor:
-    """Distance matrix [Q, G] between query feats [Q, D] and gallery feats [G, D], on qf's device.
-
-    "cosine" = 1 - cosine similarity; "euclidean" = squared euclidean distance (clamped at 0). Computed
-    `chunk_size` query rows at a time (default ~16M entries per matmul) to bound temporaries.
-    """
-    if metric not in DISTANCE_METRICS:
-        raise ValueError(f"metric must be one of {DISTANCE_METRICS}, got {metric!r}")
-    qf, gf = torch.as_tensor(qf), torch.as_tensor(gf)
-    if qf.ndim != 2 or gf.ndim != 2 or qf.shape[1] != gf.shape[1]:
-        raise ValueError(f"qf and gf must be [N, D] with the same D, got {tuple(qf.shape)} and {tuple(gf.shape)}")
-    dtype = torch.promote_types(qf.dtype, gf.dtype) if qf.is_floating_point() else torch.float32
-    qf, gf = qf.to(dtype), gf.to(device=qf.device, dtype=dtype)
-    if metric == "cosine":
-        qf, gf = F.normalize(qf, dim=1), F.normalize(gf, dim=1)
-    g_sq = (gf * gf).sum(dim=1)  # [G]
-    step = int(chunk_size or max(1, (1 << 24) // max(gf.shape[0], 1)))
-    out = torch.empty(qf.shape[0], gf.shape[0], dtype=dtype, device=qf.device)  # [Q, G]
-    for r0 in range(0, qf.shape[0], step):
-        q = qf[r0:r0 + step]
-        dot = q @ gf.T  # [c, G]
-        if metric == "cosine":
-            out[r0:r0 + step] = 1.0 - dot
-        else:
-            out[r0:r0 + step] = ((q * q).sum(dim=1, keepdim=True) + g_sq - 2.0 * dot).clamp_(min=0.0)
-    return out
-
-
+    pin = device.type == "cuda"
+    q = test_loader(split.query, reid.image_size, batch_size=2 * reid.batch_size, workers=reid.loader_workers,
+                    pin_memory=pin)
+    g = test_loader(split.gallery, reid.image_size, batch_size=2 * reid.batch_size, workers=reid.loader_workers,
+                    pin_memory=pin)
+    qf, q_pids, q_camids = extract_features(model, q, flip=reid.flip_test, normalize=True, device=device)
+    gf, g_pids, g_camids = extract_features(model, g, flip=reid.flip_test, normalize=True, device=device)
+    dist = compute_distance(qf, gf, metric=reid.distance)
+    res = evaluate(dist, q_pids, g_pids, q_camids, g_camids, max_rank=min(50, len(split.gallery)), ap=reid.ap)
+    cmc = [float(v) for v in res.cmc]
+    return {"rank1": cmc[0], "rank5": cmc[min(4, len(cmc) - 1)], "rank10": cmc[min(9, len(cmc) - 1)],
+            "mAP": float(res.mAP), "mINP": float(res.mINP), "cmc": cmc,
+            "skipped_queries": int(res.num_skipped_queries)}

@@ -11,7 +11,6 @@ generator file's sha256: a store made by another generator is refused, never reu
 
 from __future__ import annotations
 
-import hashlib
 import io
 from pathlib import Path
 from typing import Any, Sequence
@@ -19,7 +18,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from datasets.generated import GeneratedStore, atomic_write_bytes
+from datasets.files import atomic_write_bytes, file_sha256
+from datasets.generated import GeneratedStore
 from trainables.gan_models import Generator, sample_latent
 
 GENERATOR_FILE = "generator.pt"
@@ -63,14 +63,6 @@ def load_generator(path: str | Path, device: torch.device | str = "cpu") -> Gene
     G = Generator(data["latent_dim"], tuple(data["image_size"]), data["g_width"])
     G.load_state_dict(data["G"])
     return G.to(device).eval()
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------- sampling

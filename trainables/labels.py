@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from trainables.config import BEFORE_SWITCH, LABEL_METHODS as METHODS, LABEL_ORDERS as ORDERS  # the choice lists
+from trainables.modes import eval_mode
 
 SWITCHED_METHODS = ("pseudo", "dmprl2")  # generated images carry loss only from spec.switch_epoch
 PAPER_SWITCH_FRACTION = 0.4  # paper: active after epoch 20 of 50 (Algorithm 1; code `epoch > 20`, 1-based)
@@ -335,27 +336,23 @@ def predict_static_ranks(
 ) -> np.ndarray:
     """Ascending ranks (1..K) of each image's class probabilities, in loader order -> uint16 [N, K].
 
-    Eval mode (restored afterwards) under torch.inference_mode; batches are dicts with "img" [B, 3, H, W];
-    `logits_fn(model, imgs)` must return logits [B, K]. Runs on `device`, else on the model's device.
+    Runs under `eval_mode` (eval mode, restored afterwards; torch.inference_mode); batches are dicts with
+    "img" [B, 3, H, W]; `logits_fn(model, imgs)` must return logits [B, K]. Runs on `device`, else on the
+    model's device.
     Store these and rebuild any keep/order with `weights_from_ranks` / `mprl_targets`.
     """
     if device is None:
         param = next(iter(model.parameters()), None)
         device = param.device if param is not None else torch.device("cpu")
-    was_training = model.training
-    model.eval()
     chunks: list[np.ndarray] = []
-    try:
-        with torch.inference_mode():
-            for batch in loader:
-                if not isinstance(batch, dict) or "img" not in batch:
-                    raise ValueError("predict_static_ranks: loader batches must be dicts with key 'img'")
-                logits = logits_fn(model, batch["img"].to(device)).float()  # [B, K]
-                if logits.shape[1] > np.iinfo(np.uint16).max:
-                    raise ValueError(f"num_classes {logits.shape[1]} too large for uint16 ranks (max 65535)")
-                chunks.append(ranks_from_probs(logits).cpu().numpy().astype(np.uint16))
-    finally:
-        model.train(was_training)
+    with eval_mode(model):
+        for batch in loader:
+            if not isinstance(batch, dict) or "img" not in batch:
+                raise ValueError("predict_static_ranks: loader batches must be dicts with key 'img'")
+            logits = logits_fn(model, batch["img"].to(device)).float()  # [B, K]
+            if logits.shape[1] > np.iinfo(np.uint16).max:
+                raise ValueError(f"num_classes {logits.shape[1]} too large for uint16 ranks (max 65535)")
+            chunks.append(ranks_from_probs(logits).cpu().numpy().astype(np.uint16))
     if not chunks:
         raise ValueError("predict_static_ranks: loader yielded no batches")
     return np.concatenate(chunks, axis=0)

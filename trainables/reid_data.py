@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datasets.records import Record
@@ -114,8 +113,3 @@ def pair_loader(records: Sequence[Record], pairs: np.ndarray, pair_batches: list
     base = ImageDataset(records, build_transform(image_size, train=True))
     return DataLoader(PairDataset(base, pairs), batch_sampler=ListBatchSampler(pair_batches),
                       num_workers=workers, pin_memory=pin_memory)
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    non_blocking = device.type == "cuda"
-    return {k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v for k, v in batch.items()}

@@ -1,4 +1,8 @@
-"""k-reciprocal re-ranking (Zhong et al., CVPR 2017), numpy/scipy: refine a query-gallery distance matrix."""
+"""k-reciprocal re-ranking (Zhong et al., CVPR 2017), numpy/scipy: refine a query-gallery distance matrix.
+
+An optional add-on on top of trainables/evaluation.py (imports run rerank -> evaluation), so `re_rank` is
+imported from here, not from trainables.evaluation.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from trainables.evaluation import _ragged_ranges
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -122,7 +127,3 @@ def _min_overlap(vq: sp.csr_matrix, vg: sp.csc_matrix, num_g: int, budget: int =
         out[r0:r1] = np.bincount(flat, contrib, minlength=(r1 - r0) * num_g).reshape(-1, num_g)
         r0 = r1
     return out
-
-def _ragged_ranges(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
-    """Concatenation of arange(s, s + n) over the pairs (s, n), without a Python loop."""
-    return np.repeat(starts - (np.cumsum(lens) - lens), lens) + np.arange(lens.sum())

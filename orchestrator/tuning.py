@@ -1,0 +1,168 @@
+"""Ray Tune: the trial function, the Tuner that runs the trial list, and the driver-side MLflow callback.
+
+:func:`run_trial` is what Tune runs per trial: it trains (or reuses the baseline stage), then logs the final
+metrics, a CMC plot and the model to the trial's MLflow run. :func:`tune_trials` builds the Tuner: the search
+space is only the grid of :class:`~orchestrator.trials.TrialSpec`; the shared :class:`TrialContext` travels with
+``tune.with_parameters``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from ray.tune import Callback
+
+from orchestrator import cluster, tracking
+from orchestrator.config import Config, flat_dict, replace
+from orchestrator.trials import EPOCH_METRICS, TrialContext, TrialSpec
+from trainables.reid import METRICS
+
+FINAL_METRICS = (*METRICS, "mINP")
+
+
+# ------------------------------------------------------------------------------------ the Tune trial
+
+def run_trial(config: dict, ctx: TrialContext) -> None:
+    """Tune function: train (or reuse the baseline stage), then log final metrics, CMC plot and model."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(ctx.tracking_uri)  # tracking.log_model logs through the fluent API
+    trial = TrialSpec(**config["trial"])
+    cfg = replace(ctx.cfg, **trial.overrides())
+    client = MlflowClient(ctx.tracking_uri)
+    run_id = ctx.run_ids[trial.key]
+    tracking.set_status(client, run_id, "RUNNING")
+    tracking.log_params(client, run_id, {**flat_dict(cfg), "trial": trial.key})
+    try:
+        if ctx.baseline and trial.method == "baseline" and trial.seed == cfg.reid.seed:
+            result = _reuse_baseline(ctx, client, run_id)
+        else:
+            result = _train(cfg, ctx, trial)
+        _finish(client, run_id, cfg, trial, result, ctx)
+    except BaseException as err:
+        client.set_tag(run_id, "mprl.error", f"{type(err).__name__}: {err}"[:5000])
+        tracking.set_status(client, run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        raise
+
+
+def _train(cfg: Config, ctx: TrialContext, trial: TrialSpec) -> dict[str, Any]:
+    from trainables.reid import run_spec, train_reid
+
+    reid = dataclasses.replace(cfg.reid, num_workers=0) if cluster.runs_in_process(cfg) else cfg.reid
+    run = run_spec(reid, ctx.trials_dir, trial.key, report_to_tune=True, max_failures=cfg.sweep.max_failures)
+    return train_reid(reid, cfg.labels, ctx.inputs, run)
+
+
+def _reuse_baseline(ctx: TrialContext, client, run_id: str) -> dict[str, Any]:
+    import ray.tune
+
+    client.set_tag(run_id, "mprl.reused_stage", ctx.baseline.run_dir)
+    result = {**ctx.baseline.metrics, "cmc": ctx.baseline.cmc}
+    ray.tune.report({k: v for k, v in result.items() if k in EPOCH_METRICS or k == "epoch"})
+    return result
+
+
+def _finish(client, run_id: str, cfg: Config, trial: TrialSpec, result: dict, ctx: TrialContext) -> None:
+    from trainables.plots import plot_cmc
+
+    final = {k: result[k] for k in FINAL_METRICS if k in result}
+    tracking.log_metrics(client, run_id, {f"final_{k}": v for k, v in final.items()})
+    tracking.log_params(client, run_id, {f"data.{k}": result[k] for k in ("num_train", "num_classes") if k in result})
+    for tag, value in ctx.links.items():
+        client.set_tag(run_id, tag, value)
+    with tempfile.TemporaryDirectory() as tmp:
+        if result.get("cmc"):
+            import numpy as np
+
+            png = plot_cmc({trial.key: np.asarray(result["cmc"])}, Path(tmp) / "cmc.png", title=trial.key)
+            tracking.log_artifacts(client, run_id, [png], "plots")
+    if ctx.log_models:
+        run_dir = Path(ctx.trials_dir) / trial.key
+        _log_model(client, run_id, cfg, run_dir if run_dir.exists() else Path(ctx.baseline.run_dir))
+    tracking.set_status(client, run_id, "FINISHED")
+
+
+def _log_model(client, run_id: str, cfg: Config, run_dir: Path) -> None:
+    import numpy as np
+
+    from trainables.reid import load_trained
+
+    try:
+        model, _ = load_trained(run_dir)
+    except FileNotFoundError:
+        return
+    h, w = cfg.reid.image_size
+    uri = tracking.log_model(run_id, model, np.zeros((1, 3, h, w), dtype=np.float32))
+    client.set_tag(run_id, "mprl.model_uri", uri)
+
+
+# ------------------------------------------------------------------------------------ the Tuner
+
+def tune_trials(cfg: Config, trials: list[TrialSpec], ctx: TrialContext, experiment: Path,
+                resume: bool) -> list[dict[str, Any]]:
+    """Run the trials on Ray Tune (or resume the interrupted ``experiment``); one result row per trial."""
+    import ray.tune
+
+    space = {"trial": ray.tune.grid_search([asdict(t) for t in trials])}
+    trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, ctx=ctx), cluster.trial_resources(cfg))
+    if resume and ray.tune.Tuner.can_restore(str(experiment)):
+        print(f"[sweep] resuming {experiment}", flush=True)
+        tuner = ray.tune.Tuner.restore(str(experiment), trainable, resume_errored=True, param_space=space)
+    else:
+        tuner = ray.tune.Tuner(trainable, param_space=space, tune_config=_tune_config(cfg),
+                               run_config=ray.tune.RunConfig(
+                                   name=experiment.name, storage_path=str(experiment.parent), verbose=1,
+                                   failure_config=ray.tune.FailureConfig(max_failures=cfg.sweep.max_failures),
+                                   callbacks=[EpochLogger(ctx.tracking_uri, ctx.run_ids)]))
+    grid = tuner.fit()  # a first SIGINT makes Tune stop gracefully and return; the MLflow status tells
+    return results_rows(grid, trials)
+
+
+def _tune_config(cfg: Config):
+    import ray.tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    scheduler = None
+    if cfg.sweep.asha:  # epochs without evaluation carry no rank1; ASHA decides at the ones that do
+        scheduler = ASHAScheduler(time_attr="training_iteration", metric="rank1", mode="max",
+                                  max_t=cfg.reid.epochs, grace_period=max(1, cfg.reid.eval_every))
+    return ray.tune.TuneConfig(scheduler=scheduler, reuse_actors=True,  # skip re-imports per trial
+                               max_concurrent_trials=cluster.max_concurrent(cfg))
+
+
+class EpochLogger(Callback):
+    """Driver-side Tune callback: every reported epoch goes to the trial's MLflow run as a step."""
+
+    def __init__(self, tracking_uri: str, run_ids: dict[str, str]) -> None:
+        self.tracking_uri, self.run_ids = tracking_uri, run_ids
+        self._client = None
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self._client = self._client or MlflowClient(self.tracking_uri)
+        run_id = self.run_ids[TrialSpec(**trial.config["trial"]).key]
+        step = int(result.get("epoch", result.get("training_iteration", 0)))
+        tracking.log_metrics(self._client, run_id, {k: result[k] for k in EPOCH_METRICS if k in result}, step=step)
+
+
+def results_rows(grid, trials: list[TrialSpec]) -> list[dict[str, Any]]:
+    """One row per trial, in trial order: its settings, final metrics and error ("not run" if it never started)."""
+    by_key = {}
+    for res in grid:
+        if not res.config:  # a trial that never started (interrupted sweep)
+            continue
+        t, m = TrialSpec(**res.config["trial"]), res.metrics or {}
+        by_key[t.key] = {**_row(t), **{k: m.get(k) for k in METRICS},
+                         "error": None if res.error is None else f"{type(res.error).__name__}: {res.error}"[:200]}
+    return [by_key.get(t.key, {**_row(t), "error": "not run"}) for t in trials]
+
+
+def _row(t: TrialSpec) -> dict[str, Any]:
+    return {"trial": t.key, "method": t.method, "num_gan": t.num_gan, "order": t.order, "keep": t.keep,
+            "seed": t.seed}
