@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import format_table, machine, reproduce
-
 from orchestrator import tracking
 from orchestrator.config import LABEL_METHODS, Config, load_config
 
@@ -112,7 +111,7 @@ def phase_rows(start: float, ray_s: float, stages: list[Any], trials: list[Any],
 
 def import_seconds() -> float:
     """Seconds a fresh interpreter takes to import what a trial imports (torch, torchvision, MLflow, Ray Tune)."""
-    code = ("import time; t = time.perf_counter(); import torch, trainables.reid, orchestrator.trials, "
+    code = ("import time; t = time.perf_counter(); import torch, trainables.reid, orchestrator.tuning, "
             "orchestrator.tracking, ray.tune; print(time.perf_counter() - t)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(done.stdout.strip().splitlines()[-1])
@@ -196,8 +195,8 @@ def main(argv: list[str] | None = None) -> int:
                        rows))
     print(f"loop_other_s = in-Tune time - train_s; outside_s = wall_s - in-Tune time; a fresh trial process "
           f"imports the trial's modules in {import_seconds():.1f} s (paid by every trial: Tune does not reuse actors)")
-    print(f"overhead per trained trial: mean {mean_overhead:.1f} s ({'ok' if mean_overhead <= OVERHEAD_TARGET_S else 'ABOVE'}"
-          f" target <= {OVERHEAD_TARGET_S:.0f} s)")
+    verdict = "ok" if mean_overhead <= OVERHEAD_TARGET_S else "ABOVE"
+    print(f"overhead per trained trial: mean {mean_overhead:.1f} s ({verdict} target <= {OVERHEAD_TARGET_S:.0f} s)")
     ok = counts["gan"] == counts["gan_expected"] and counts["baseline"] == counts["baseline_expected"]
     print(f"trainings (MLflow stage runs with mprl.cached=false): GAN {counts['gan']} (expected "
           f"{counts['gan_expected']}), baseline {counts['baseline']} (expected {counts['baseline_expected']})"

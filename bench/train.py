@@ -34,8 +34,22 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from bench.common import Bench, Measured, bench_config, cudnn_benchmark, epoch_data, format_table, machine, \
-    maybe_compile, num_classes, reproduce, run_epochs, spread, synthetic_dataset, timed
+from bench.common import (
+    Bench,
+    Measured,
+    bench_config,
+    cudnn_benchmark,
+    epoch_data,
+    format_table,
+    machine,
+    maybe_compile,
+    num_classes,
+    reproduce,
+    run_epochs,
+    spread,
+    synthetic_dataset,
+    timed,
+)
 from orchestrator.config import from_dict, to_dict
 from trainables import reid as reid_module
 from trainables import runtime
@@ -60,7 +74,8 @@ class PlainReid:
         self.classes = num_outputs(reid_module.label_spec(cfg.reid, cfg.labels, num_classes(b)))
         model = build_reid_model(r.model, self.classes, r.backbone, r.embed_dim, r.dropout,
                                  last_stride=r.last_stride, channels_last=self.cl).to(self.device)
-        groups = model.param_groups(r.lr, new_lr_mult=r.new_lr_mult, weight_decay=reid_module.weight_decay(cfg.reid, cfg.labels))
+        wd = reid_module.weight_decay(cfg.reid, cfg.labels)
+        groups = model.param_groups(r.lr, new_lr_mult=r.new_lr_mult, weight_decay=wd)
         self.opt = torch.optim.SGD(groups, lr=r.lr, momentum=r.momentum, nesterov=r.nesterov)
         self.model = maybe_compile(model, b.compile)
 
@@ -119,7 +134,8 @@ def _gan_setup(b: Bench, wrap: Callable[[torch.nn.Module], torch.nn.Module]):
 
     gan = bench_config(b).gan
     torch.manual_seed(gan.seed)
-    G, D = wrap(Generator(gan.latent_dim, gan.image_size, gan.g_width)), wrap(Discriminator(gan.image_size, gan.d_width))
+    G = wrap(Generator(gan.latent_dim, gan.image_size, gan.g_width))
+    D = wrap(Discriminator(gan.image_size, gan.d_width))
     opt_g = torch.optim.Adam(G.parameters(), lr=gan.lr, betas=(gan.beta1, gan.beta2))
     opt_d = torch.optim.Adam(D.parameters(), lr=gan.lr, betas=(gan.beta1, gan.beta2))
     return maybe_compile(G, b.compile), maybe_compile(D, b.compile), opt_g, opt_d, gan.latent_dim

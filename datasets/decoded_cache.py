@@ -87,7 +87,8 @@ def build_cache(records: Sequence[Record], image_size: tuple[int, int], cache_di
     return path
 
 
-def tensor_transform(image_size: tuple[int, int], *, train: bool, pad: int = 10) -> Callable[[torch.Tensor], torch.Tensor]:
+def tensor_transform(image_size: tuple[int, int], *, train: bool,
+                     pad: int = 10) -> Callable[[torch.Tensor], torch.Tensor]:
     """``build_transform`` after its resize, on uint8 [3, H, W] tensors: flip, pad, crop, to float, normalise."""
     h, w = image_size
     steps: list = []

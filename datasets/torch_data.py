@@ -33,7 +33,7 @@ def read_image(path: str) -> Image.Image:
 
 
 class ImageDataset(Dataset):
-    """Records -> ``{"img", "label", "pid", "camid", "generated", "gen_row"}`` (one code path for real and generated)."""
+    """Records -> ``{"img", "label", "pid", "camid", "generated", "gen_row"}`` (one path for real and generated)."""
 
     def __init__(self, records: Sequence[Record], transform: Callable) -> None:
         self.records = tuple(records)

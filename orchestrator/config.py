@@ -15,9 +15,25 @@ from typing import Any, Mapping
 
 import yaml
 
-from trainables.config import (AP_MODES, BACKBONES, BEFORE_SWITCH, DATASETS, DISTANCES, LABEL_METHODS,  # noqa: F401
-                               LABEL_ORDERS, REID_MODELS, DatasetConfig, GanConfig, LabelsConfig, ReidConfig, build,
-                               check_choice, check_positive, config_hash, to_dict)
+from trainables.config import (  # noqa: F401
+    AP_MODES,
+    BACKBONES,
+    BEFORE_SWITCH,
+    DATASETS,
+    DISTANCES,
+    LABEL_METHODS,
+    LABEL_ORDERS,
+    REID_MODELS,
+    DatasetConfig,
+    GanConfig,
+    LabelsConfig,
+    ReidConfig,
+    build,
+    check_choice,
+    check_positive,
+    config_hash,
+    to_dict,
+)
 
 SEARCHES = ("grid", "random")
 PRESETS = ("smoke", "cpu", "paper")

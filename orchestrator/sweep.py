@@ -59,14 +59,14 @@ def run_sweep(cfg: Config, *, resume: bool = False, log_models: bool = True) -> 
     client, exp_id = tracking.setup(uri, cfg.cluster.experiment, paths.storage)
     name = sweep_name(cfg, paths, resume)
     parent, _ = tracking.get_or_create_run(client, exp_id, "sweep", name, name)
-    run = tracking.SweepRun(client, exp_id, parent, uri)
+    run = tracking.SweepRun(client, exp_id, name, parent, uri)
     tracking.set_status(client, parent, "RUNNING")
     tracking.log_params(client, parent, flat_dict(cfg))
     client.log_text(parent, dump_yaml(cfg), "config.yaml")
     try:
         trials = build_trials(cfg)
         stages = run_stages(cfg, paths, trials, run, dataset)
-        rows = _run_trials(cfg, paths, name, trials, stages, run, resume=resume, log_models=log_models)
+        rows = _run_trials(cfg, trials, stages, run, resume=resume, log_models=log_models)
     except BaseException as err:
         status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
         tracking.end_unfinished(client, exp_id, parent, status)
@@ -110,10 +110,8 @@ def run_stages(cfg: Config, paths: pipeline.Paths, trials: list[TrialSpec], run:
 
 
 def _log_stage(run: tracking.SweepRun, stage: pipeline.StageResult, files: list[Path] = ()) -> None:
-    run_id, created = tracking.get_or_create_run(run.client, run.exp_id, "stage", f"{stage.stage}:{stage.key}",
-                                                 f"stage:{stage.stage}", parent=run.parent,
-                                                 tags={"mprl.cached": str(stage.cached).lower(),
-                                                       "mprl.stage_path": str(stage.path)})
+    run_id, created = run.child("stage", f"{stage.stage}:{stage.key}", f"stage:{stage.stage}",
+                                tags={"mprl.cached": str(stage.cached).lower(), "mprl.stage_path": str(stage.path)})
     if created:
         fields = vars(stage.out)
         tracking.log_params(run.client, run_id, {k: v for k, v in fields.items() if not isinstance(v, (dict, list))})
@@ -125,12 +123,12 @@ def _log_stage(run: tracking.SweepRun, stage: pipeline.StageResult, files: list[
 
 # ------------------------------------------------------------------------------------------ trials
 
-def _run_trials(cfg: Config, paths: pipeline.Paths, name: str, trials: list[TrialSpec], stages: dict,
-                run: tracking.SweepRun, *, resume: bool, log_models: bool) -> list[dict[str, Any]]:
+def _run_trials(cfg: Config, trials: list[TrialSpec], stages: dict, run: tracking.SweepRun, *, resume: bool,
+                log_models: bool) -> list[dict[str, Any]]:
     """Create every trial's MLflow run up front, run the trials, and read their final status back."""
-    run_ids = {t.key: tracking.get_or_create_run(run.client, run.exp_id, "trial", f"{name}/{t.key}", t.key,
-                                                 parent=run.parent, status="SCHEDULED",
-                                                 tags={"mprl.method": t.method})[0] for t in trials}
+    paths, name = pipeline.Paths(Path(cfg.cluster.storage_path)), run.name
+    run_ids = {t.key: run.child("trial", f"{name}/{t.key}", t.key, status="SCHEDULED",
+                                tags={"mprl.method": t.method})[0] for t in trials}
     out = {s: st.out for s, st in stages.items()}
     inputs = ReidInputs(str(stages["dataset"].path), out["generate"].store if "generate" in out else None,
                         out["smprl"].labels if "smprl" in out else None)

@@ -27,12 +27,22 @@ MAX_PARAM = 6000  # MLflow's limit on a param value's length
 
 @dataclass(frozen=True)
 class SweepRun:
-    """The MLflow handles of one sweep: the client, its experiment and the sweep's parent run."""
+    """The MLflow handles of one sweep: the client, its experiment, the sweep's name and parent run."""
 
     client: MlflowClient
     exp_id: str
+    name: str
     parent: str
     tracking_uri: str
+
+    def child(self, kind: str, key: str, name: str, *, tags: dict[str, str] | None = None,
+              status: str = "RUNNING") -> tuple[str, bool]:
+        """(run id, created?) of the sweep's child run tagged (kind, key); created with ``status`` if missing."""
+        found = find_run(self.client, self.exp_id, kind, key, self.parent)
+        if found:
+            return found, False
+        return _create_run(self.client, self.exp_id, name, {TAG_KIND: kind, TAG_KEY: key, TAG_PARENT: self.parent,
+                                                             **(tags or {})}, status), True
 
 
 def default_tracking_uri(storage: str | Path) -> str:
@@ -73,20 +83,19 @@ def find_run(client: MlflowClient, exp_id: str, kind: str, key: str, parent: str
     return runs[0].info.run_id if runs else None
 
 
-def get_or_create_run(client: MlflowClient, exp_id: str, kind: str, key: str, name: str, *,
-                      parent: str | None = None, tags: dict[str, str] | None = None,
-                      status: str = "RUNNING") -> tuple[str, bool]:
-    """(run id, created?) for the run tagged (kind, key) under ``parent``."""
-    found = find_run(client, exp_id, kind, key, parent)
+def get_or_create_run(client: MlflowClient, exp_id: str, kind: str, key: str, name: str) -> tuple[str, bool]:
+    """(run id, created?) for the top-level run tagged (kind, key) (a sweep, a report); see SweepRun.child."""
+    found = find_run(client, exp_id, kind, key)
     if found:
         return found, False
-    all_tags = {TAG_KIND: kind, TAG_KEY: key, **(tags or {})}
-    if parent:
-        all_tags[TAG_PARENT] = parent
-    run = client.create_run(exp_id, run_name=name, tags=all_tags)
+    return _create_run(client, exp_id, name, {TAG_KIND: kind, TAG_KEY: key}, "RUNNING"), True
+
+
+def _create_run(client: MlflowClient, exp_id: str, name: str, tags: dict[str, str], status: str) -> str:
+    run = client.create_run(exp_id, run_name=name, tags=tags)
     if status != "RUNNING":
         client.update_run(run.info.run_id, status=status)
-    return run.info.run_id, True
+    return run.info.run_id
 
 
 def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:

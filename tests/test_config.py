@@ -3,8 +3,18 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config import (PRESETS, Config, config_hash, dump_yaml, flat_dict, from_dict, load_config,
-                                 parse_override, replace, to_dict)
+from orchestrator.config import (
+    PRESETS,
+    Config,
+    config_hash,
+    dump_yaml,
+    flat_dict,
+    from_dict,
+    load_config,
+    parse_override,
+    replace,
+    to_dict,
+)
 
 
 @pytest.mark.parametrize("preset", [p for p in PRESETS if p != "paper"])

@@ -13,8 +13,8 @@ from PIL import Image
 
 from datasets.generated import GeneratedStore
 from orchestrator.config import load_config, replace, to_dict
-from trainables import generation, runtime
 from orchestrator.train import main
+from trainables import generation, runtime
 from trainables.dcgan import GlobalBatchSampler, gan_loop, train_epoch, train_gan, train_step
 from trainables.gan_models import Discriminator, Generator
 from trainables.generation import export_generator, generate, read_export

@@ -102,8 +102,8 @@ def test_ui_shows_trials_with_rank1_and_map(finished_sweep, tmp_path):
                 "orderByAsc": False,
                 "selectedColumns": ["params.`labels.method`", "params.`labels.num_gan`", "metrics.`final_rank1`",
                                     "metrics.`final_rank5`", "metrics.`final_mAP`"]}
-        _api(url, "experiments/set-experiment-tag", {"experiment_id": exp_id, "key": f"mlflow.sharedViewState.{VIEW_KEY}",
-                                                     "value": json.dumps(view)})
+        _api(url, "experiments/set-experiment-tag",
+             {"experiment_id": exp_id, "key": f"mlflow.sharedViewState.{VIEW_KEY}", "value": json.dumps(view)})
         page = f"{url}/#/experiments/{exp_id}/runs?viewStateShareKey={VIEW_KEY}"
         dom = _chromium(["--dump-dom", page], tmp_path / "profile")
         png = tmp_path / "mlflow_ui.png"

@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from orchestrator.config import load_config, replace
-from trainables.labels import LabelSpec, METHODS, soft_cross_entropy, targets_for
-from trainables.models import IdentificationNet
 from trainables.engine import ident_step, train_one_epoch
+from trainables.labels import METHODS, LabelSpec, soft_cross_entropy, targets_for
+from trainables.models import IdentificationNet
 from trainables.reid import ReidInputs, load_trained, run_spec, train_reid, weight_decay
 from trainables.reid_data import train_loader
 

@@ -58,8 +58,9 @@ def test_smoke_sweep_end_to_end_and_cache_reuse(tmp_path, local_ray):
 
 
 def _sweep_cmd(tmp_path, *extra):
-    return [sys.executable, "-m", "orchestrator.sweep", "--preset", "smoke", "--set", f"cluster.storage_path={tmp_path}",
-            "--set", "cluster.num_cpus=3", "--set", "sweep.max_concurrent=1", "--set", "reid.epochs=3", *extra]
+    return [sys.executable, "-m", "orchestrator.sweep", "--preset", "smoke",
+            "--set", f"cluster.storage_path={tmp_path}", "--set", "cluster.num_cpus=3",
+            "--set", "sweep.max_concurrent=1", "--set", "reid.epochs=3", *extra]
 
 
 def test_interrupted_sweep_resumes_without_rerunning(tmp_path):

@@ -29,8 +29,8 @@ from datasets.torch_data import ImageDataset
 from trainables import runtime
 from trainables.config import GanConfig, build, to_dict
 from trainables.gan_models import Discriminator, Generator, g_loss, sample_latent
-from trainables.modes import eval_mode
 from trainables.generation import GENERATOR_FILE, export_generator, read_export
+from trainables.modes import eval_mode
 
 ARCH_FIELDS = ("image_size", "latent_dim", "g_width", "d_width")  # a checkpoint must match these to resume
 RESULT_FIELDS = ("image_size", "latent_dim", "g_width", "d_width", "epochs", "batch_size", "lr", "beta1", "beta2",

@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from trainables.config import BEFORE_SWITCH, LABEL_METHODS as METHODS, LABEL_ORDERS as ORDERS  # the choice lists
+from trainables.config import BEFORE_SWITCH  # the choice lists
+from trainables.config import LABEL_METHODS as METHODS
+from trainables.config import LABEL_ORDERS as ORDERS
 from trainables.modes import eval_mode
 
 SWITCHED_METHODS = ("pseudo", "dmprl2")  # generated images carry loss only from spec.switch_epoch

@@ -21,9 +21,10 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-logger = logging.getLogger(__name__)
+from trainables.config import BACKBONES  # the choice lists (torchvision names)
+from trainables.config import REID_MODELS as MODEL_KINDS
 
-from trainables.config import BACKBONES, REID_MODELS as MODEL_KINDS  # the choice lists (torchvision names)
+logger = logging.getLogger(__name__)
 
 IdLossFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 

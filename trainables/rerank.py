@@ -14,7 +14,6 @@ import torch
 
 from trainables.evaluation import _ragged_ranges
 
-
 # ----------------------------------------------------------------------------------------------------
 # k-reciprocal re-ranking (Zhong et al., "Re-ranking Person Re-identification with k-reciprocal
 # Encoding", CVPR 2017), written from the paper's description
