@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler
@@ -31,6 +30,7 @@ from trainables.config import GanConfig, build, to_dict
 from trainables.gan_models import Discriminator, Generator, g_loss, sample_latent
 from trainables.generation import GENERATOR_FILE, export_generator, read_export
 from trainables.modes import eval_mode
+from trainables.seeding import seed_everything
 
 ARCH_FIELDS = ("image_size", "latent_dim", "g_width", "d_width")  # a checkpoint must match these to resume
 RESULT_FIELDS = ("image_size", "latent_dim", "g_width", "d_width", "epochs", "batch_size", "lr", "beta1", "beta2",
@@ -132,7 +132,7 @@ def gan_loop(config: dict) -> dict[str, Any]:
     previous = (state or {}).get("metrics", {})  # returned as is when there is nothing left to train
     result = {"epoch": start - 1, **{k: previous.get(k, float("nan")) for k in ("loss_d", "loss_g")}}
     for epoch in range(start, gan.epochs):
-        _seed_epoch(gan.seed + ctx.rank, epoch)
+        seed_everything(gan.seed + ctx.rank, epoch)  # latents, flips: (seed + rank, epoch) only
         loader.sampler.set_epoch(epoch)
         t0 = time.perf_counter()
         sums, steps = train_epoch(G, D, opt_g, opt_d, loader, gan.latent_dim, ctx.device, epoch)
@@ -162,11 +162,6 @@ def _loader(data_root: str, gan: GanConfig, ctx: runtime.Context) -> DataLoader:
     torch.backends.cudnn.benchmark = cuda  # fixed input sizes
     return DataLoader(ImageDataset(train, gan_transform(gan.image_size)), batch_size=sampler.local, sampler=sampler,
                       drop_last=True, num_workers=workers, pin_memory=cuda, persistent_workers=workers > 0)
-
-
-def _seed_epoch(rank_seed: int, epoch: int) -> None:
-    """Latents and flips of one epoch depend on (seed + rank, epoch) only: resume = uninterrupted run."""
-    torch.manual_seed(int(np.random.SeedSequence([rank_seed, epoch]).generate_state(1)[0]))
 
 
 def _epoch_metrics(sums: torch.Tensor, steps: int, seconds: float, batch_size: int,

@@ -21,6 +21,7 @@ import torch
 from datasets.files import atomic_write_bytes, file_sha256
 from datasets.generated import GeneratedStore
 from trainables.gan_models import Generator, sample_latent
+from trainables.seeding import derive_seed
 
 GENERATOR_FILE = "generator.pt"
 EXPORT_KEYS = ("G", "latent_dim", "image_size", "g_width", "epochs")
@@ -69,7 +70,7 @@ def load_generator(path: str | Path, device: torch.device | str = "cpu") -> Gene
 
 def chunk_seed(seed: int, chunk: int) -> int:
     """The latent seed of one chunk: a function of (seed, chunk) only."""
-    return int(np.random.SeedSequence([seed, chunk]).generate_state(1)[0])
+    return derive_seed(seed, chunk)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from trainables.labels import LabelSpec, num_outputs, samples_generated, switch_
 from trainables.models import build_reid_model
 from trainables.pairs import pos_fraction_for_epoch
 from trainables.reid_data import epoch_batches, epoch_pairs, pair_loader, train_loader
+from trainables.seeding import seed_everything
 
 log = logging.getLogger(__name__)
 METRICS = ("rank1", "rank5", "rank10", "mAP")  # fractions in [0, 1]; shared with Tune and MLflow
@@ -57,19 +57,13 @@ def weight_decay(reid: ReidConfig, labels: LabelsConfig) -> float:
     return 5e-4 if labels.method in ("dmprl1", "dmprl2") else 1e-4
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 # ------------------------------------------------------------------------------------- the worker loop
 
 def reid_loop(config: dict) -> dict[str, Any]:
     """Per-worker training loop (run by :func:`trainables.runtime.fit`). Returns rank 0's final metrics."""
     reid, labels = build(ReidConfig, config["reid"], "reid."), build(LabelsConfig, config["labels"], "labels.")
     inputs, ctx = ReidInputs(**config["inputs"]), runtime.context()  # [1] rank, world size, device
-    seed_everything(reid.seed * 1000 + ctx.rank)
+    seed_everything(reid.seed, ctx.rank)
     split = load(inputs.data_root)
     gen, static_ranks = _generated(labels, inputs)
     records, num_classes = (*split.train, *gen), split.num_train_ids
@@ -84,7 +78,7 @@ def reid_loop(config: dict) -> dict[str, Any]:
     plan = runtime.FailurePlan.parse(config["inject_failure"]) if config.get("inject_failure") else None
     for epoch in range(start_epoch, reid.epochs):
         # Reseed per epoch: a run resumed from the epoch-(e-1) checkpoint replays epoch e exactly.
-        seed_everything(reid.seed * 1000 + ctx.rank + 7919 * epoch)
+        seed_everything(reid.seed, ctx.rank, epoch)
         loader = _epoch_loader(reid, split.train, records, len(gen), spec, epoch, ctx)
         hook = (lambda step, e=epoch: plan.maybe_fail(config["run_dir"], config["run_name"], ctx.rank, e, step)) \
             if plan else None
