@@ -23,8 +23,9 @@ from orchestrator.cluster import runs_in_process
 from orchestrator.config import Config, DatasetConfig, config_hash, to_dict
 
 DONE = "done.json"
-# Fields that change where/how fast a stage runs but not what it produces.
-RUNTIME_FIELDS = ("num_workers", "use_gpu", "loader_workers", "amp", "channels_last")
+# Fields that change where/how fast a stage runs but not what it produces (reid.amp is not one: bf16 changes the
+# numbers, so a bf16 baseline is never reused by an fp32 run).
+RUNTIME_FIELDS = ("num_workers", "use_gpu", "loader_workers", "channels_last")
 T = TypeVar("T")
 
 

@@ -70,6 +70,8 @@ def build_trials(cfg: Config) -> list[TrialSpec]:
         for method in s.methods:
             for n in s.num_gan:
                 for order in s.orders:
+                    if order != "paper" and s.orders_at and n not in s.orders_at:
+                        continue
                     for keep in s.keeps:
                         t = normalise(TrialSpec(method, n, order, keep, seed))
                         seen.setdefault(t.key, t)

@@ -17,7 +17,7 @@ from orchestrator.config import (
 )
 
 
-@pytest.mark.parametrize("preset", [p for p in PRESETS if p != "paper"])
+@pytest.mark.parametrize("preset", [p for p in PRESETS if not p.startswith("paper")])
 def test_presets_load(preset, tmp_path):
     cfg = load_config(preset, storage_base=tmp_path)
     assert cfg.preset == preset
@@ -29,8 +29,21 @@ def test_paper_preset_needs_a_dataset_root(tmp_path):
     with pytest.raises(ValueError, match="dataset.root is required"):
         load_config("paper")
     cfg = load_config("paper", overrides=[f"dataset.root={tmp_path}"])
-    assert cfg.reid.backbone == "resnet50" and cfg.reid.image_size == (256, 128)
+    assert cfg.reid.backbone == "resnet50" and cfg.reid.image_size == (224, 224)  # the paper's 224x224 crop
     assert cfg.labels.num_gan == 24000 and cfg.reid.use_gpu
+
+
+def test_real_dataset_needs_an_explicit_pretrained_choice(tmp_path):
+    root = f"dataset.root={tmp_path}"
+    assert load_config("paper", overrides=[root]).reid.pretrained == "imagenet"
+    with pytest.raises(ValueError, match="reid.pretrained is not set for dataset.name='market1501'.*random"):
+        load_config("paper", overrides=[root, "reid.pretrained=null"])
+    with pytest.raises(ValueError, match="reid.pretrained is not set for dataset.name='dukemtmc'"):
+        load_config("smoke", overrides=["dataset.name=dukemtmc", root])
+    for choice in ("random", str(tmp_path / "resnet18.pth")):
+        cfg = load_config("smoke", overrides=["dataset.name=dukemtmc", root, f"reid.pretrained={choice}"])
+        assert cfg.reid.pretrained == choice
+    assert load_config("smoke").reid.pretrained is None  # synthetic data may start from random init
 
 
 def test_presets_differ_in_scale():
@@ -126,3 +139,34 @@ def test_hash_depends_only_on_named_sections():
     assert config_hash(a, "reid.epochs") != config_hash(b, "reid.epochs")
     with pytest.raises(ValueError, match="unknown config key"):
         config_hash(a, "reid.nope")
+
+
+def test_paper_presets_are_the_papers_grid_and_resolve_without_warnings(caplog):
+    import logging
+    import warnings
+
+    from orchestrator.trials import build_trials
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with caplog.at_level(logging.WARNING):
+            paper = load_config("paper", overrides=["dataset.root=/data/Market-1501"])
+            two = load_config("paper-twostream", overrides=["dataset.root=/data/Market-1501"])
+    assert not caplog.records
+    trials = build_trials(paper)
+    per_seed = [t for t in trials if t.seed == 0]
+    assert len(trials) == 120 and len(per_seed) == 40  # Table IV (1 + 6 x 6) + the rank-order ablation (3)
+    assert {t.num_gan for t in per_seed if t.method == "allinone"} == {12000, 18000, 24000, 30000, 36000, 48000}
+    assert {(t.method, t.num_gan) for t in per_seed if t.order == "reference_code"} == {
+        ("smprl", 24000), ("dmprl1", 24000), ("dmprl2", 24000)}
+    r = paper.reid
+    assert (r.image_size, r.augment, r.epochs, r.lr_step_epoch, r.pretrained) == ((224, 224), "paper", 50, 40,
+                                                                                  "imagenet")
+    assert paper.labels.switch_at == 20 and r.lr * r.new_lr_mult == pytest.approx(0.1)
+    assert (two.reid.model, two.reid.epochs, two.reid.lr_step_epoch, two.labels.switch_at) == ("twostream", 60, 40, 20)
+    assert two.reid.batch_size // 2 == 32 and len(build_trials(two)) == 9  # 32 pairs; Table VII x 3 seeds
+
+
+def test_orders_at_must_be_swept():
+    with pytest.raises(ValueError, match="sweep.orders_at contains 5"):
+        load_config("smoke", overrides=["sweep.orders_at=[5]"])

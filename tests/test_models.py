@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
+from urllib.error import URLError
 
 import numpy as np
 import pytest
@@ -10,7 +12,9 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
+from trainables.config import BACKBONES
 from trainables.models import (
+    IMAGENET_WEIGHTS,
     IdentificationNet,
     TwoStreamNet,
     build_backbone,
@@ -145,6 +149,99 @@ def test_build_reid_model_warns_without_weights(caplog) -> None:
     assert "random init" in caplog.text
 
 
+def test_random_is_explicit_and_none_warns(caplog, tmp_path) -> None:
+    with caplog.at_level(logging.INFO, logger="trainables.models"):
+        build_reid_model("ident", C, "resnet18", 16, 0.5, "random")
+    assert "reid.pretrained=random" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="trainables.models"):
+        build_reid_model("ident", C, "resnet18", 16, 0.5, None)
+    assert [r for r in caplog.records if r.levelno == logging.WARNING and "random init" in r.getMessage()]
+    ref = torchvision.models.resnet18(weights=None)
+    torch.save(ref.state_dict(), tmp_path / "local.pth")  # any other string is a local file, as before
+    model = build_reid_model("ident", C, "resnet18", 16, 0.5, str(tmp_path / "local.pth"))
+    assert torch.equal(model.backbone.conv1.weight, ref.conv1.weight)
+
+
+# ---- reid.pretrained=imagenet: torchvision's weights API and hub cache, never the real network -------------
+
+R18 = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+R18_FILE = R18.url.rsplit("/", 1)[-1]  # torchvision's cache name: the URL's basename (resnet18-f37072fd.pth)
+
+
+def _offline(*args, **kwargs):
+    raise URLError("[Errno -3] Temporary failure in name resolution")
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch) -> Path:
+    """An empty ``<torch hub dir>/checkpoints`` under tmp_path, with the network "down" (urlopen raises)."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    assert Path(torch.hub.get_dir()) == tmp_path / "torch" / "hub", "torch.hub.set_dir was called elsewhere"
+    monkeypatch.setattr(torch.hub, "urlopen", _offline)
+    return tmp_path / "torch" / "hub" / "checkpoints"
+
+
+def _fake_imagenet_state() -> dict[str, torch.Tensor]:
+    ref = torchvision.models.resnet18(weights=None)
+    with torch.no_grad():
+        ref.conv1.weight.fill_(0.125)  # a known perturbation: random init never gives this
+    return ref.state_dict()
+
+
+def test_imagenet_weights_are_v1_for_every_backbone() -> None:
+    assert set(IMAGENET_WEIGHTS) == set(BACKBONES)
+    assert all(w.name == "IMAGENET1K_V1" for w in IMAGENET_WEIGHTS.values())
+    assert IMAGENET_WEIGHTS["resnet50"].url.endswith("/resnet50-0676ba61.pth")
+
+
+def test_imagenet_loads_the_cached_file(hub_cache, caplog) -> None:
+    hub_cache.mkdir(parents=True)
+    state = _fake_imagenet_state()
+    # The fake's sha256 does not match the name's prefix: torch hub trusts its cache (check_hash only
+    # verifies a download before it lands there), and so do we.
+    torch.save(state, hub_cache / R18_FILE)
+    with caplog.at_level(logging.INFO, logger="trainables.models"):
+        model = build_reid_model("twostream", C, "resnet18", 16, 0.5, "imagenet")
+    assert torch.all(model.backbone.conv1.weight == 0.125)
+    for key, value in model.backbone.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    assert str(hub_cache / R18_FILE) in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_imagenet_offline_names_the_file_and_the_cache(hub_cache) -> None:
+    with pytest.raises(FileNotFoundError) as info:
+        build_reid_model("ident", C, "resnet18", 16, 0.5, "imagenet")
+    msg = str(info.value)
+    assert R18_FILE in msg and str(hub_cache) in msg and R18.url in msg
+    assert "URLError" in msg and "reid.pretrained=/path/to/" in msg
+    assert not (hub_cache / R18_FILE).exists()
+
+
+def test_imagenet_downloads_once_with_hash_check(hub_cache, monkeypatch) -> None:
+    calls = []
+
+    def fake_download(url, dst, hash_prefix=None, progress=True):  # torch.hub's signature; no network
+        calls.append((url, hash_prefix))
+        torch.save(_fake_imagenet_state(), dst)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    for _ in range(2):
+        model = build_reid_model("ident", C, "resnet18", 16, 0.5, "imagenet")
+        assert torch.all(model.backbone.conv1.weight == 0.125)
+    assert calls == [(R18.url, R18_FILE.split("-")[1].split(".")[0])]  # once, and check_hash=True
+    assert (hub_cache / R18_FILE).is_file()
+
+
+def test_imagenet_corrupt_cache_file_says_delete_it(hub_cache) -> None:
+    hub_cache.mkdir(parents=True)
+    (hub_cache / R18_FILE).write_bytes(b"truncated download")
+    with pytest.raises(RuntimeError, match=f"{R18_FILE}.*delete it"):
+        build_reid_model("ident", C, "resnet18", 16, 0.5, "imagenet")
+
+
 def test_resnet50_shapes() -> None:
     net = IdentificationNet(C, backbone="resnet50", embed_dim=None).eval()
     with torch.no_grad():
@@ -186,3 +283,19 @@ def test_pos_fraction_schedule() -> None:
     assert pos_fraction_for_epoch(0) == pytest.approx(1 / 3)
     assert pos_fraction_for_epoch(10) == pytest.approx(1 / (1 + 2 * 1.01**10))
     assert pos_fraction_for_epoch(200) == pytest.approx(1 / 6)
+
+
+def test_logits_are_float32_under_bf16_autocast() -> None:
+    """dMpRL / pseudo targets rank the logits: the head runs in fp32 even when the trunk runs in bf16."""
+    from trainables.labels import ranks_from_probs
+
+    torch.manual_seed(0)
+    k = 751
+    model = IdentificationNet(k, backbone="resnet18", embed_dim=None, dropout=0.0).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(torch.randn(2, 3, 64, 32))  # [2, K]
+        bf16 = model.classifier(model.embed(torch.randn(2, 3, 64, 32)))  # the head inside autocast, for contrast
+    assert logits.dtype == torch.float32 and bf16.dtype == torch.bfloat16
+    assert all(len(torch.unique(row)) == k for row in logits)  # no ties: every class has its own rank
+    assert min(len(torch.unique(row)) for row in bf16) < 0.9 * k  # what bf16 ranking would have been
+    assert torch.equal(ranks_from_probs(logits).sort(1).values[0], torch.arange(1, k + 1))

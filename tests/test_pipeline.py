@@ -45,6 +45,7 @@ def test_stage_keys_depend_only_on_their_fields():
     assert baseline_key(cfg) == baseline_key(other_labels) == baseline_key(more_workers)
     assert baseline_key(cfg) != baseline_key(replace(cfg, **{"reid.epochs": 3}))
     assert stage_key(cfg, "dataset", "gan") != stage_key(replace(cfg, **{"gan.epochs": 9}), "dataset", "gan")
+    assert baseline_key(cfg) != baseline_key(replace(cfg, **{"reid.amp": not cfg.reid.amp}))  # bf16 != fp32
 
 
 @dataclass(frozen=True)

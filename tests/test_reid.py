@@ -59,6 +59,28 @@ def test_weight_decay_defaults():
     assert wd(**{"labels.method": "lsro"}) == 1e-4
     assert wd(**{"labels.method": "dmprl2"}) == 5e-4
     assert wd(**{"labels.method": "dmprl1", "reid.weight_decay": 0.0}) == 0.0
+    assert wd(**{"labels.method": "pseudo"}) == 5e-4  # LSRO's pseudo-label script
+    assert wd(**{"labels.method": "smprl"}) == wd(**{"labels.method": "allinone"}) == 1e-4
+
+
+def test_absolute_epochs_override_the_fractions():
+    """The two-stream paper schedule: 60 epochs, lr x0.1 at epoch 40, switch at epoch 20 (not 48 and 24)."""
+    from trainables.labels import is_active
+    from trainables.reid import label_spec, lr_schedule
+
+    cfg = load_config("smoke", overrides=["reid.epochs=60", "labels.method=dmprl2"])
+    assert label_spec(cfg.reid, cfg.labels, 10).switch_epoch == 24  # the fraction 0.4
+    fixed = replace(cfg, **{"labels.switch_at": 20, "reid.lr_step_epoch": 40})
+    spec = label_spec(fixed.reid, fixed.labels, 10)
+    assert spec.switch_epoch == 20 and not is_active(spec, 19) and is_active(spec, 20)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = lr_schedule(opt, fixed.reid)
+    lrs = []
+    for _ in range(60):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[39] == 1.0 and lrs[40] == pytest.approx(0.1) and lrs[59] == pytest.approx(0.1)
 
 
 @pytest.mark.parametrize("method, model", [("lsro", "ident"), ("smprl", "twostream")])

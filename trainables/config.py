@@ -26,6 +26,8 @@ REID_MODELS = ("ident", "twostream")  # trainables/models.py
 LABEL_METHODS = ("baseline", "allinone", "pseudo", "lsro", "smprl", "dmprl1", "dmprl2")
 LABEL_ORDERS = ("paper", "reference_code")
 BEFORE_SWITCH = ("ignore", "exclude")
+AUGMENTS = ("pad_crop", "paper", "reference_code")  # datasets/torch_data.py build_transform
+PRETRAINED = ("imagenet", "random")  # trainables/models.py (or a path to a local torchvision state dict)
 DISTANCES = ("cosine", "euclidean")  # trainables/distance.py
 AP_MODES = ("standard", "market")  # trainables/evaluation.py
 
@@ -109,16 +111,22 @@ class ReidConfig:
 
     model: str = "ident"  # ident | twostream
     backbone: str = "resnet50"
-    pretrained: str | None = None  # local torchvision ImageNet state dict; never downloaded
+    # imagenet: torchvision's ImageNet weights (its cache; downloaded once where online) | random: from scratch |
+    # a path to a local torchvision state dict | None: not chosen (random init, allowed on synthetic data only)
+    pretrained: str | None = None
     embed_dim: int | None = 512  # bottleneck size; None = plain pool5 feature (the paper)
     dropout: float = 0.5
     last_stride: int = 2
-    image_size: tuple[int, int] = (256, 128)
+    image_size: tuple[int, int] = (256, 128)  # the network's input [H, W]
+    # pad_crop: resize to image_size, flip, pad 10 and random crop (re-ID practice) | paper: resize to
+    # image_size * 256/224, random image_size crop, flip (TIP) | reference_code: random 85-100% crop, resize, flip
+    augment: str = "pad_crop"
     epochs: int = 50
     batch_size: int = 64  # global; split across workers
     lr: float = 0.01  # backbone rate; new layers get lr * new_lr_mult
     new_lr_mult: float = 10.0
     lr_step: float = 0.8  # lr x lr_gamma after this fraction of training (epoch 40 of 50)
+    lr_step_epoch: int | None = None  # the same as an absolute epoch (the paper's "epoch 40"); overrides lr_step
     lr_gamma: float = 0.1
     momentum: float = 0.9
     nesterov: bool = True
@@ -141,6 +149,11 @@ class ReidConfig:
         check_choice("reid.backbone", self.backbone, BACKBONES)
         check_choice("reid.distance", self.distance, DISTANCES)
         check_choice("reid.ap", self.ap, AP_MODES)
+        check_choice("reid.augment", self.augment, AUGMENTS)
+        if self.pretrained is not None and self.pretrained not in PRETRAINED and not self.pretrained.strip():
+            raise ValueError("reid.pretrained must be imagenet, random, a file path, or null")
+        if self.lr_step_epoch is not None and not 1 <= self.lr_step_epoch <= self.epochs:
+            raise ValueError(f"reid.lr_step_epoch={self.lr_step_epoch} must be in 1..reid.epochs ({self.epochs})")
         check_choice("reid.last_stride", self.last_stride, (1, 2))
         if self.embed_dim is not None:
             check_positive("reid.embed_dim", self.embed_dim)
@@ -171,6 +184,7 @@ class LabelsConfig:
     keep: int | None = None  # MpRL truncation: only the `keep` most likely classes carry weight
     gen_weight: float | None = None  # lambda; None = the method's default (0.1 pseudo/dmprl2, else 1)
     switch_epoch: float = 0.4  # fraction of training after which pseudo/dmprl2 turn on (epoch 20 of 50)
+    switch_at: int | None = None  # the same as an absolute epoch (the paper's "epoch 20"); overrides switch_epoch
     before_switch: str = "ignore"  # ignore: sampled, zero loss (Algorithm 1) | exclude: not sampled
     real_smoothing: float = 0.0
 
@@ -184,6 +198,8 @@ class LabelsConfig:
         if self.gen_weight is not None:
             check_positive("labels.gen_weight", self.gen_weight, allow_zero=True)
         check_fraction("labels.switch_epoch", self.switch_epoch)
+        if self.switch_at is not None:
+            check_positive("labels.switch_at", self.switch_at, allow_zero=True)
         check_fraction("labels.real_smoothing", self.real_smoothing, closed_right=False)
 
 

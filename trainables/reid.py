@@ -45,16 +45,18 @@ class ReidInputs:
 
 
 def label_spec(reid: ReidConfig, labels: LabelsConfig, num_classes: int) -> LabelSpec:
+    switch = labels.switch_at if labels.switch_at is not None else switch_epoch_for(reid.epochs, labels.switch_epoch)
     return LabelSpec(method=labels.method, num_classes=num_classes, order=labels.order, keep=labels.keep,
-                     gen_weight=labels.gen_weight, switch_epoch=switch_epoch_for(reid.epochs, labels.switch_epoch),
-                     before_switch=labels.before_switch, real_smoothing=labels.real_smoothing)
+                     gen_weight=labels.gen_weight, switch_epoch=switch, before_switch=labels.before_switch,
+                     real_smoothing=labels.real_smoothing)
 
 
 def weight_decay(reid: ReidConfig, labels: LabelsConfig) -> float:
-    """Reference code: 5e-4 for dMpRL-I/II, 1e-4 otherwise, unless ``reid.weight_decay`` is set."""
+    """Reference code: 5e-4 for dMpRL-I/II and one-hot pseudo (LSRO's pseudo-label script), 1e-4 otherwise
+    (baseline, All-in-one, LSRO, sMpRL), unless ``reid.weight_decay`` is set."""
     if reid.weight_decay is not None:
         return reid.weight_decay
-    return 5e-4 if labels.method in ("dmprl1", "dmprl2") else 1e-4
+    return 5e-4 if labels.method in ("dmprl1", "dmprl2", "pseudo") else 1e-4
 
 
 # ------------------------------------------------------------------------------------- the worker loop
@@ -125,7 +127,7 @@ def _generated(labels: LabelsConfig, inputs: ReidInputs) -> tuple[tuple[Record, 
 def build_model(reid: ReidConfig, num_outputs: int, *, device_type: str = "cpu") -> torch.nn.Module:
     """The re-ID network of ``reid`` (ImageNet weights from ``reid.pretrained``), channels-last on CUDA."""
     return build_reid_model(reid.model, num_outputs, reid.backbone, reid.embed_dim, reid.dropout,
-                            pretrained_path=reid.pretrained, last_stride=reid.last_stride,
+                            pretrained=reid.pretrained, last_stride=reid.last_stride,
                             channels_last=device_type == "cuda" and reid.channels_last)
 
 
@@ -137,9 +139,13 @@ def build_training(reid: ReidConfig, spec: LabelSpec, wd: float, ctx: runtime.Co
     groups = model.param_groups(reid.lr, new_lr_mult=reid.new_lr_mult, weight_decay=wd)
     model = runtime.wrap_model(model, find_unused_parameters=reid.model == "twostream")
     optimizer = torch.optim.SGD(groups, lr=reid.lr, momentum=reid.momentum, nesterov=reid.nesterov)
-    step = max(1, round(reid.lr_step * reid.epochs))
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=step, gamma=reid.lr_gamma)
-    return model, optimizer, scheduler
+    return model, optimizer, lr_schedule(optimizer, reid)
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, reid: ReidConfig) -> torch.optim.lr_scheduler.StepLR:
+    """One step decay: lr x ``lr_gamma`` from epoch ``lr_step_epoch`` (else ``lr_step`` x epochs) on."""
+    step = reid.lr_step_epoch or max(1, round(reid.lr_step * reid.epochs))
+    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=step, gamma=reid.lr_gamma)
 
 
 def _resume(model, optimizer, scheduler) -> tuple[int, dict]:
@@ -212,6 +218,6 @@ def load_trained(run_dir: str | Path) -> tuple[torch.nn.Module, dict]:
     state = torch.load(Path(ckpt) / runtime.STATE_FILE, map_location="cpu", weights_only=False)
     reid = build(ReidConfig, state["reid"] if "reid" in state else state["config"]["reid"], "reid.")
     model = build_reid_model(reid.model, state["num_outputs"], reid.backbone, reid.embed_dim, reid.dropout,
-                             last_stride=reid.last_stride)
+                             "random", last_stride=reid.last_stride)  # the checkpoint's weights follow
     model.load_state_dict(state["model"])
     return model.eval(), state
