@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms as T
 
 from datasets.records import Record
-from datasets.torch_data import IMAGENET_MEAN, IMAGENET_STD, read_image
+from datasets.torch_data import IMAGENET_MEAN, IMAGENET_STD, check_augment, read_image
 
 CACHE_VERSION = 1
 CHUNK = 256  # images per write job
@@ -87,9 +87,16 @@ def build_cache(records: Sequence[Record], image_size: tuple[int, int], cache_di
     return path
 
 
-def tensor_transform(image_size: tuple[int, int], *, train: bool,
-                     pad: int = 10) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``build_transform`` after its resize, on uint8 [3, H, W] tensors: flip, pad, crop, to float, normalise."""
+def tensor_transform(image_size: tuple[int, int], *, train: bool, pad: int = 10,
+                     augment: str = "pad_crop") -> Callable[[torch.Tensor], torch.Tensor]:
+    """``build_transform`` after its resize, on uint8 [3, H, W] tensors: flip, pad, crop, to float, normalise.
+
+    Only the pad_crop pipeline: the cache holds ``image_size`` images, while the paper and reference_code
+    pipelines resize to ``pre_crop_size(image_size)`` before their crop.
+    """
+    check_augment(augment)
+    if augment != "pad_crop":
+        raise ValueError(f"reid.augment={augment!r}: the decoded-image cache supports only 'pad_crop'")
     h, w = image_size
     steps: list = []
     if train:

@@ -1,25 +1,104 @@
-"""Thin torch wrappers over records: transforms and an image dataset that yields dict samples."""
+"""Thin torch wrappers over records: transforms and an image dataset that yields dict samples.
+
+Three input pipelines (``reid.augment``; research/mprl.md §4 "Input"), for a network input ``image_size`` (H, W):
+
+- ``pad_crop`` (common PyTorch re-ID practice): train = resize to (H, W), flip, zero-pad and random (H, W) crop;
+  test = resize to (H, W).
+- ``paper`` (MpRL / LSRO papers): train = resize to :func:`pre_crop_size` (256x256 for 224x224), random (H, W)
+  crop, flip; test = resize to :func:`pre_crop_size`, no crop: the authors' test scripts feed the whole 256x256
+  image to the fully convolutional net (``test/test_gallery_query_crazy.m``), which keeps the training scale.
+- ``reference_code`` (the authors' MatConvNet code): train = resize to :func:`pre_crop_size` (their
+  ``prepare_data.m`` stores 256x256 images), :class:`ReferenceCrop` (a random crop of 85-100% of each side,
+  one factor for both) resized to (H, W), flip; test as ``paper``.
+"""
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
+import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms as T
+from torchvision.transforms import functional as F
 
 from datasets.records import Record
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# The reid.augment choices. datasets/ must not import trainables, so this repeats trainables.config.AUGMENTS;
+# tests/test_transforms.py asserts that the two are equal.
+AUGMENTS = ("pad_crop", "paper", "reference_code")
+PRE_CROP_SCALE = 256 / 224  # the papers' resize before a 224x224 crop
+REFERENCE_SIDE = (0.85, 1.0)  # the reference code's vl_imreadjpeg 'CropSize', [min, max] fraction of a side
+BICUBIC = T.InterpolationMode.BICUBIC
 
 
-def build_transform(image_size: tuple[int, int], *, train: bool, pad: int = 10) -> Callable:
-    """Train: resize, flip, pad + random crop back to size, normalise. Test: resize, normalise."""
+def check_augment(augment: str) -> None:
+    if augment not in AUGMENTS:
+        raise ValueError(f"reid.augment={augment!r} is not valid; choose one of {', '.join(map(repr, AUGMENTS))}")
+
+
+def pre_crop_size(image_size: tuple[int, int]) -> tuple[int, int]:
+    """(H, W) * 256/224, rounded: the resize before the crop in the paper and reference_code pipelines."""
     h, w = image_size
-    steps: list = [T.Resize((h, w), interpolation=T.InterpolationMode.BICUBIC)]
-    if train:
-        steps += [T.RandomHorizontalFlip(), T.Pad(max(1, pad * h // 256)), T.RandomCrop((h, w))]
+    return round(h * PRE_CROP_SCALE), round(w * PRE_CROP_SCALE)  # never a tie: 8h/7 is not k + 1/2
+
+
+class ReferenceCrop(torch.nn.Module):
+    """A random crop resized to ``size`` (H, W), as MatConvNet's ``vl_imreadjpeg(..., 'Resize', size,
+    'CropLocation', 'random', 'CropSize', [0.85, 1])`` with its default 'CropAnisotropy' [1 1] does.
+
+    The crop has the output's aspect ratio; its sides are a fraction ``s`` of the largest such crop that fits the
+    image, one ``s`` for both sides with ``s**2`` uniform in [0.85**2, 1] (uniform in area); it is placed uniformly
+    at random (integer offsets). Draws use torch's RNG, like the torchvision transforms.
+    """
+
+    def __init__(self, size: tuple[int, int], side: tuple[float, float] = REFERENCE_SIDE) -> None:
+        super().__init__()
+        self.size, self.side = (int(size[0]), int(size[1])), side
+
+    @staticmethod
+    def get_params(height: int, width: int, size: tuple[int, int],
+                   side: tuple[float, float] = REFERENCE_SIDE) -> tuple[int, int, int, int]:
+        """(top, left, crop height, crop width) in an image of ``height`` x ``width``."""
+        lo, hi = side
+        s = math.sqrt(lo * lo + torch.rand(1).item() * (hi * hi - lo * lo))
+        fit = min(height / size[0], width / size[1])  # the largest crop of the output's aspect ratio
+        ch = min(math.floor(size[0] * fit * s + 0.5), height)
+        cw = min(math.floor(size[1] * fit * s + 0.5), width)
+        top = int(torch.randint(0, height - ch + 1, (1,)).item())
+        left = int(torch.randint(0, width - cw + 1, (1,)).item())
+        return top, left, ch, cw
+
+    def forward(self, img: Image.Image | torch.Tensor) -> Image.Image | torch.Tensor:
+        _, height, width = F.get_dimensions(img)
+        top, left, ch, cw = self.get_params(height, width, self.size, self.side)
+        return F.resized_crop(img, top, left, ch, cw, list(self.size), interpolation=BICUBIC)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size}, side={self.side})"
+
+
+def build_transform(image_size: tuple[int, int], *, train: bool, pad: int = 10,
+                    augment: str = "pad_crop") -> Callable:
+    """PIL image -> normalised float tensor [3, H', W'] by the ``augment`` pipeline (see the module docstring).
+
+    H', W' = ``image_size``, except at test time in the paper and reference_code pipelines
+    (:func:`pre_crop_size`). ``pad`` (scaled by H/256) is used by pad_crop only.
+    """
+    check_augment(augment)
+    h, w = image_size
+    if augment == "pad_crop":
+        steps: list = [T.Resize((h, w), interpolation=BICUBIC)]
+        if train:
+            steps += [T.RandomHorizontalFlip(), T.Pad(max(1, pad * h // 256)), T.RandomCrop((h, w))]
+    else:
+        steps = [T.Resize(pre_crop_size((h, w)), interpolation=BICUBIC)]
+        if train:
+            crop = T.RandomCrop((h, w)) if augment == "paper" else ReferenceCrop((h, w))
+            steps += [crop, T.RandomHorizontalFlip()]
     steps += [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     return T.Compose(steps)
 

@@ -119,3 +119,11 @@ def test_missing_inputs_are_clear(tmp_path, tiny_root, tiny_store, tiny_cfg):
 
 def _train(cfg, inputs, parent, name, **kw):
     return train_reid(cfg.reid, cfg.labels, inputs, run_spec(cfg.reid, parent, name), **kw)
+
+
+@pytest.mark.parametrize("augment", ["paper", "reference_code"])
+def test_paper_input_pipelines_train_and_evaluate(augment, tmp_path, tiny_root, tiny_cfg):
+    """The paper's / the code's crops run through training, evaluation (whole image at the larger size)."""
+    cfg = tiny_cfg("reid.epochs=1", "labels.method=baseline", "reid.image_size=[28, 14]", f"reid.augment={augment}")
+    res = _train(cfg, ReidInputs(str(tiny_root)), tmp_path / "runs", augment)
+    assert 0 <= res["rank1"] <= 1 and res["num_train"] > 0

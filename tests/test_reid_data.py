@@ -1,7 +1,9 @@
 import numpy as np
 import pytest
 
-from trainables.reid_data import epoch_batches, epoch_pairs
+from datasets.torch_data import pre_crop_size
+from trainables.reid_data import epoch_batches, epoch_pairs, pair_loader, train_loader
+from trainables.reid_data import test_loader as make_test_loader  # a test_* name would be collected
 
 
 def test_proportional_epoch_covers_union_once():
@@ -46,3 +48,25 @@ def test_epoch_pairs_flags():
     assert real[:, 2].sum() == round(20 / 3) and (real[:, 3] == 1).all()
     assert (labels[real[real[:, 2] == 1, 0]] == labels[real[real[:, 2] == 1, 1]]).all()
     assert (gen[:, 0] >= 20).all() and (gen[:, 1] < 20).all() and (gen[:, 2:] == 0).all()
+
+
+@pytest.mark.parametrize("augment", ["pad_crop", "paper", "reference_code"])
+def test_loaders_pass_augment_to_the_transform(tiny_split, augment):
+    """reid.augment reaches build_transform: train and pair batches are image_size, test batches are larger in
+    the paper / reference_code pipelines (they test on the whole 256/224-scaled image)."""
+    size, recs = (56, 28), tiny_split.train[:4]
+    test_size = size if augment == "pad_crop" else pre_crop_size(size)
+    train = next(iter(train_loader(recs, [[0, 1]], size, workers=0, augment=augment)))
+    pairs = next(iter(pair_loader(recs, np.array([[0, 1, 0, 1]]), [[0]], size, workers=0, augment=augment)))
+    test = next(iter(make_test_loader(recs, size, batch_size=2, workers=0, augment=augment)))
+    assert train["img"].shape == (2, 3, *size) and pairs["img1"].shape == pairs["img2"].shape == (1, 3, *size)
+    assert test["img"].shape == (2, 3, *test_size)
+
+
+def test_loaders_reject_a_bad_augment(tiny_split):
+    recs = tiny_split.train[:2]
+    for build in (lambda: train_loader(recs, [[0, 1]], (32, 16), workers=0, augment="bad"),
+                  lambda: pair_loader(recs, np.zeros((1, 4), np.int64), [[0]], (32, 16), workers=0, augment="bad"),
+                  lambda: make_test_loader(recs, (32, 16), batch_size=2, workers=0, augment="bad")):
+        with pytest.raises(ValueError, match="reid.augment='bad'"):
+            build()

@@ -118,8 +118,9 @@ class ReidConfig:
     dropout: float = 0.5
     last_stride: int = 2
     image_size: tuple[int, int] = (256, 128)  # the network's input [H, W]
-    # pad_crop: resize to image_size, flip, pad 10 and random crop (re-ID practice) | paper: resize to
-    # image_size * 256/224, random image_size crop, flip (TIP) | reference_code: random 85-100% crop, resize, flip
+    # pad_crop: resize to image_size, flip, pad 10 and random crop; test: resize (re-ID practice) | paper: resize
+    # to image_size * 256/224, random image_size crop, flip (TIP) | reference_code: resize to that size, random
+    # 85-100% crop resized to image_size, flip (vl_imreadjpeg) | test, both: the whole image at the larger size
     augment: str = "pad_crop"
     epochs: int = 50
     batch_size: int = 64  # global; split across workers

@@ -376,10 +376,8 @@ def evaluate_model(model: torch.nn.Module, split: Split, reid: ReidConfig, devic
     from trainables.reid_data import test_loader  # lazy: the image pipeline (torchvision, PIL) only when used
 
     pin = device.type == "cuda"
-    q = test_loader(split.query, reid.image_size, batch_size=2 * reid.batch_size, workers=reid.loader_workers,
-                    pin_memory=pin)
-    g = test_loader(split.gallery, reid.image_size, batch_size=2 * reid.batch_size, workers=reid.loader_workers,
-                    pin_memory=pin)
+    kw = dict(batch_size=2 * reid.batch_size, workers=reid.loader_workers, pin_memory=pin, augment=reid.augment)
+    q, g = test_loader(split.query, reid.image_size, **kw), test_loader(split.gallery, reid.image_size, **kw)
     qf, q_pids, q_camids = extract_features(model, q, flip=reid.flip_test, normalize=True, device=device)
     gf, g_pids, g_camids = extract_features(model, g, flip=reid.flip_test, normalize=True, device=device)
     dist = compute_distance(qf, gf, metric=reid.distance)

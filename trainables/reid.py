@@ -172,10 +172,11 @@ def _epoch_loader(reid: ReidConfig, train: tuple[Record, ...], records: tuple[Re
         pairs = epoch_pairs(labels, n_gen_epoch, pos_fraction=pos, seed=seed, epoch=epoch)
         batches = epoch_batches(len(pairs), 0, max(2, r.batch_size // 2), gen_fraction=None, seed=seed + 1,
                                 epoch=epoch, rank=ctx.rank, world_size=ctx.world_size)
-        return pair_loader(records, pairs, batches, r.image_size, workers=r.loader_workers, pin_memory=pin)
+        return pair_loader(records, pairs, batches, r.image_size, workers=r.loader_workers, pin_memory=pin,
+                           augment=r.augment)
     batches = epoch_batches(len(train), n_gen_epoch, r.batch_size, gen_fraction=r.gen_fraction, seed=seed,
                             epoch=epoch, rank=ctx.rank, world_size=ctx.world_size)
-    return train_loader(records, batches, r.image_size, workers=r.loader_workers, pin_memory=pin)
+    return train_loader(records, batches, r.image_size, workers=r.loader_workers, pin_memory=pin, augment=r.augment)
 
 
 def _log_epoch(rank: int, epoch: int, epochs: int, m: dict) -> None:

@@ -64,15 +64,18 @@ class ListBatchSampler:
 
 
 def train_loader(records: Sequence[Record], batches: list[list[int]], image_size: tuple[int, int], *,
-                 workers: int, pin_memory: bool = False) -> DataLoader:
-    ds = ImageDataset(records, build_transform(image_size, train=True))
+                 workers: int, pin_memory: bool = False, augment: str = "pad_crop") -> DataLoader:
+    """Training images by ``batches``, augmented by the ``augment`` pipeline (``reid.augment``)."""
+    ds = ImageDataset(records, build_transform(image_size, train=True, augment=augment))
     return DataLoader(ds, batch_sampler=ListBatchSampler(batches), num_workers=workers, pin_memory=pin_memory,
                       persistent_workers=False)
 
 
 def test_loader(records: Sequence[Record], image_size: tuple[int, int], *, batch_size: int, workers: int,
-                pin_memory: bool = False) -> DataLoader:
-    ds = ImageDataset(records, build_transform(image_size, train=False))
+                pin_memory: bool = False, augment: str = "pad_crop") -> DataLoader:
+    """Images in order, through the test-time part of the ``augment`` pipeline: pass the training run's
+    ``reid.augment`` (the paper and reference_code pipelines test at 256/224 x ``image_size``)."""
+    ds = ImageDataset(records, build_transform(image_size, train=False, augment=augment))
     return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=pin_memory)
 
 
@@ -109,7 +112,8 @@ def epoch_pairs(real_labels: np.ndarray, n_gen: int, *, pos_fraction: float, see
 
 
 def pair_loader(records: Sequence[Record], pairs: np.ndarray, pair_batches: list[list[int]],
-                image_size: tuple[int, int], *, workers: int, pin_memory: bool = False) -> DataLoader:
-    base = ImageDataset(records, build_transform(image_size, train=True))
+                image_size: tuple[int, int], *, workers: int, pin_memory: bool = False,
+                augment: str = "pad_crop") -> DataLoader:
+    base = ImageDataset(records, build_transform(image_size, train=True, augment=augment))
     return DataLoader(PairDataset(base, pairs), batch_sampler=ListBatchSampler(pair_batches),
                       num_workers=workers, pin_memory=pin_memory)

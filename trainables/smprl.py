@@ -26,7 +26,7 @@ def write_static_labels(baseline_run: str | Path, store: GeneratedStore, name: s
     model, state = load_trained(baseline_run)
     device = torch.device("cuda" if reid.use_gpu and torch.cuda.is_available() else "cpu")
     loader = test_loader(store.records(), reid.image_size, batch_size=2 * reid.batch_size,
-                         workers=reid.loader_workers)
+                         workers=reid.loader_workers, augment=reid.augment)  # as the baseline was evaluated
     ranks = predict_static_ranks(model.to(device), loader, logits_fn=lambda m, x: m.classify(x), device=device)
     store.write_labels(name, ranks, {**meta, "num_classes": state["num_classes"]})
     return int(ranks.shape[0])
