@@ -166,7 +166,7 @@ def run(args: argparse.Namespace, storage: Path) -> tuple[list[list], list[list]
     end = time.time()
     runs = mlflow_children(out.tracking_uri, cfg.cluster.experiment, out.parent_run_id)
     stages, trials = _kind(runs, "stage"), _kind(runs, "trial")
-    built = {s: r.info["seconds"] for s, r in out.stages.items() if not r.cached and "seconds" in r.info}
+    built = out.stages.seconds()
     phases = phase_rows(start, ray_s, stages, trials, end, built)
     last_stage = max(((r.info.end_time or 0) / 1000 for r in stages), default=start)
     rows = trial_rows(trials, tune_results(Paths(storage).tune / out.name), last_stage, args.concurrent)

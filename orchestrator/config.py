@@ -54,6 +54,9 @@ class SweepConfig:
     asha: bool = False  # ASHA early stopping on rank-1 (needs reid.eval_every > 0)
     max_concurrent: int = 0  # 0 = from the cluster's resources
     in_process: bool = True  # run single-worker trials inside the Tune trial (no Train worker group)
+    # sMpRL labels of every seed from the baseline of reid.seed (the paper's protocol: one baseline); false: each
+    # seed's labels from its own seed's baseline. Baseline trials always train per seed.
+    single_baseline: bool = False
     max_failures: int = 1
 
     def __post_init__(self) -> None:

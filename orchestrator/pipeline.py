@@ -13,7 +13,7 @@ import hashlib
 import json
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Generic, TypeVar
 
@@ -72,6 +72,29 @@ class StageResult(Generic[T]):
     cached: bool
     out: T
     seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Stages:
+    """What a sweep's trials read: the dataset, the generated store, and per seed a baseline and sMpRL labels."""
+
+    dataset: StageResult[DatasetOut]
+    gan: StageResult[GanOut] | None = None
+    generate: StageResult[GeneratedOut] | None = None
+    baselines: dict[int, StageResult[BaselineOut]] = field(default_factory=dict)  # seed -> its baseline
+    smprl: dict[int, StageResult[SmprlOut]] = field(default_factory=dict)  # seed -> its static labels
+
+    def all(self) -> list[StageResult]:
+        return [s for s in (self.dataset, self.gan, self.generate) if s] + [*self.baselines.values(),
+                                                                            *self.smprl.values()]
+
+    def seconds(self) -> dict[str, float]:
+        """Build seconds of each stage built (not cached) by this sweep, by stage name (summed over seeds)."""
+        out: dict[str, float] = {}
+        for s in self.all():
+            if not s.cached:
+                out[s.stage] = out.get(s.stage, 0.0) + s.seconds
+        return out
 
 
 @dataclass(frozen=True)
@@ -221,16 +244,19 @@ def generate_stage(cfg: Config, paths: Paths, gan: StageResult[GanOut], n: int) 
     return run_stage(paths, "generate", key, GeneratedOut, build, check)
 
 
-def baseline_key(cfg: Config) -> str:
+def baseline_key(cfg: Config, seed: int | None = None) -> str:
+    """The baseline stage's key: dataset, re-ID settings (with the seed) and real-label smoothing."""
+    if seed is not None:
+        cfg = dataclasses.replace(cfg, reid=dataclasses.replace(cfg.reid, seed=seed))
     return stage_key(cfg, "dataset", "reid", "labels.real_smoothing")
 
 
-def baseline_stage(cfg: Config, paths: Paths, data_root: Path) -> StageResult[BaselineOut]:
-    """Re-ID on real data only: the sweep's baseline and the model that sMpRL labels come from."""
+def baseline_stage(cfg: Config, paths: Paths, data_root: Path, seed: int) -> StageResult[BaselineOut]:
+    """Re-ID on real data only, with ``seed``: that seed's baseline trial and the model its sMpRL labels come from."""
     from trainables.reid import ReidInputs, run_spec, train_reid
 
     labels = dataclasses.replace(cfg.labels, method="baseline", num_gan=0)
-    reid = dataclasses.replace(cfg.reid, num_workers=0) if runs_in_process(cfg) else cfg.reid
+    reid = dataclasses.replace(cfg.reid, seed=seed, num_workers=0 if runs_in_process(cfg) else cfg.reid.num_workers)
 
     def build(folder: Path) -> BaselineOut:
         res = train_reid(reid, labels, ReidInputs(str(data_root)), run_spec(reid, folder, "train"))
@@ -241,7 +267,7 @@ def baseline_stage(cfg: Config, paths: Paths, data_root: Path) -> StageResult[Ba
 
         return [] if latest_checkpoint(out.run_dir) else ["no checkpoint"]
 
-    return run_stage(paths, "baseline", baseline_key(cfg), BaselineOut, build, check)
+    return run_stage(paths, "baseline", baseline_key(cfg, seed), BaselineOut, build, check)
 
 
 def smprl_stage(cfg: Config, paths: Paths, baseline: StageResult[BaselineOut],

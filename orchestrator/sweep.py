@@ -29,7 +29,7 @@ class SweepOutcome:
     name: str
     parent_run_id: str
     rows: list[dict[str, Any]]
-    stages: dict[str, pipeline.StageResult]
+    stages: pipeline.Stages
     tracking_uri: str
     seconds: float
 
@@ -90,23 +90,26 @@ def _sigterm_as_sigint() -> None:
 # ------------------------------------------------------------------------------------------ stages
 
 def run_stages(cfg: Config, paths: pipeline.Paths, trials: list[TrialSpec], run: tracking.SweepRun,
-               dataset: pipeline.StageResult) -> dict[str, pipeline.StageResult]:
+               dataset: pipeline.StageResult) -> pipeline.Stages:
     """Run (or reuse) every stage the trials need, logging each as a child run."""
-    stages: dict[str, pipeline.StageResult] = {"dataset": dataset}
     print(f"[pipeline] dataset: {dataset.out.summary}", flush=True)
+    gan = generate = None
     n_max = max((t.num_gan for t in trials), default=0)
     if n_max > 0:
-        stages["gan"] = pipeline.gan_stage(cfg, paths, dataset.path)
-        _log_stage(run, stages["gan"], sorted(stages["gan"].path.glob("**/samples.png"))[-1:])
-        stages["generate"] = pipeline.generate_stage(cfg, paths, stages["gan"], n_max)
-        _log_stage(run, stages["generate"])
-    if any(t.method in ("baseline", "smprl") for t in trials):
-        stages["baseline"] = pipeline.baseline_stage(cfg, paths, dataset.path)
-        _log_stage(run, stages["baseline"])
-    if any(t.method == "smprl" for t in trials):
-        stages["smprl"] = pipeline.smprl_stage(cfg, paths, stages["baseline"], stages["generate"])
-        _log_stage(run, stages["smprl"])
-    return stages
+        gan = _logged(run, pipeline.gan_stage(cfg, paths, dataset.path), "**/samples.png")
+        generate = _logged(run, pipeline.generate_stage(cfg, paths, gan, n_max))
+    smprl_seeds = sorted({t.seed for t in trials if t.method == "smprl"})
+    label_seed = {s: cfg.reid.seed if cfg.sweep.single_baseline else s for s in smprl_seeds}
+    baselines = {seed: _logged(run, pipeline.baseline_stage(cfg, paths, dataset.path, seed))
+                 for seed in sorted({t.seed for t in trials if t.method == "baseline"} | set(label_seed.values()))}
+    smprl = {seed: _logged(run, pipeline.smprl_stage(cfg, paths, baselines[label_seed[seed]], generate))
+             for seed in smprl_seeds}  # with single_baseline every seed gets the same (cached) labels
+    return pipeline.Stages(dataset, gan, generate, baselines, smprl)
+
+
+def _logged(run: tracking.SweepRun, stage: pipeline.StageResult, artifacts: str | None = None):
+    _log_stage(run, stage, sorted(stage.path.glob(artifacts))[-1:] if artifacts else [])
+    return stage
 
 
 def _log_stage(run: tracking.SweepRun, stage: pipeline.StageResult, files: list[Path] = ()) -> None:
@@ -123,18 +126,24 @@ def _log_stage(run: tracking.SweepRun, stage: pipeline.StageResult, files: list[
 
 # ------------------------------------------------------------------------------------------ trials
 
-def _run_trials(cfg: Config, trials: list[TrialSpec], stages: dict, run: tracking.SweepRun, *, resume: bool,
-                log_models: bool) -> list[dict[str, Any]]:
+def _links(*stages: pipeline.StageResult | None) -> dict[str, str]:
+    """MLflow tags naming the stage outputs a trial used (``mprl.<stage>_stage``)."""
+    return {f"mprl.{st.stage}_stage": f"{st.stage}-{st.key}" for st in stages if st is not None}
+
+
+def _run_trials(cfg: Config, trials: list[TrialSpec], stages: pipeline.Stages, run: tracking.SweepRun, *,
+                resume: bool, log_models: bool) -> list[dict[str, Any]]:
     """Create every trial's MLflow run up front, run the trials, and read their final status back."""
     paths, name = pipeline.Paths(Path(cfg.cluster.storage_path)), run.name
     run_ids = {t.key: run.child("trial", f"{name}/{t.key}", t.key, status="SCHEDULED",
                                 tags={"mprl.method": t.method})[0] for t in trials}
-    out = {s: st.out for s, st in stages.items()}
-    inputs = ReidInputs(str(stages["dataset"].path), out["generate"].store if "generate" in out else None,
-                        out["smprl"].labels if "smprl" in out else None)
-    ctx = TrialContext(cfg, run.tracking_uri, run_ids, inputs, str(paths.trials / name),
-                       {f"mprl.{s}_stage": f"{st.stage}-{st.key}" for s, st in stages.items()},
-                       out.get("baseline"), log_models)
+    ctx = TrialContext(cfg, run.tracking_uri, run_ids,
+                       ReidInputs(str(stages.dataset.path), stages.generate.out.store if stages.generate else None),
+                       str(paths.trials / name), _links(stages.dataset, stages.gan, stages.generate),
+                       baselines={seed: st.out for seed, st in stages.baselines.items()},
+                       smprl_labels={seed: st.out.labels for seed, st in stages.smprl.items()},
+                       seed_links={seed: _links(stages.baselines.get(seed), stages.smprl.get(seed))
+                                   for seed in {*stages.baselines, *stages.smprl}}, log_models=log_models)
     rows = tune_trials(cfg, trials, ctx, paths.tune / name, resume)
     status = {t.key: run.client.get_run(run_ids[t.key]).info.status for t in trials}
     for row in rows:

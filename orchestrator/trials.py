@@ -9,7 +9,7 @@ constant (the config, the stage outputs, MLflow) travels in one frozen :class:`T
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.config import Config
@@ -47,10 +47,12 @@ class TrialContext:
     cfg: Config
     tracking_uri: str
     run_ids: dict[str, str]  # trial key -> MLflow run id
-    inputs: ReidInputs
+    inputs: ReidInputs  # the dataset and the generated store; the sMpRL label file is per seed (below)
     trials_dir: str
-    links: dict[str, str]  # MLflow tags naming the stages the trials used
-    baseline: BaselineOut | None = None
+    links: dict[str, str]  # MLflow tags naming the stages every trial used (dataset, GAN, generation)
+    baselines: dict[int, BaselineOut] = field(default_factory=dict)  # seed -> that seed's baseline stage
+    smprl_labels: dict[int, str] = field(default_factory=dict)  # seed -> its sMpRL label file in the store
+    seed_links: dict[int, dict[str, str]] = field(default_factory=dict)  # seed -> tags of its baseline/sMpRL
     log_models: bool = True
 
 

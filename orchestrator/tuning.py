@@ -18,6 +18,7 @@ from ray.tune import Callback
 
 from orchestrator import cluster, tracking
 from orchestrator.config import Config, flat_dict, replace
+from orchestrator.pipeline import BaselineOut
 from orchestrator.trials import EPOCH_METRICS, TrialContext, TrialSpec
 from trainables.reid import METRICS
 
@@ -39,8 +40,8 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     tracking.set_status(client, run_id, "RUNNING")
     tracking.log_params(client, run_id, {**flat_dict(cfg), "trial": trial.key})
     try:
-        if ctx.baseline and trial.method == "baseline" and trial.seed == cfg.reid.seed:
-            result = _reuse_baseline(ctx, client, run_id)
+        if trial.method == "baseline" and trial.seed in ctx.baselines:  # this seed's baseline stage
+            result = _reuse_baseline(ctx.baselines[trial.seed], client, run_id)
         else:
             result = _train(cfg, ctx, trial)
         _finish(client, run_id, cfg, trial, result, ctx)
@@ -55,14 +56,15 @@ def _train(cfg: Config, ctx: TrialContext, trial: TrialSpec) -> dict[str, Any]:
 
     reid = dataclasses.replace(cfg.reid, num_workers=0) if cluster.runs_in_process(cfg) else cfg.reid
     run = run_spec(reid, ctx.trials_dir, trial.key, report_to_tune=True, max_failures=cfg.sweep.max_failures)
-    return train_reid(reid, cfg.labels, ctx.inputs, run)
+    inputs = dataclasses.replace(ctx.inputs, smprl_labels=ctx.smprl_labels.get(trial.seed))
+    return train_reid(reid, cfg.labels, inputs, run)
 
 
-def _reuse_baseline(ctx: TrialContext, client, run_id: str) -> dict[str, Any]:
+def _reuse_baseline(baseline: BaselineOut, client, run_id: str) -> dict[str, Any]:
     import ray.tune
 
-    client.set_tag(run_id, "mprl.reused_stage", ctx.baseline.run_dir)
-    result = {**ctx.baseline.metrics, "cmc": ctx.baseline.cmc}
+    client.set_tag(run_id, "mprl.reused_stage", baseline.run_dir)
+    result = {**baseline.metrics, "cmc": baseline.cmc}
     ray.tune.report({k: v for k, v in result.items() if k in EPOCH_METRICS or k == "epoch"})
     return result
 
@@ -73,7 +75,7 @@ def _finish(client, run_id: str, cfg: Config, trial: TrialSpec, result: dict, ct
     final = {k: result[k] for k in FINAL_METRICS if k in result}
     tracking.log_metrics(client, run_id, {f"final_{k}": v for k, v in final.items()})
     tracking.log_params(client, run_id, {f"data.{k}": result[k] for k in ("num_train", "num_classes") if k in result})
-    for tag, value in ctx.links.items():
+    for tag, value in {**ctx.links, **ctx.seed_links.get(trial.seed, {})}.items():
         client.set_tag(run_id, tag, value)
     with tempfile.TemporaryDirectory() as tmp:
         if result.get("cmc"):
@@ -83,7 +85,7 @@ def _finish(client, run_id: str, cfg: Config, trial: TrialSpec, result: dict, ct
             tracking.log_artifacts(client, run_id, [png], "plots")
     if ctx.log_models:
         run_dir = Path(ctx.trials_dir) / trial.key
-        _log_model(client, run_id, cfg, run_dir if run_dir.exists() else Path(ctx.baseline.run_dir))
+        _log_model(client, run_id, cfg, run_dir if run_dir.exists() else Path(ctx.baselines[trial.seed].run_dir))
     tracking.set_status(client, run_id, "FINISHED")
 
 

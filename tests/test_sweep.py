@@ -50,7 +50,7 @@ def test_smoke_sweep_end_to_end_and_cache_reuse(tmp_path, local_ray):
 
     # a second sweep over another label method reuses the GAN, the generated images and the baseline
     second = run_sweep(_smoke(tmp_path, "sweep.methods=[smprl]"))
-    assert second.rows[0]["error"] is None and second.stages["gan"].cached and second.stages["baseline"].cached
+    assert second.rows[0]["error"] is None and second.stages.gan.cached and second.stages.baselines[0].cached
     stages = _runs(client, exp_id, "stage")
     built = [s for s in stages if s.data.tags["mprl.cached"] == "false"]
     assert sorted(s.info.run_name for s in built) == ["stage:baseline", "stage:gan", "stage:generate", "stage:smprl"]
@@ -97,3 +97,31 @@ def test_interrupted_sweep_resumes_without_rerunning(tmp_path):
         if t.info.run_name in done_before:
             assert t.info.end_time == done_before[t.info.run_name]  # not rerun
     assert len(_runs(client, exp_id, "sweep")) == 1
+
+
+def test_every_seed_trains_its_own_baseline_and_smprl_labels(tmp_path, local_ray):
+    """Two seeds: two baseline stages (different models and numbers), each seed's sMpRL labels from its own."""
+    from orchestrator.sweep import run_sweep
+
+    out = run_sweep(_smoke(tmp_path, "sweep.methods=[baseline, smprl]", "sweep.seeds=[0, 1]", "reid.epochs=1",
+                           "gan.epochs=1"), log_models=False)
+    assert sorted(out.stages.baselines) == [0, 1] and sorted(out.stages.smprl) == [0, 1]
+    assert out.stages.baselines[0].key != out.stages.baselines[1].key
+    assert out.stages.smprl[0].out.labels != out.stages.smprl[1].out.labels
+    base = {r["seed"]: r for r in out.rows if r["method"] == "baseline"}
+    assert base[0]["error"] is None and base[1]["error"] is None
+    assert (base[0]["rank1"], base[0]["mAP"]) == (out.stages.baselines[0].out.metrics["rank1"],
+                                                  out.stages.baselines[0].out.metrics["mAP"])
+    assert (base[1]["rank1"], base[1]["mAP"]) == (out.stages.baselines[1].out.metrics["rank1"],
+                                                  out.stages.baselines[1].out.metrics["mAP"])
+    assert base[0]["mAP"] != base[1]["mAP"]  # seed 1 is not seed 0's numbers again
+    client, exp_id = tracking.setup(out.tracking_uri, "mprl", tmp_path)
+    smprl = {int(t.data.params["reid.seed"]): t for t in _runs(client, exp_id, "trial")
+             if t.data.params["labels.method"] == "smprl"}
+    for seed in (0, 1):
+        assert smprl[seed].data.tags["mprl.baseline_stage"] == f"baseline-{out.stages.baselines[seed].key}"
+
+    single = run_sweep(_smoke(tmp_path, "sweep.methods=[smprl]", "sweep.seeds=[0, 1]", "reid.epochs=1",
+                              "gan.epochs=1", "sweep.single_baseline=true"), log_models=False)
+    assert sorted(single.stages.baselines) == [0]  # the paper's protocol: seed 0's baseline labels every seed
+    assert single.stages.smprl[0].key == single.stages.smprl[1].key
