@@ -1,14 +1,18 @@
-"""``python -m orchestrator.report``: our results by method x #GAN images (mean ± std over seeds) beside the
-paper's Market-1501 numbers, as a table and a chart PNG, logged to MLflow.
+"""``python -m orchestrator.report``: one sweep's results with honest statistics, beside the paper's numbers.
 
-Absolute numbers on the synthetic dataset are not comparable with Market-1501; the gain over the baseline is,
-in sign and rough size, which is what the chart shows.
+Per group of trials that differ only in the seed: n, mean ± std and the 95% interval of rank-1 and mAP. Per label
+method: the paired per-seed difference from the baseline (and from the compute-matched baseline, where swept)
+with its interval, a paired t-test and a plain verdict ("better", "worse", "no detectable difference at n=3").
+Groups never mix settings: every config field that is not swept (dataset, preset, backbone, epochs, image size,
+label hyperparameters, AP mode, ...) goes into a hash that is part of the group. By default the latest sweep is
+reported; ``--sweep`` picks another (its parent run id or name). The table and a chart go to MLflow.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import hashlib
+import json
 import sys
 import tempfile
 from collections import defaultdict
@@ -17,102 +21,167 @@ from typing import Any
 
 from orchestrator import tracking
 from orchestrator.paper_numbers import paper_row, ratio
+from orchestrator.stats import paired, summary
 from orchestrator.tables import format_table
 
+SWEPT = ("labels.method", "labels.num_gan", "labels.order", "labels.keep", "reid.seed", "trial")
+# where and how fast, not what: never part of a setting
+RUNTIME = ("reid.num_workers", "reid.use_gpu", "reid.loader_workers", "reid.channels_last", "gan.num_workers",
+           "gan.use_gpu", "dataset.root")
+REFERENCES = ("baseline", "baseline_matched")  # what each method's paired difference is taken against
 
-def collect(client, exp_id: str, parent: str | None = None) -> list[dict[str, Any]]:
-    """Finished trial runs as rows (method, num_gan, order, keep, seed, rank1, mAP, num_train)."""
-    filt = f"tags.`{tracking.TAG_KIND}` = 'trial' and attributes.status = 'FINISHED'"
-    if parent:
-        filt += f" and tags.`{tracking.TAG_PARENT}` = '{parent}'"
+
+def setting_of(params: dict[str, str]) -> str:
+    """A short hash of every config field a trial's result depends on, except the swept ones."""
+    kept = {k: v for k, v in params.items() if k not in SWEPT and k not in RUNTIME
+            and not k.startswith(("data.", "cluster.", "sweep."))}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def latest_sweep(client, exp_id: str) -> tuple[str, str] | None:
+    """(parent run id, name) of the most recently started sweep of the experiment."""
+    runs = client.search_runs([exp_id], f"tags.`{tracking.TAG_KIND}` = 'sweep'", max_results=1,
+                              order_by=["attributes.start_time DESC"])
+    return (runs[0].info.run_id, runs[0].info.run_name) if runs else None
+
+
+def find_sweep(client, exp_id: str, ref: str) -> tuple[str, str]:
+    """A sweep by parent run id or by name; ValueError naming what exists otherwise."""
+    runs = client.search_runs([exp_id], f"tags.`{tracking.TAG_KIND}` = 'sweep'", max_results=5000)
+    for r in runs:
+        if ref in (r.info.run_id, r.info.run_name):
+            return r.info.run_id, r.info.run_name
+    names = ", ".join(r.info.run_name for r in runs[:10]) or "none"
+    raise ValueError(f"--sweep {ref!r}: no such sweep in this experiment (sweeps: {names})")
+
+
+def collect(client, exp_id: str, parent: str) -> list[dict[str, Any]]:
+    """The sweep's finished trial runs as rows (setting, dataset, model, method, #GAN, order, keep, seed, metrics)."""
+    filt = (f"tags.`{tracking.TAG_KIND}` = 'trial' and attributes.status = 'FINISHED' and "
+            f"tags.`{tracking.TAG_PARENT}` = '{parent}'")
     rows = []
     for r in client.search_runs([exp_id], filt, max_results=50000):
         p, m = r.data.params, r.data.metrics
         if "final_rank1" not in m:
             continue
-        rows.append({"dataset": p.get("dataset.name", "synthetic"),
+        rows.append({"setting": setting_of(p), "preset": p.get("preset", "?"),
+                     "dataset": p.get("dataset.name", "synthetic"), "model": p.get("reid.model", "ident"),
                      "method": p.get("labels.method"), "num_gan": int(p.get("labels.num_gan", 0)),
                      "order": p.get("labels.order", "paper"), "keep": p.get("labels.keep", "None"),
-                     "model": p.get("reid.model", "ident"), "seed": int(p.get("reid.seed", 0)),
-                     "rank1": m["final_rank1"], "mAP": m.get("final_mAP", float("nan")),
-                     "num_train": int(p.get("data.num_train", 0) or 0)})
+                     "seed": int(p.get("reid.seed", 0)), "rank1": m["final_rank1"],
+                     "mAP": m.get("final_mAP", float("nan")), "num_train": int(p.get("data.num_train", 0) or 0),
+                     "single_baseline": p.get("sweep.single_baseline", "False")})
     return rows
 
 
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Group by (dataset, model, method, #GAN, order, keep): mean and std of rank-1 and mAP over seeds, beside
-    the published row for that dataset and model (or the reason there is none)."""
+    """Groups of seeds (setting, dataset, model, method, #GAN, order, keep) with their statistics, paired
+    differences from the references of the same setting, and the published row (or why there is none)."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
-        groups[(r["dataset"], r["model"], r["method"], r["num_gan"], r["order"], r["keep"])].append(r)
-    out = []
-    for (dataset, model, method, n, order, keep), rs in sorted(groups.items(),
-                                                                key=lambda kv: (*kv[0][:2], kv[0][3], kv[0][2])):
-        def stats(k):
-            vals = [100 * x[k] for x in rs]
-            return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
-
-        num_train = max(x["num_train"] for x in rs)
-        paper, note = paper_row(dataset, model, method, n, num_train)
-        out.append({"dataset": dataset, "model": model, "method": method, "num_gan": n, "order": order, "keep": keep,
-                    "seeds": len(rs), "rank1": stats("rank1"), "mAP": stats("mAP"), "ratio": ratio(n, num_train),
-                    "paper": paper, "paper_note": note})
-    base = {(g["dataset"], g["model"]): g for g in out if g["method"] == "baseline"}
+        groups[(r["setting"], r["dataset"], r["model"], r["method"], r["num_gan"], r["order"], r["keep"])].append(r)
+    out = [_group(key, rs) for key, rs in sorted(groups.items(), key=lambda kv: (*kv[0][:3], kv[0][4], kv[0][3]))]
     for g in out:
-        b = base.get((g["dataset"], g["model"]))
-        g["gain_rank1"] = g["rank1"][0] - b["rank1"][0] if b else None
-        bp = b["paper"] if b else None
+        for ref in REFERENCES:
+            b = _reference(out, g, ref)
+            g[f"vs_{ref}"] = None if b is None or b is g else {
+                k: paired(g["by_seed"][k], b["by_seed"][k]) for k in ("rank1", "mAP")}
+        base = _reference(out, g, "baseline")
+        bp = base["paper"] if base else None
         g["paper_gain_rank1"] = g["paper"].rank1 - bp.rank1 if g["paper"] and bp else None
     return out
 
 
+def _group(key: tuple, rs: list[dict]) -> dict[str, Any]:
+    setting, dataset, model, method, n, order, keep = key
+    num_train = max(x["num_train"] for x in rs)
+    paper, note = paper_row(dataset, model, method, n, num_train)
+    by_seed = {k: {x["seed"]: 100 * x[k] for x in rs} for k in ("rank1", "mAP")}
+    return {"setting": setting, "preset": rs[0]["preset"], "dataset": dataset, "model": model, "method": method,
+            "num_gan": n, "order": order, "keep": keep, "seeds": sorted(by_seed["rank1"]), "by_seed": by_seed,
+            "rank1": summary(list(by_seed["rank1"].values())), "mAP": summary(list(by_seed["mAP"].values())),
+            "ratio": ratio(n, num_train), "paper": paper, "paper_note": note,
+            "single_baseline": rs[0]["single_baseline"] == "True"}
+
+
+def _reference(groups: list[dict], g: dict, ref: str) -> dict | None:
+    """The baseline group of g's setting (baseline_matched: the one at g's #GAN)."""
+    for b in groups:
+        same = (b["setting"], b["dataset"], b["model"]) == (g["setting"], g["dataset"], g["model"])
+        if same and b["method"] == ref and (ref == "baseline" or b["num_gan"] == g["num_gan"]):
+            return b
+    return None
+
+
+# ------------------------------------------------------------------------------------------ output
+
+def _ms(s) -> str:
+    ci = "" if s.ci is None else f" [±{s.ci:.2f}]"
+    return f"{s.mean:.2f} ± {s.std:.2f}{ci}"
+
+
+def _diff(d) -> str | None:
+    if d is None:
+        return None
+    ci = "" if d.ci is None else f" [±{d.ci:.2f}]"
+    p = "" if d.p is None else f" p={d.p:.2f}"
+    return f"{d.mean:+.2f}{ci}{p}"
+
+
 def format_report(groups: list[dict[str, Any]]) -> str:
-    """Ours (mean ± std over n seeds) beside the matched paper row: table, #GAN, rank-1, mAP, gain."""
-    def ms(v):
-        return f"{v[0]:.2f} ± {v[1]:.2f}"
+    """Per setting: our numbers (n, mean ± std [95% interval]), the paired differences with verdicts, the paper."""
+    blocks = []
+    for setting in dict.fromkeys(g["setting"] for g in groups):
+        gs = [g for g in groups if g["setting"] == setting]
+        blocks.append(_setting_block(setting, gs))
+    notes = ("rank-1 / mAP in %, mean ± std [± half-width of the 95% t interval] over n seeds. Δ = paired per-seed "
+             "difference (method - reference) over the seeds both ran, with its 95% interval and the paired t-test's "
+             "p; the verdict calls a difference only at p < 0.05. Paper (TIP 2019, single runs): Table IV "
+             "(Market-1501, identification net, matched on the generated/real ratio), Table III (other datasets), "
+             "Table VII (two-stream); * = Market-1501's numbers, for the gain only (synthetic data).")
+    return "\n\n".join(blocks) + "\n\n" + notes
 
-    def num(v):
-        return None if v is None else f"{v:.2f}"
 
+def _setting_block(setting: str, gs: list[dict]) -> str:
+    g0 = gs[0]
+    protocol = "one baseline labels every seed (paper)" if g0["single_baseline"] else "per-seed baselines"
+    head = (f"setting {setting}: preset {g0['preset']}, dataset {g0['dataset']}, model {g0['model']}; "
+            f"sMpRL labels from {protocol}")
     body = []
-    for g in groups:
+    for g in gs:
         p = g["paper"]
-        ref = f"{p.table}{'*' if p.reference_only else ''}" if p else None
-        body.append((g["dataset"], g["model"], g["method"], g["num_gan"], g["order"], g["keep"], g["seeds"],
-                     ms(g["rank1"]), ms(g["mAP"]), num(g["gain_rank1"]),
-                     None if g["ratio"] is None else f"{g['ratio']:.2f}x", ref, p and p.num_gan,
-                     p and f"{p.rank1:.2f}", p and f"{p.mAP:.2f}", num(g["paper_gain_rank1"]),
-                     "" if p else g["paper_note"]))
-    head = ("dataset", "model", "method", "#GAN", "order", "keep", "n", "rank-1 (ours)", "mAP (ours)", "Δr1",
-            "gen/real", "table", "paper #GAN", "rank-1", "mAP", "Δr1", "")
-    notes = ("Δr1 = rank-1 gain over the baseline of the same dataset and model (ours: same seeds). Paper rows "
-             "(TIP 2019): Table IV (Market-1501, identification net, matched on the generated/real ratio), Table III "
-             "(other datasets, 24,000 images), Table VII (two-stream). * = Market-1501's numbers shown for the gain "
-             "only (our synthetic set has no published numbers).")
-    return format_table(head, body, align="lllrlrrrrrrlrrrrl") + "\n" + notes
+        vb, vm = g.get("vs_baseline"), g.get("vs_baseline_matched")
+        body.append((g["method"], g["num_gan"], g["order"], g["keep"], g["rank1"].n, _ms(g["rank1"]), _ms(g["mAP"]),
+                     _diff(vb and vb["rank1"]), vb["rank1"].verdict if vb and vb["rank1"] else None,
+                     _diff(vm and vm["rank1"]), None if g["ratio"] is None else f"{g['ratio']:.2f}x",
+                     f"{p.table}{'*' if p.reference_only else ''} {p.num_gan}" if p else g["paper_note"][:40],
+                     p and f"{p.rank1:.2f}", None if g["paper_gain_rank1"] is None else f"{g['paper_gain_rank1']:+.2f}"))
+    cols = ("method", "#GAN", "order", "keep", "n", "rank-1", "mAP", "Δr1 vs baseline", "verdict",
+            "Δr1 vs matched", "gen/real", "paper row", "rank-1", "Δr1")
+    return head + "\n" + format_table(cols, body, align="lrlrrrrrlrrlrr")
 
 
 def plot_gains(groups: list[dict[str, Any]], path: Path) -> Path:
-    """Bar chart: rank-1 gain over the baseline per method/#GAN, ours beside the paper's."""
+    """Bar chart: paired rank-1 gain over the baseline per method/#GAN with its 95% interval, beside the paper's."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [g for g in groups if g["method"] != "baseline" and g["gain_rank1"] is not None]
+    rows = [g for g in groups if g["method"] not in REFERENCES and g.get("vs_baseline")]
     labels = [f"{g['method']}\n{g['num_gan']}" + ("" if g["order"] == "paper" else "\n(code order)") for g in rows]
-    paper_label = "paper" + (" (Market-1501, reference)" if any(g["paper"] and g["paper"].reference_only
-                                                                 for g in rows) else "")
+    gains = [g["vs_baseline"]["rank1"] for g in rows]
     xs = range(len(rows))
     fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(rows) + 2), 4))
-    ax.bar([x - 0.2 for x in xs], [g["gain_rank1"] for g in rows], 0.4, yerr=[g["rank1"][1] for g in rows],
-           label="ours", color="#3572b0", capsize=3)
-    ax.bar([x + 0.2 for x in xs], [g["paper_gain_rank1"] or 0 for g in rows], 0.4, label=paper_label,
-           color="#d9822b")
+    ax.bar([x - 0.2 for x in xs], [d.mean for d in gains], 0.4, yerr=[d.ci or 0 for d in gains], capsize=3,
+           label=f"ours (mean, 95% interval; n={max((d.n for d in gains), default=0)})", color="#3572b0")
+    reference = any(g["paper"] and g["paper"].reference_only for g in rows)
+    ax.bar([x + 0.2 for x in xs], [g["paper_gain_rank1"] or 0 for g in rows], 0.4, color="#d9822b",
+           label="paper (Market-1501" + (", reference)" if reference else ")"))
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xticks(list(xs), labels, fontsize=8)
     ax.set_ylabel("rank-1 gain over baseline (points)")
-    ax.set_title("Generated data with virtual labels: gain over the real-data baseline")
+    ax.set_title("Generated data with virtual labels: paired gain over the real-data baseline")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -125,23 +194,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--experiment", default="mprl")
     p.add_argument("--tracking-uri", default=None, help="default: sqlite:///<--storage>/mlflow.db")
     p.add_argument("--storage", default="runs", help="the sweep's cluster.storage_path (for the default URI)")
-    p.add_argument("--sweep", help="only this sweep's parent run id (default: every finished trial)")
+    p.add_argument("--sweep", help="a sweep's parent run id or name (default: the latest sweep)")
     p.add_argument("--out", default=None, help="also write the table and chart here")
     args = p.parse_args(argv)
     uri = args.tracking_uri or tracking.default_tracking_uri(Path(args.storage).resolve())
     client, exp_id = tracking.setup(uri, args.experiment, Path(args.storage).resolve())
-    groups = summarise(collect(client, exp_id, args.sweep))
+    try:
+        found = find_sweep(client, exp_id, args.sweep) if args.sweep else latest_sweep(client, exp_id)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    groups = summarise(collect(client, exp_id, found[0])) if found else []
     if not groups:
         print(f"no finished trials in experiment {args.experiment!r} at {uri}", file=sys.stderr)
         return 1
-    text = format_report(groups)
+    text = f"sweep {found[1]} (parent run {found[0]})\n\n" + format_report(groups)
     print(text)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.out) if args.out else Path(tmp)
         out.mkdir(parents=True, exist_ok=True)
         (out / "report.txt").write_text(text + "\n")
         chart = plot_gains(groups, out / "comparison.png")
-        run_id, _ = tracking.get_or_create_run(client, exp_id, "report", args.sweep or "all", "report")
+        run_id, _ = tracking.get_or_create_run(client, exp_id, "report", found[0], "report")
         tracking.log_artifacts(client, run_id, [out / "report.txt", chart], "report")
         tracking.set_status(client, run_id, "FINISHED")
     print(f"\nchart and table logged to MLflow run {run_id}" + (f" and written to {out}" if args.out else ""))

@@ -35,18 +35,64 @@ def test_each_dataset_only_with_its_own_numbers():
     assert synth.reference_only and (synth.mAP, synth.rank1) == BASELINE
 
 
-def _row(dataset, model, method, n, seed, r1):
-    return {"dataset": dataset, "model": model, "method": method, "num_gan": n, "order": "paper", "keep": "None",
-            "seed": seed, "rank1": r1, "mAP": r1 - 0.1, "num_train": 12936}
+def _row(dataset, model, method, n, seed, r1, setting="s1"):
+    return {"setting": setting, "preset": "cpu", "dataset": dataset, "model": model, "method": method, "num_gan": n,
+            "order": "paper", "keep": "None", "seed": seed, "rank1": r1, "mAP": r1 - 0.1, "num_train": 12936,
+            "single_baseline": "False"}
 
 
-def test_summary_keeps_datasets_and_models_apart():
-    rows = [_row("market1501", "ident", "baseline", 0, s, 0.70 + s / 100) for s in range(2)]
-    rows += [_row("market1501", "ident", "dmprl2", 24000, s, 0.75) for s in range(2)]
+def test_summary_keeps_datasets_models_and_settings_apart():
+    rows = [_row("market1501", "ident", "baseline", 0, s, 0.70 + s / 100) for s in range(3)]
+    rows += [_row("market1501", "ident", "dmprl2", 24000, s, 0.75 + s / 100 + (s == 2) / 1000) for s in range(3)]
     rows += [_row("market1501", "twostream", "baseline", 0, 0, 0.80)]
+    rows += [_row("market1501", "ident", "dmprl2", 24000, 0, 0.10, setting="s2")]  # another setting: not merged
     groups = summarise(rows)
-    assert len(groups) == 3
-    dm = next(g for g in groups if g["method"] == "dmprl2")
-    assert abs(dm["gain_rank1"] - 4.5) < 1e-9  # vs the identification baseline (70.5), not the two-stream one
+    assert len(groups) == 4
+    dm = next(g for g in groups if g["method"] == "dmprl2" and g["setting"] == "s1")
+    d = dm["vs_baseline"]["rank1"]
+    assert d.n == 3 and abs(d.mean - (5 + 0.1 / 3)) < 1e-6 and d.verdict == "better" and d.p < 0.05
+    other = next(g for g in groups if g["setting"] == "s2")
+    assert other["vs_baseline"] is None and other["rank1"].n == 1  # no baseline of its own setting
     text = format_report(groups)
-    assert "Table IV" in text and "1.86x" in text and "VII" in text
+    assert "setting s1" in text and "setting s2" in text and "IV 24000" in text and "VII" in text
+
+
+def test_statistics_and_verdicts():
+    from orchestrator.stats import paired, summary
+
+    s = summary([70.0, 72.0, 74.0])
+    assert (s.n, s.mean, s.std) == (3, 72.0, 2.0) and abs(s.ci - 4.968) < 1e-3  # t(0.975, 2) * 2 / sqrt(3)
+    assert summary([70.0]).ci is None
+    noisy = paired({0: 70.0, 1: 75.0, 2: 68.0}, {0: 69.0, 1: 70.0, 2: 71.0})
+    assert noisy.verdict == "no detectable difference at n=3" and noisy.p > 0.05
+    assert paired({0: 70.0}, {0: 60.0}).verdict == "one seed: no test (n=1)"
+    assert paired({0: 60.0, 1: 61.0, 2: 59.5}, {0: 70.0, 1: 71.0, 2: 70.0}).verdict == "worse"
+    assert paired({0: 1.0}, {1: 1.0}) is None  # no common seed: nothing to pair
+
+
+def test_report_reads_one_sweep_and_never_merges_settings(tmp_path):
+    """Two sweeps of different settings in one experiment: the default report reads only the latest, and the
+    same sweep's groups stay apart when a non-swept field differs."""
+    import time
+
+    from orchestrator import tracking
+    from orchestrator.report import collect, find_sweep, latest_sweep
+
+    client, exp_id = tracking.setup(tracking.default_tracking_uri(tmp_path), "mprl", tmp_path)
+    for name, epochs in (("sweep-a-1", 12), ("sweep-b-1", 30)):
+        parent, _ = tracking.get_or_create_run(client, exp_id, "sweep", name, name)
+        run = tracking.SweepRun(client, exp_id, name, parent, "")
+        for seed in (0, 1):
+            rid, _ = run.child("trial", f"{name}/t{seed}", f"t{seed}")
+            tracking.log_params(client, rid, {"labels.method": "baseline", "labels.num_gan": 0, "reid.seed": seed,
+                                              "reid.epochs": epochs, "dataset.name": "synthetic",
+                                              "reid.num_workers": seed})  # runtime fields never split a group
+            tracking.log_metrics(client, rid, {"final_rank1": 0.5, "final_mAP": 0.4})
+            tracking.set_status(client, rid, "FINISHED")
+        time.sleep(0.02)
+    latest = latest_sweep(client, exp_id)
+    assert latest[1] == "sweep-b-1"
+    rows_b = collect(client, exp_id, latest[0])
+    rows_a = collect(client, exp_id, find_sweep(client, exp_id, "sweep-a-1")[0])
+    assert len(rows_b) == 2 and {r["setting"] for r in rows_b} != {r["setting"] for r in rows_a}
+    assert len(summarise(rows_a + rows_b)) == 2  # 12 and 30 epochs: never averaged as seeds

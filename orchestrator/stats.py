@@ -1,0 +1,77 @@
+"""The statistics the report prints: n, mean ± std, a 95% t interval, and paired per-seed differences with a test.
+
+A difference measured on one seed is not a finding: with n < 2 there is no interval and the verdict says so; with
+n >= 2 the verdict is "better" / "worse" only when the paired t-test (scipy.stats.ttest_rel, two-sided) rejects
+"no difference" at 5%, and otherwise "no detectable difference at n=N".
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+ALPHA = 0.05
+
+
+@dataclass(frozen=True)
+class Summary:
+    n: int
+    mean: float
+    std: float  # sample std (0 for n = 1)
+    ci: float | None  # half-width of the 95% t interval of the mean (None for n = 1)
+
+
+@dataclass(frozen=True)
+class Paired:
+    """method - reference over the seeds both have."""
+
+    n: int
+    mean: float
+    ci: float | None
+    p: float | None
+    verdict: str
+
+
+def summary(values: Sequence[float]) -> Summary:
+    n = len(values)
+    if n == 0:
+        raise ValueError("summary of no values")
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if n > 1 else 0.0
+    return Summary(n, mean, std, _half_width(std, n))
+
+
+def paired(method: Mapping[int, float], reference: Mapping[int, float]) -> Paired | None:
+    """Per-seed differences ``method[s] - reference[s]`` on the seeds both ran; None when they share none."""
+    seeds = sorted(set(method) & set(reference))
+    if not seeds:
+        return None
+    diffs = [method[s] - reference[s] for s in seeds]
+    s = summary(diffs)
+    p = None
+    if s.n > 1:
+        from scipy import stats
+
+        p = 1.0 if s.std == 0 and s.mean == 0 else float(stats.ttest_rel([method[k] for k in seeds],
+                                                                        [reference[k] for k in seeds]).pvalue)
+        if math.isnan(p):  # every difference equal and non-zero: the test is undefined, the sign is not
+            p = 0.0
+    return Paired(s.n, s.mean, s.ci, p, verdict(s.n, s.mean, p))
+
+
+def verdict(n: int, mean: float, p: float | None) -> str:
+    if n < 2 or p is None:
+        return f"one seed: no test (n={n})"
+    if p < ALPHA:
+        return "better" if mean > 0 else "worse"
+    return f"no detectable difference at n={n}"
+
+
+def _half_width(std: float, n: int) -> float | None:
+    if n < 2:
+        return None
+    from scipy import stats
+
+    return float(stats.t.ppf(1 - ALPHA / 2, n - 1) * std / math.sqrt(n))
