@@ -149,13 +149,13 @@ def _setting_block(setting: str, gs: list[dict]) -> str:
             f"sMpRL labels from {protocol}")
     body = []
     for g in gs:
-        p = g["paper"]
+        p, gain = g["paper"], g["paper_gain_rank1"]
         vb, vm = g.get("vs_baseline"), g.get("vs_baseline_matched")
         body.append((g["method"], g["num_gan"], g["order"], g["keep"], g["rank1"].n, _ms(g["rank1"]), _ms(g["mAP"]),
                      _diff(vb and vb["rank1"]), vb["rank1"].verdict if vb and vb["rank1"] else None,
                      _diff(vm and vm["rank1"]), None if g["ratio"] is None else f"{g['ratio']:.2f}x",
                      f"{p.table}{'*' if p.reference_only else ''} {p.num_gan}" if p else g["paper_note"][:40],
-                     p and f"{p.rank1:.2f}", None if g["paper_gain_rank1"] is None else f"{g['paper_gain_rank1']:+.2f}"))
+                     p and f"{p.rank1:.2f}", None if gain is None else f"{gain:+.2f}"))
     cols = ("method", "#GAN", "order", "keep", "n", "rank-1", "mAP", "Δr1 vs baseline", "verdict",
             "Δr1 vs matched", "gen/real", "paper row", "rank-1", "Δr1")
     return head + "\n" + format_table(cols, body, align="lrlrrrrrlrrlrr")
