@@ -94,7 +94,7 @@ def run_stages(cfg: Config, paths: pipeline.Paths, trials: list[TrialSpec], run:
     """Run (or reuse) every stage the trials need, logging each as a child run."""
     print(f"[pipeline] dataset: {dataset.out.summary}", flush=True)
     gan = generate = None
-    n_max = max((t.num_gan for t in trials), default=0)
+    n_max = max((t.num_gan for t in trials if t.method != "baseline_matched"), default=0)  # real images only
     if n_max > 0:
         gan = _logged(run, pipeline.gan_stage(cfg, paths, dataset.path), "**/samples.png")
         generate = _logged(run, pipeline.generate_stage(cfg, paths, gan, n_max))

@@ -59,7 +59,7 @@ class TrialContext:
 def normalise(t: TrialSpec) -> TrialSpec:
     if t.method == "baseline" or t.num_gan == 0:
         return TrialSpec("baseline", 0, "paper", None, t.seed)
-    if t.method not in MPRL_METHODS:
+    if t.method not in MPRL_METHODS:  # (baseline_matched keeps its #GAN: it is the number of steps it matches)
         return TrialSpec(t.method, t.num_gan, "paper", None, t.seed)
     return t
 

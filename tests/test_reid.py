@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -127,3 +129,24 @@ def test_paper_input_pipelines_train_and_evaluate(augment, tmp_path, tiny_root, 
     cfg = tiny_cfg("reid.epochs=1", "labels.method=baseline", "reid.image_size=[28, 14]", f"reid.augment={augment}")
     res = _train(cfg, ReidInputs(str(tiny_root)), tmp_path / "runs", augment)
     assert 0 <= res["rank1"] <= 1 and res["num_train"] > 0
+
+
+def test_compute_matched_baseline_trains_as_many_steps_on_real_images(tmp_path, tiny_root, tiny_split, tiny_cfg):
+    """baseline_matched at #GAN=N: the steps of a run with N generated images, every image real, no GAN needed."""
+    from trainables.reid import _generated
+
+    cfg = tiny_cfg("labels.method=baseline_matched", "labels.num_gan=40")
+    extra, ranks = _generated(cfg.labels, ReidInputs(str(tiny_root)), tiny_split.train, 0)
+    assert len(extra) == 40 and ranks is None and not any(r.generated for r in extra)
+    assert set(extra) <= set(tiny_split.train)  # repeats of the real images, from shuffled cycles
+    res = _train(cfg, ReidInputs(str(tiny_root)), tmp_path / "runs", "matched")  # no store: none needed
+    assert res["num_gan"] == 40 and 0 <= res["rank1"] <= 1
+    base = _train(tiny_cfg("labels.method=baseline"), ReidInputs(str(tiny_root)), tmp_path / "runs", "base")
+
+    def images_trained(name):  # images of the last epoch = images/s x seconds
+        m = json.loads(sorted((tmp_path / "runs" / name).glob("checkpoint_*/metrics.json"))[-1].read_text())
+        return round(m["images_per_s"] * m["epoch_time_s"])
+
+    n_real = len(tiny_split.train)
+    assert base["num_gan"] == 0 and images_trained("base") == n_real
+    assert images_trained("matched") == n_real + 40  # the steps of an LSRO run with 40 generated images

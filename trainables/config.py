@@ -23,7 +23,9 @@ DATASETS = ("synthetic", "market1501", "dukemtmc", "cuhk03np")
 BACKBONES = ("resnet18", "resnet34", "resnet50")  # trainables/models.py builds torchvision.models.<name>
 REID_MODELS = ("ident", "twostream")  # trainables/models.py
 # trainables/labels.py implements these (and imports the lists from here)
-LABEL_METHODS = ("baseline", "allinone", "pseudo", "lsro", "smprl", "dmprl1", "dmprl2")
+# baseline_matched: the compute-matched control, real images only but as many optimizer steps per epoch as a
+# method's run with labels.num_gan generated images (its extra batch slots are filled with more real images)
+LABEL_METHODS = ("baseline", "allinone", "pseudo", "lsro", "smprl", "dmprl1", "dmprl2", "baseline_matched")
 LABEL_ORDERS = ("paper", "reference_code")
 BEFORE_SWITCH = ("ignore", "exclude")
 AUGMENTS = ("pad_crop", "paper", "reference_code")  # datasets/torch_data.py build_transform

@@ -171,7 +171,7 @@ def default_gen_weight(method: str) -> float:
     """lambda for generated images: pseudo 0.1 (LSRO paper §4.2), dmprl2 0.1 (TIP, dMpRL-II), baseline 0, others 1."""
     if method not in METHODS:
         raise ValueError(f"labels.method must be one of {METHODS}, got {method!r}")
-    return {"baseline": 0.0, "pseudo": 0.1, "dmprl2": 0.1}.get(method, 1.0)
+    return {"baseline": 0.0, "baseline_matched": 0.0, "pseudo": 0.1, "dmprl2": 0.1}.get(method, 1.0)
 
 
 def switch_epoch_for(epochs: int, fraction: float = PAPER_SWITCH_FRACTION) -> int:
@@ -232,7 +232,7 @@ def _check_epoch(epoch: int) -> None:
 def is_active(spec: LabelSpec, epoch: int) -> bool:
     """Whether generated images carry loss in 0-based `epoch` (Algorithm 1: pseudo/dMpRL-II from the switch)."""
     _check_epoch(epoch)
-    if spec.method == "baseline":
+    if spec.method in ("baseline", "baseline_matched"):  # matched: its extra slots hold real images
         return False
     return epoch >= spec.switch_epoch if spec.method in SWITCHED_METHODS else True
 
@@ -269,8 +269,8 @@ def _generated_targets(spec: LabelSpec, logits: Tensor, static_ranks: Tensor | N
             q[:, k] = 1.0  # the extra class K
         case "pseudo":
             q.scatter_(1, real_logits.argmax(dim=1, keepdim=True), 1.0)  # one-hot on argmax p
-        case "lsro" | "baseline":
-            q[:, :k] = 1.0 / k  # baseline: weight 0, any distribution will do
+        case "lsro" | "baseline" | "baseline_matched":
+            q[:, :k] = 1.0 / k  # baselines: weight 0, any distribution will do
         case "smprl":
             q[:, :k] = _targets_from_ranks(static_ranks, keep=spec.keep, order=spec.order)
         case "dmprl1" | "dmprl2":

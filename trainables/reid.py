@@ -67,7 +67,7 @@ def reid_loop(config: dict) -> dict[str, Any]:
     inputs, ctx = ReidInputs(**config["inputs"]), runtime.context()  # [1] rank, world size, device
     seed_everything(reid.seed, ctx.rank)
     split = load(inputs.data_root)
-    gen, static_ranks = _generated(labels, inputs)
+    gen, static_ranks = _generated(labels, inputs, split.train, reid.seed)
     records, num_classes = (*split.train, *gen), split.num_train_ids
     spec = label_spec(reid, labels, num_classes)
     model, optimizer, scheduler = build_training(reid, spec, weight_decay(reid, labels), ctx)
@@ -107,9 +107,15 @@ def _evaluates(reid: ReidConfig, epoch: int) -> bool:
     return epoch == reid.epochs - 1 or bool(reid.eval_every and (epoch + 1) % reid.eval_every == 0)
 
 
-def _generated(labels: LabelsConfig, inputs: ReidInputs) -> tuple[tuple[Record, ...], np.ndarray | None]:
+def _generated(labels: LabelsConfig, inputs: ReidInputs, train: tuple[Record, ...],
+               seed: int) -> tuple[tuple[Record, ...], np.ndarray | None]:
+    """The records after the real ones (generated images, or real repeats for baseline_matched) and static ranks."""
     if labels.method == "baseline" or labels.num_gan == 0:
         return (), None
+    if labels.method == "baseline_matched":  # as many steps as num_gan generated images would add, real images
+        rng = np.random.default_rng([seed, 17])
+        cycle = np.concatenate([rng.permutation(len(train)) for _ in range(-(-labels.num_gan // len(train)))])
+        return tuple(train[i] for i in cycle[:labels.num_gan]), None
     if not inputs.store_root:
         raise ValueError(f"labels.method={labels.method!r} with labels.num_gan={labels.num_gan} needs a "
                          f"generated-image store (run the generation stage or pass --gan-store)")
