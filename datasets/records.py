@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Iterable, Sequence
 
+import numpy as np
+
 JUNK_PID = -1  # Market-1501: junk detections, ignored in evaluation
 DISTRACTOR_PID = 0  # Market-1501: distractors, ordinary negatives in evaluation
 
@@ -58,3 +60,30 @@ def relabel(records: Iterable[Record]) -> tuple[tuple[Record, ...], dict[int, in
     pid2label = {pid: i for i, pid in enumerate(pids)}
     out = tuple(r if r.generated else replace(r, label=pid2label[r.pid]) for r in records)
     return out, pid2label
+
+
+def hold_out(split: Split, num_ids: int, seed: int = 0) -> tuple[Split, Split]:
+    """(training split without ``num_ids`` identities, a validation split built from them).
+
+    The validation split follows the test protocol: per held-out identity and camera one image is a query and
+    the rest are gallery images, so every query has a cross-camera match. Only identities seen by two cameras or
+    more are held out, chosen by ``seed`` (the same for every training seed: one validation set per dataset).
+    The remaining training images are relabelled 0..K'-1. For model selection and early stopping, never the test set.
+    """
+    by_pid: dict[int, list[Record]] = {}
+    for r in split.train:
+        by_pid.setdefault(r.pid, []).append(r)
+    eligible = sorted(p for p, rs in by_pid.items() if len({r.camid for r in rs}) >= 2)
+    if not 1 <= num_ids <= len(eligible) or num_ids >= len(by_pid) - 1:
+        raise ValueError(f"reid.val_ids={num_ids}: {split.root or 'the dataset'} has {len(by_pid)} training ids, "
+                         f"{len(eligible)} of them in 2+ cameras; hold out 1..{min(len(eligible), len(by_pid) - 2)}")
+    held = set(np.random.default_rng([seed, 29]).choice(eligible, size=num_ids, replace=False).tolist())
+    query, gallery = [], []
+    for pid in sorted(held):
+        for cam in sorted({r.camid for r in by_pid[pid]}):
+            shots = sorted(r for r in by_pid[pid] if r.camid == cam)
+            query.append(shots[0])
+            gallery.extend(shots[1:])
+    train, _ = relabel(r for r in split.train if r.pid not in held)
+    val = Split(train=(), query=tuple(query), gallery=tuple(gallery), root=split.root)
+    return Split(train=train, query=split.query, gallery=split.gallery, root=split.root), val

@@ -51,7 +51,7 @@ class SweepConfig:
     seeds: tuple[int, ...] = (0,)
     search: str = "grid"  # grid: every combination | random: num_samples draws
     num_samples: int = 1
-    asha: bool = False  # ASHA early stopping on rank-1 (needs reid.eval_every > 0)
+    asha: bool = False  # ASHA early stopping on validation rank-1 (needs reid.val_ids > 0 and reid.eval_every > 0)
     max_concurrent: int = 0  # 0 = from the cluster's resources
     in_process: bool = True  # run single-worker trials inside the Tune trial (no Train worker group)
     # sMpRL labels of every seed from the baseline of reid.seed (the paper's protocol: one baseline); false: each
@@ -112,7 +112,8 @@ class Config:
     def __post_init__(self) -> None:
         check_choice("preset", self.preset, PRESETS)
         if self.sweep.asha and self.reid.eval_every == 0:
-            raise ValueError("sweep.asha=true needs reid.eval_every > 0 (ASHA compares trials on rank1)")
+            raise ValueError("sweep.asha=true needs reid.eval_every > 0 and reid.val_ids > 0 (ASHA compares trials "
+                             "on the validation split's rank-1, never on the test split)")
         if self.labels.keep is not None and self.dataset.name == "synthetic":
             if self.labels.keep > self.dataset.synthetic_ids:
                 raise ValueError(
@@ -133,7 +134,7 @@ PAPER: dict[str, dict[str, Any]] = {
     "gan": {"image_size": [128, 128], "epochs": 30, "use_gpu": True},
     "reid": {"backbone": "resnet50", "pretrained": "imagenet", "embed_dim": None, "dropout": 0.75,
              "image_size": [224, 224], "augment": "paper", "epochs": 50, "lr_step_epoch": 40, "batch_size": 64,
-             "lr": 0.002, "new_lr_mult": 50.0, "use_gpu": True, "loader_workers": 8, "eval_every": 10,
+             "lr": 0.002, "new_lr_mult": 50.0, "use_gpu": True, "loader_workers": 8,
              "ap": "market"},
     "labels": {"num_gan": 24000, "switch_at": 20},
     "sweep": {"methods": ["baseline", "allinone", "pseudo", "lsro", "smprl", "dmprl1", "dmprl2"],
@@ -161,7 +162,7 @@ PRESET_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
         "gan": {"image_size": [64, 32], "g_width": 32, "d_width": 32, "epochs": 20, "batch_size": 16,
                 "num_workers": 0},
         "reid": {"backbone": "resnet18", "embed_dim": 256, "image_size": [128, 64], "epochs": 12,
-                 "batch_size": 32, "lr": 0.02, "loader_workers": 1, "eval_every": 4},
+                 "batch_size": 32, "lr": 0.02, "loader_workers": 1},
         "labels": {"num_gan": 480},
         "sweep": {"methods": ["baseline", "lsro", "smprl", "dmprl1", "dmprl2"], "num_gan": [480]},
     },

@@ -17,7 +17,7 @@ from orchestrator.pipeline import BaselineOut
 from trainables.reid import METRICS, ReidInputs
 
 MPRL_METHODS = ("smprl", "dmprl1", "dmprl2")
-EPOCH_METRICS = ("loss", "train_acc", "images_per_s", "lr", *METRICS, "mINP")
+EPOCH_METRICS = ("loss", "train_acc", "images_per_s", "lr", "val_rank1", "val_mAP", *METRICS, "mINP")
 
 
 @dataclass(frozen=True)

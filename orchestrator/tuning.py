@@ -131,7 +131,7 @@ def _tune_config(cfg: Config):
 
     scheduler = None
     if cfg.sweep.asha:  # epochs without evaluation carry no rank1; ASHA decides at the ones that do
-        scheduler = ASHAScheduler(time_attr="training_iteration", metric="rank1", mode="max",
+        scheduler = ASHAScheduler(time_attr="training_iteration", metric="val_rank1", mode="max",
                                   max_t=cfg.reid.epochs, grace_period=max(1, cfg.reid.eval_every))
     return ray.tune.TuneConfig(scheduler=scheduler, reuse_actors=True,  # skip re-imports per trial
                                max_concurrent_trials=cluster.max_concurrent(cfg))

@@ -170,3 +170,12 @@ def test_paper_presets_are_the_papers_grid_and_resolve_without_warnings(caplog):
 def test_orders_at_must_be_swept():
     with pytest.raises(ValueError, match="sweep.orders_at contains 5"):
         load_config("smoke", overrides=["sweep.orders_at=[5]"])
+
+
+def test_periodic_evaluation_and_asha_read_the_validation_split_only():
+    with pytest.raises(ValueError, match="reid.eval_every=2 evaluates a validation split"):
+        load_config("smoke", overrides=["reid.eval_every=2"])
+    with pytest.raises(ValueError, match="never on the test split"):
+        load_config("smoke", overrides=["sweep.asha=true", "reid.val_ids=2"])
+    cfg = load_config("smoke", overrides=["sweep.asha=true", "reid.val_ids=2", "reid.eval_every=1"])
+    assert cfg.reid.val_ids == 2

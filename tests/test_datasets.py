@@ -139,3 +139,20 @@ def test_image_dataset_names_unreadable_file(tmp_path):
     ds = ImageDataset([Record(str(p), 1, 0, label=0)], build_transform((32, 16), train=False))
     with pytest.raises(OSError, match="0001_c1s1_000001_01.jpg"):
         ds[0]
+
+
+def test_hold_out_builds_a_validation_split_like_the_test_protocol(tiny_split):
+    from datasets.records import hold_out
+
+    train, val = hold_out(tiny_split, 2)
+    held = {r.pid for r in val.query}
+    assert len(held) == 2 and not held & {r.pid for r in train.train}
+    assert train.num_train_ids == tiny_split.num_train_ids - 2
+    assert sorted({r.label for r in train.train}) == list(range(train.num_train_ids))  # relabelled 0..K'-1
+    assert train.query == tiny_split.query and train.gallery == tiny_split.gallery  # the test split is untouched
+    for q in val.query:  # every query has a match in another camera, and one query per (id, camera)
+        assert any(g.pid == q.pid and g.camid != q.camid for g in (*val.gallery, *val.query) if g is not q)
+    assert len({(q.pid, q.camid) for q in val.query}) == len(val.query)
+    assert hold_out(tiny_split, 2) == (train, val)  # one validation set per dataset, whatever the training seed
+    with pytest.raises(ValueError, match="reid.val_ids=99"):
+        hold_out(tiny_split, 99)

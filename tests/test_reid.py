@@ -150,3 +150,11 @@ def test_compute_matched_baseline_trains_as_many_steps_on_real_images(tmp_path, 
     n_real = len(tiny_split.train)
     assert base["num_gan"] == 0 and images_trained("base") == n_real
     assert images_trained("matched") == n_real + 40  # the steps of an LSRO run with 40 generated images
+
+
+def test_validation_every_epoch_test_only_at_the_end(tmp_path, tiny_root, tiny_cfg):
+    cfg = tiny_cfg("reid.epochs=2", "labels.method=baseline", "reid.val_ids=2", "reid.eval_every=1")
+    res = _train(cfg, ReidInputs(str(tiny_root)), tmp_path / "runs", "v")
+    epochs = [json.loads(p.read_text()) for p in sorted((tmp_path / "runs" / "v").glob("checkpoint_*/metrics.json"))]
+    assert [("val_rank1" in m, "rank1" in m) for m in epochs] == [(True, False), (True, True)]
+    assert res["rank1"] == epochs[-1]["rank1"] and res["num_classes"] == 4  # 6 training ids, 2 held out

@@ -141,7 +141,10 @@ class ReidConfig:
     loader_workers: int = 2  # DataLoader processes per Ray Train worker
     amp: bool = True  # bf16 autocast (GPU only)
     channels_last: bool = True  # GPU only
-    eval_every: int = 0  # evaluate every N epochs (0 = only at the end)
+    # identities held out of training as a validation split (query/gallery as in the test protocol): what periodic
+    # evaluation, ASHA and any "best" choice read; the test split is evaluated once, for the final model
+    val_ids: int = 0
+    eval_every: int = 0  # evaluate the validation split every N epochs (needs val_ids > 0; 0 = never)
     distance: str = "cosine"
     flip_test: bool = True
     ap: str = "standard"  # standard (torchreid) | market (the devkit; the paper's numbers)
@@ -174,6 +177,10 @@ class ReidConfig:
             raise ValueError(f"reid.pos_fraction={self.pos_fraction} must be in (0, 1)")
         check_positive("reid.loader_workers", self.loader_workers, allow_zero=True)
         check_positive("reid.eval_every", self.eval_every, allow_zero=True)
+        check_positive("reid.val_ids", self.val_ids, allow_zero=True)
+        if self.eval_every and not self.val_ids:
+            raise ValueError(f"reid.eval_every={self.eval_every} evaluates a validation split: set reid.val_ids > 0 "
+                             f"(training identities held out); the test split is evaluated once, at the end")
         check_workers("reid", self.num_workers, self.batch_size)
 
 

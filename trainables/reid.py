@@ -20,7 +20,7 @@ import torch
 
 from datasets.generated import GeneratedStore
 from datasets.market1501 import load
-from datasets.records import Record
+from datasets.records import Record, hold_out
 from trainables import runtime
 from trainables.config import LabelsConfig, ReidConfig, build, to_dict
 from trainables.engine import ident_step, pair_step, train_one_epoch
@@ -66,7 +66,9 @@ def reid_loop(config: dict) -> dict[str, Any]:
     reid, labels = build(ReidConfig, config["reid"], "reid."), build(LabelsConfig, config["labels"], "labels.")
     inputs, ctx = ReidInputs(**config["inputs"]), runtime.context()  # [1] rank, world size, device
     seed_everything(reid.seed, ctx.rank)
-    split = load(inputs.data_root)
+    split, val = load(inputs.data_root), None
+    if reid.val_ids:
+        split, val = hold_out(split, reid.val_ids)  # the same identities for every seed
     gen, static_ranks = _generated(labels, inputs, split.train, reid.seed)
     records, num_classes = (*split.train, *gen), split.num_train_ids
     spec = label_spec(reid, labels, num_classes)
@@ -88,7 +90,10 @@ def reid_loop(config: dict) -> dict[str, Any]:
                                   channels_last=channels_last, on_step=hook)
         scheduler.step()
         metrics.update(epoch=epoch, lr=optimizer.param_groups[0]["lr"])
-        if ctx.rank == 0 and _evaluates(reid, epoch):
+        if ctx.rank == 0 and val is not None and _validates(reid, epoch):
+            res = evaluate_model(runtime.unwrap(model), val, reid, ctx.device)
+            metrics.update({f"val_{k}": res[k] for k in ("rank1", "mAP")})
+        if ctx.rank == 0 and epoch == reid.epochs - 1:  # the test split: the final model only
             final = evaluate_model(runtime.unwrap(model), split, reid, ctx.device)
             metrics.update({k: final[k] for k in (*METRICS, "mINP")})
         _log_epoch(ctx.rank, epoch, reid.epochs, metrics)
@@ -102,9 +107,9 @@ def reid_loop(config: dict) -> dict[str, Any]:
             "num_train": len(split.train)}
 
 
-def _evaluates(reid: ReidConfig, epoch: int) -> bool:
-    """Evaluate after the last epoch and every ``reid.eval_every`` epochs."""
-    return epoch == reid.epochs - 1 or bool(reid.eval_every and (epoch + 1) % reid.eval_every == 0)
+def _validates(reid: ReidConfig, epoch: int) -> bool:
+    """Evaluate the validation split every ``reid.eval_every`` epochs and after the last."""
+    return bool(reid.eval_every) and ((epoch + 1) % reid.eval_every == 0 or epoch == reid.epochs - 1)
 
 
 def _generated(labels: LabelsConfig, inputs: ReidInputs, train: tuple[Record, ...],
@@ -188,7 +193,8 @@ def _epoch_loader(reid: ReidConfig, train: tuple[Record, ...], records: tuple[Re
 def _log_epoch(rank: int, epoch: int, epochs: int, m: dict) -> None:
     if rank != 0:
         return
-    evald = f"  rank-1 {m['rank1']:.3f}  mAP {m['mAP']:.3f}" if "rank1" in m else ""
+    evald = f"  val rank-1 {m['val_rank1']:.3f}  val mAP {m['val_mAP']:.3f}" if "val_rank1" in m else ""
+    evald += f"  test rank-1 {m['rank1']:.3f}  test mAP {m['mAP']:.3f}" if "rank1" in m else ""
     print(f"[reid] epoch {epoch + 1}/{epochs}  loss {m['loss']:.4f}  acc {m['train_acc']:.3f}  "
           f"{m['images_per_s']:.0f} img/s{evald}", flush=True)
 
