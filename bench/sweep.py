@@ -57,7 +57,7 @@ def tune_results(tune_dir: Path) -> dict[str, dict[str, float]]:
                 by_iter[r.get("training_iteration", len(by_iter))] = r
         results = [by_iter[k] for k in sorted(by_iter)]
         timed = [r["epoch_time_s"] for r in results if "epoch_time_s" in r]
-        out[TrialSpec(**params["trial"]).key] = {"train_s": sum(timed), "epochs": len(timed),
+        out[TrialSpec.from_key(params["trial"]).key] = {"train_s": sum(timed), "epochs": len(timed),
                                              "in_tune_s": results[-1].get("time_total_s", 0.0) if results else 0.0}
     return out
 

@@ -17,12 +17,14 @@ import yaml
 
 from trainables.config import (  # noqa: F401
     AP_MODES,
+    AUGMENTS,
     BACKBONES,
     BEFORE_SWITCH,
     DATASETS,
     DISTANCES,
     LABEL_METHODS,
     LABEL_ORDERS,
+    PRETRAINED,
     REID_MODELS,
     DatasetConfig,
     GanConfig,
@@ -175,6 +177,18 @@ PRESET_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
         "sweep": {"methods": ["baseline", "lsro", "dmprl2"], "num_gan": [24000], "seeds": [0, 1, 2]},
     },
 }
+
+
+def choices_help() -> str:
+    """The presets and the choice-valued keys, for ``--help`` of every entry point."""
+    lines = [f"presets: {', '.join(PRESETS)} (see README)", "choices (--set key=value):"]
+    for key, options in (("dataset.name", DATASETS), ("reid.model", REID_MODELS), ("reid.backbone", BACKBONES),
+                         ("reid.augment", AUGMENTS), ("reid.pretrained", (*PRETRAINED, "PATH", "null")),
+                         ("labels.method / sweep.methods", LABEL_METHODS),
+                         ("labels.order / sweep.orders", LABEL_ORDERS), ("reid.distance", DISTANCES),
+                         ("reid.ap", AP_MODES), ("sweep.search", SEARCHES)):
+        lines.append(f"  {key}: {', '.join(options)}")
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------- construction

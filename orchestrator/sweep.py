@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import cluster, pipeline, tracking
-from orchestrator.config import PRESETS, Config, config_hash, dump_yaml, flat_dict, load_config
+from orchestrator.config import PRESETS, Config, choices_help, config_hash, dump_yaml, flat_dict, load_config
 from orchestrator.tables import format_table, pct
 from orchestrator.trials import TrialContext, TrialSpec, build_trials
 from orchestrator.tuning import tune_trials
@@ -174,7 +174,8 @@ def _summarise(run: tracking.SweepRun, rows: list[dict[str, Any]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=choices_help(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="cpu", choices=PRESETS, help="default cpu")
     p.add_argument("--config", help="YAML file of overrides")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

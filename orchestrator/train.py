@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from orchestrator.config import LABEL_METHODS, PRESETS, Config, config_hash, load_config
+from orchestrator.config import LABEL_METHODS, PRESETS, Config, choices_help, config_hash, load_config
 from orchestrator.pipeline import dataset_root
 
 
@@ -83,7 +83,8 @@ class _ray_if:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__ + "\n" + choices_help())
     sub = p.add_subparsers(dest="stage", required=True)
     gan = sub.add_parser("gan", help="train one DCGAN and generate images")
     reid = sub.add_parser("reid", help="train and evaluate one re-ID configuration")

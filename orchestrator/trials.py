@@ -35,6 +35,12 @@ class TrialSpec:
         keep = "all" if self.keep is None else self.keep
         return f"{self.method}-n{self.num_gan}-{self.order}-k{keep}-s{self.seed}"
 
+    @classmethod
+    def from_key(cls, key: str) -> "TrialSpec":
+        """The inverse of :attr:`key` (what Tune's search space and live table hold)."""
+        method, n, order, keep, seed = key.split("-")
+        return cls(method, int(n[1:]), order, None if keep == "kall" else int(keep[1:]), int(seed[1:]))
+
     def overrides(self) -> dict[str, Any]:
         return {"labels.method": self.method, "labels.num_gan": self.num_gan, "labels.order": self.order,
                 "labels.keep": self.keep, "reid.seed": self.seed}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     from mlflow.tracking import MlflowClient
 
     mlflow.set_tracking_uri(ctx.tracking_uri)  # tracking.log_model logs through the fluent API
-    trial = TrialSpec(**config["trial"])
+    trial = TrialSpec.from_key(config["trial"])
     cfg = replace(ctx.cfg, **trial.overrides())
     client = MlflowClient(ctx.tracking_uri)
     run_id = ctx.run_ids[trial.key]
@@ -110,7 +109,7 @@ def tune_trials(cfg: Config, trials: list[TrialSpec], ctx: TrialContext, experim
     """Run the trials on Ray Tune (or resume the interrupted ``experiment``); one result row per trial."""
     import ray.tune
 
-    space = {"trial": ray.tune.grid_search([asdict(t) for t in trials])}
+    space = {"trial": ray.tune.grid_search([t.key for t in trials])}  # the live table shows each trial's key
     trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, ctx=ctx), cluster.trial_resources(cfg))
     if resume and ray.tune.Tuner.can_restore(str(experiment)):
         print(f"[sweep] resuming {experiment}", flush=True)
@@ -134,7 +133,13 @@ def _tune_config(cfg: Config):
         scheduler = ASHAScheduler(time_attr="training_iteration", metric="val_rank1", mode="max",
                                   max_t=cfg.reid.epochs, grace_period=max(1, cfg.reid.eval_every))
     return ray.tune.TuneConfig(scheduler=scheduler, reuse_actors=True,  # skip re-imports per trial
-                               max_concurrent_trials=cluster.max_concurrent(cfg))
+                               max_concurrent_trials=cluster.max_concurrent(cfg), trial_name_creator=trial_name,
+                               trial_dirname_creator=trial_name)
+
+
+def trial_name(trial) -> str:
+    """Tune's name for a trial: method, #GAN, order, keep and seed (``lsro-n480-paper-kall-s0``)."""
+    return trial.config["trial"]
 
 
 class EpochLogger(Callback):
@@ -148,7 +153,7 @@ class EpochLogger(Callback):
         from mlflow.tracking import MlflowClient
 
         self._client = self._client or MlflowClient(self.tracking_uri)
-        run_id = self.run_ids[TrialSpec(**trial.config["trial"]).key]
+        run_id = self.run_ids[trial.config["trial"]]
         step = int(result.get("epoch", result.get("training_iteration", 0)))
         tracking.log_metrics(self._client, run_id, {k: result[k] for k in EPOCH_METRICS if k in result}, step=step)
 
@@ -159,7 +164,7 @@ def results_rows(grid, trials: list[TrialSpec]) -> list[dict[str, Any]]:
     for res in grid:
         if not res.config:  # a trial that never started (interrupted sweep)
             continue
-        t, m = TrialSpec(**res.config["trial"]), res.metrics or {}
+        t, m = TrialSpec.from_key(res.config["trial"]), res.metrics or {}
         by_key[t.key] = {**_row(t), **{k: m.get(k) for k in METRICS},
                          "error": None if res.error is None else f"{type(res.error).__name__}: {res.error}"[:200]}
     return [by_key.get(t.key, {**_row(t), "error": "not run"}) for t in trials]

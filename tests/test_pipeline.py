@@ -86,3 +86,10 @@ def test_stage_cache_reuse_failure_and_corruption(tmp_path):
         run_stage(paths, "toy", "k2", Toy, boom)
     assert not (tmp_path / "stages" / "toy-k2" / DONE).exists()  # never looks complete
     assert json.loads((rebuilt.path / DONE).read_text())["key"] == "k1"
+
+
+def test_trial_keys_round_trip():
+    """Tune's search space and live table hold the trial key; it parses back to the same settings."""
+    for t in (TrialSpec("baseline", 0), TrialSpec("smprl", 480, "reference_code", 5, 2),
+              TrialSpec("baseline_matched", 480, "paper", None, 1)):
+        assert TrialSpec.from_key(t.key) == t
