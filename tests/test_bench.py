@@ -144,8 +144,8 @@ def _run(name: str, end_s: float, cached: str | None = None, kind: str = "trial"
 def test_sweep_bench_splits_trial_time(tmp_path):
     from bench.sweep import phase_rows, trainings, trial_rows, tune_results
 
-    trial = {"method": "lsro", "num_gan": 64, "order": "paper", "keep": None, "seed": 0}
-    folder = tmp_path / "run_trial_0001"
+    trial = "lsro-n64-paper-kall-s0"  # the search space holds the trial key
+    folder = tmp_path / "lsro-n64-paper-kall-s0"
     folder.mkdir()
     (folder / "params.json").write_text(json.dumps({"trial": trial}))
     lines = [{"training_iteration": 1, "epoch_time_s": 2.0, "time_total_s": 5.0},
