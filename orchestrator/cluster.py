@@ -243,8 +243,23 @@ def connect(cfg: Any) -> None:
         ray.init(address=cfg.cluster.address)
         return
     num_cpus = cfg.cluster.num_cpus or max(3, os.cpu_count() or 1)
+    dashboard = {}
+    if not runs_in_process(cfg):
+        # Trials that drive Ray Train runs: when Tune stops one (ASHA), its Train controller dies with the trial
+        # actor and Train's PlacementGroupCleaner frees the workers' placement group once the State API (served by
+        # the dashboard) says so; without it the next trial waits for those CPUs/GPUs forever. Pin the State API
+        # address (inherited by the workers): with other Ray instances on the machine auto-detection fails.
+        port = _free_port()
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        dashboard = {"include_dashboard": True, "dashboard_port": port}
     # address="local": always a fresh instance, never one some other user's `ray start` left on this machine
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    ray.init(address="local", num_cpus=num_cpus, log_to_driver=True, **{"include_dashboard": False, **dashboard})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def trial_resources(cfg: Any) -> dict[str, float]:

@@ -38,6 +38,7 @@ from trainables.config import (  # noqa: F401
 )
 
 SEARCHES = ("grid", "random")
+TEST_METRICS = ("rank1", "rank5", "rank10", "mAP", "mINP")  # of the test split: reported, never selected on
 PRESETS = ("smoke", "cpu", "paper", "paper-twostream")
 
 
@@ -53,7 +54,9 @@ class SweepConfig:
     seeds: tuple[int, ...] = (0,)
     search: str = "grid"  # grid: every combination | random: num_samples draws
     num_samples: int = 1
-    asha: bool = False  # ASHA early stopping on validation rank-1 (needs reid.val_ids > 0 and reid.eval_every > 0)
+    asha: bool = False  # ASHA early stopping (needs reid.eval_every > 0; validation metrics need reid.val_ids > 0)
+    asha_metric: str = "val_rank1"  # what ASHA compares: a validation or training metric, never a test metric
+    asha_mode: str = "max"  # max | min
     max_concurrent: int = 0  # 0 = from the cluster's resources
     in_process: bool = True  # run single-worker trials inside the Tune trial (no Train worker group)
     # sMpRL labels of every seed from the baseline of reid.seed (the paper's protocol: one baseline); false: each
@@ -78,6 +81,10 @@ class SweepConfig:
             if k is not None and k < 1:
                 raise ValueError(f"sweep.keeps contains {k}; each must be None or >= 1")
         check_choice("sweep.search", self.search, SEARCHES)
+        check_choice("sweep.asha_mode", self.asha_mode, ("max", "min"))
+        if self.asha_metric in TEST_METRICS:
+            raise ValueError(f"sweep.asha_metric={self.asha_metric!r} is a test metric: test metrics never stop or "
+                             f"select trials; use val_rank1 or val_mAP (with reid.val_ids > 0)")
         check_positive("sweep.num_samples", self.num_samples)
         check_positive("sweep.max_concurrent", self.max_concurrent, allow_zero=True)
         check_positive("sweep.max_failures", self.max_failures, allow_zero=True)

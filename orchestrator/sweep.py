@@ -20,7 +20,7 @@ from orchestrator import cluster, pipeline, tracking
 from orchestrator.config import PRESETS, Config, choices_help, config_hash, dump_yaml, flat_dict, load_config
 from orchestrator.tables import format_table, pct
 from orchestrator.trials import TrialContext, TrialSpec, build_trials
-from orchestrator.tuning import tune_trials
+from orchestrator.tuning import TAG_STOPPED_AFTER, tune_trials
 from trainables.reid import ReidInputs
 
 
@@ -148,6 +148,7 @@ def _run_trials(cfg: Config, trials: list[TrialSpec], stages: pipeline.Stages, r
     status = {t.key: run.client.get_run(run_ids[t.key]).info.status for t in trials}
     for row in rows:
         row["status"] = status[row["trial"]]
+        row["stopped_after"] = run.client.get_run(run_ids[row["trial"]]).data.tags.get(TAG_STOPPED_AFTER)
         if row["status"] == "FAILED":  # the trial's own message, not Ray's wrapped traceback header
             tag = run.client.get_run(run_ids[row["trial"]]).data.tags.get("mprl.error")
             row["error"] = tag or row.get("error") or "failed"
@@ -163,7 +164,8 @@ def results_table(rows: list[dict[str, Any]]) -> str:
     """The sweep's table: one line per trial, rank-1/5 and mAP in percent, failures with their message."""
     body = [(r["method"], r["num_gan"], r["order"], "all" if r["keep"] is None else r["keep"], r["seed"],
              pct(r.get("rank1")), pct(r.get("rank5")), pct(r.get("mAP")),
-             f"FAILED: {r['error']}" if r.get("error") else "") for r in rows]
+             f"FAILED: {r['error']}" if r.get("error") else
+             f"stopped early after epoch {r['stopped_after']}" if r.get("stopped_after") else "") for r in rows]
     return format_table(("method", "#GAN", "order", "keep", "seed", "rank-1", "rank-5", "mAP", ""), body,
                         align="lrlrrrrrl")
 

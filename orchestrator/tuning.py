@@ -44,6 +44,15 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
         else:
             result = _train(cfg, ctx, trial)
         _finish(client, run_id, cfg, trial, result, ctx)
+    except SystemExit as err:
+        # Tune stops a function trial (a scheduler's STOP, the end of the sweep, actor reuse) by raising
+        # SystemExit(0) inside ray.tune.report; its runner thread takes that as a clean exit. Not a failure:
+        # leave the MLflow run alone (the driver's EpochLogger.on_trial_complete records a scheduler's stop; an
+        # interrupted sweep leaves the run RUNNING and the driver marks it KILLED).
+        if err.code not in (None, 0):
+            client.set_tag(run_id, "mprl.error", f"SystemExit: {err.code}"[:5000])
+            tracking.set_status(client, run_id, "FAILED")
+        raise
     except BaseException as err:
         client.set_tag(run_id, "mprl.error", f"{type(err).__name__}: {err}"[:5000])
         tracking.set_status(client, run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
@@ -129,10 +138,16 @@ def _tune_config(cfg: Config):
     from ray.tune.schedulers import ASHAScheduler
 
     scheduler = None
-    if cfg.sweep.asha:  # epochs without evaluation carry no rank1; ASHA decides at the ones that do
-        scheduler = ASHAScheduler(time_attr="training_iteration", metric="val_rank1", mode="max",
-                                  max_t=cfg.reid.epochs, grace_period=max(1, cfg.reid.eval_every))
-    return ray.tune.TuneConfig(scheduler=scheduler, reuse_actors=True,  # skip re-imports per trial
+    if cfg.sweep.asha:  # epochs without validation carry no metric; ASHA decides at the ones that do
+        # stop_last_trials=False: a trial that survives every rung ends by itself after its last epoch, so
+        # run_trial logs its final (test) metrics and model (True would STOP it inside its last report)
+        scheduler = ASHAScheduler(time_attr="training_iteration", metric=cfg.sweep.asha_metric,
+                                  mode=cfg.sweep.asha_mode, max_t=cfg.reid.epochs,
+                                  grace_period=max(1, cfg.reid.eval_every), stop_last_trials=False)
+    # Reusing an actor needs the previous trial's thread to end within 2 s of reset_config: an in-process trial
+    # does (SystemExit in ray.tune.report), one blocked in TorchTrainer.fit does not, and a failed reset leaves
+    # Tune waiting forever (Ray 2.60). A stopped Train-driving trial's actor is torn down, ending its Train run.
+    return ray.tune.TuneConfig(scheduler=scheduler, reuse_actors=cluster.runs_in_process(cfg),
                                max_concurrent_trials=cluster.max_concurrent(cfg), trial_name_creator=trial_name,
                                trial_dirname_creator=trial_name)
 
@@ -142,8 +157,12 @@ def trial_name(trial) -> str:
     return trial.config["trial"]
 
 
+TAG_STOPPED_AFTER = "mprl.stopped_after_epochs"  # on trials a scheduler (ASHA) stopped early
+
+
 class EpochLogger(Callback):
-    """Driver-side Tune callback: every reported epoch goes to the trial's MLflow run as a step."""
+    """Driver-side Tune callback: every reported epoch goes to the trial's MLflow run as a step; a trial the
+    scheduler stops early is marked FINISHED with ``mprl.early_stopped=true`` (and no ``final_*`` metrics)."""
 
     def __init__(self, tracking_uri: str, run_ids: dict[str, str]) -> None:
         self.tracking_uri, self.run_ids = tracking_uri, run_ids
@@ -156,6 +175,20 @@ class EpochLogger(Callback):
         run_id = self.run_ids[trial.config["trial"]]
         step = int(result.get("epoch", result.get("training_iteration", 0)))
         tracking.log_metrics(self._client, run_id, {k: result[k] for k in EPOCH_METRICS if k in result}, step=step)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        """Called on the driver when a trial ends without error, before its actor stops: run_trial returned (its
+        run is FINISHED already) or the scheduler stopped it while training (its run is still RUNNING). An
+        interrupted sweep does not come here."""
+        from mlflow.tracking import MlflowClient
+
+        self._client = self._client or MlflowClient(self.tracking_uri)
+        run_id = self.run_ids[trial.config["trial"]]
+        if self._client.get_run(run_id).info.status != "RUNNING":
+            return
+        self._client.set_tag(run_id, "mprl.early_stopped", "true")
+        self._client.set_tag(run_id, TAG_STOPPED_AFTER, str(int((trial.last_result or {}).get("epoch", -1)) + 1))
+        tracking.set_status(self._client, run_id, "FINISHED")
 
 
 def results_rows(grid, trials: list[TrialSpec]) -> list[dict[str, Any]]:

@@ -179,3 +179,10 @@ def test_periodic_evaluation_and_asha_read_the_validation_split_only():
         load_config("smoke", overrides=["sweep.asha=true", "reid.val_ids=2"])
     cfg = load_config("smoke", overrides=["sweep.asha=true", "reid.val_ids=2", "reid.eval_every=1"])
     assert cfg.reid.val_ids == 2
+
+
+def test_asha_never_reads_a_test_metric():
+    with pytest.raises(ValueError, match="test metrics never stop or select trials"):
+        load_config("smoke", overrides=["sweep.asha_metric=rank1"])
+    with pytest.raises(ValueError, match="sweep.asha_mode='best'"):
+        load_config("smoke", overrides=["sweep.asha_mode=best"])
