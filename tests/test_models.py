@@ -100,7 +100,8 @@ def test_two_stream_loss_formula_and_mask() -> None:
 
     mask = torch.tensor([True, False, True, False])
     got = two_stream_loss(l1, l2, v, t1, t2, same, id_loss_fn=_soft_ce, verif_mask=mask)
-    want = 0.5 * _soft_ce(l1, t1, None) + 0.5 * _soft_ce(l2, t2, None) + F.cross_entropy(v[mask], same[mask])
+    verif = F.cross_entropy(v[mask], same[mask], reduction="sum") / 4  # summed over real pairs / whole batch
+    want = 0.5 * _soft_ce(l1, t1, None) + 0.5 * _soft_ce(l2, t2, None) + verif
     assert torch.allclose(got, want)
 
     none = torch.zeros(4, dtype=torch.bool)
@@ -280,9 +281,13 @@ def test_sample_pairs_errors() -> None:
 
 
 def test_pos_fraction_schedule() -> None:
-    assert pos_fraction_for_epoch(0) == pytest.approx(1 / 3)
-    assert pos_fraction_for_epoch(10) == pytest.approx(1 / (1 + 2 * 1.01**10))
-    assert pos_fraction_for_epoch(200) == pytest.approx(1 / 6)
+    assert pos_fraction_for_epoch(0) == pytest.approx(1 / 2)
+    assert pos_fraction_for_epoch(10) == pytest.approx(1 / (2 * 1.01**10))
+    assert pos_fraction_for_epoch(200) == pytest.approx(1 / 5)
+    # the reference's per-batch count round(B / r) of B = 32 pairs
+    assert pos_fraction_for_epoch(0, batch_size=32) == 16 / 32
+    assert pos_fraction_for_epoch(59, batch_size=32) == 9 / 32
+    assert pos_fraction_for_epoch(200, batch_size=32) == 6 / 32
 
 
 def test_logits_are_float32_under_bf16_autocast() -> None:

@@ -135,7 +135,7 @@ class ReidConfig:
     nesterov: bool = True
     weight_decay: float | None = None  # None = per label method (1e-4; 5e-4 for dmprl1/dmprl2)
     gen_fraction: float | None = None  # share of generated images per batch; None = proportional to counts
-    pos_fraction: float | None = None  # two-stream positive pairs; None = reference schedule 1/3 -> 1/6
+    pos_fraction: float | None = None  # two-stream positive pairs; None = the reference's 1/2 -> 1/5 schedule
     num_workers: int = 1  # Ray Train workers (0 = in-process)
     use_gpu: bool = False
     loader_workers: int = 2  # DataLoader processes per Ray Train worker

@@ -177,7 +177,14 @@ class TwoStreamNet(IdentificationNet):
     """Siamese identification + verification net (Zheng et al. TOMM 2017; LSRO/MpRL two-stream baseline).
 
     Both images share the trunk, bottleneck and classifier; the verification head is
-    (e1 - e2)^2 -> dropout(verif_dropout) -> Linear(D, 2) (class 1 = same identity).
+    (ê1 - ê2)^2 -> dropout(verif_dropout) -> Linear(D, 2) (class 1 = same identity), where ê = e / ||e||.
+
+    The reference feeds raw pool5 features, but trains its verification FC weights at 1/100 of the new-layer
+    rate on top of a pretrained trunk that barely moves (MatConvNet lr multipliers). Here the head and a
+    fast-moving trunk share the new-layer rate, and raw squared differences (all >= 0, summing to hundreds,
+    x10 after dropout 0.9) make the head's step and its gradient into the trunk grow with the embedding
+    scale: the first SGD step overshoots and the loop diverges within an epoch. L2-normalising first bounds
+    the input (sum_d (ê1 - ê2)^2 = 2 - 2 cos <= 4, the retrieval distance) and removes that feedback.
     """
 
     def __init__(
@@ -213,7 +220,7 @@ class TwoStreamNet(IdentificationNet):
             )
         # One trunk pass over both streams: [2B, 3, H, W] -> [2B, D].
         emb, logits = self.embed_and_classify(torch.cat([x1, x2], dim=0))
-        e1, e2 = emb.chunk(2, dim=0)
+        e1, e2 = F.normalize(emb.float(), dim=1).chunk(2, dim=0)  # fp32: no bf16 cancellation in e1 - e2
         logits1, logits2 = logits.chunk(2, dim=0)
         verif_logits = self.verif_classifier(self.verif_dropout((e1 - e2).pow(2)))  # [B, 2]
         return logits1, logits2, verif_logits
@@ -222,16 +229,16 @@ class TwoStreamNet(IdentificationNet):
 def _verification_loss(
     verif_logits: torch.Tensor, same: torch.Tensor, verif_mask: torch.Tensor | None
 ) -> torch.Tensor:
-    """Mean CE over pairs in ``verif_mask``; 0 (still attached to the graph) when no pair qualifies."""
-    same = same.long()
+    """CE summed over the pairs in ``verif_mask`` and divided by the WHOLE batch size B (the reference: MatConvNet
+    sums the loss over the batch, label 0 = ignored, and divides every gradient by B). 0, still attached to the
+    graph (zero gradients rather than None: keeps DDP happy), when no pair qualifies."""
+    ce = F.cross_entropy(verif_logits.float(), same.long(), reduction="none")  # [B]
     if verif_mask is None:
-        return F.cross_entropy(verif_logits, same)
+        return ce.mean()
     mask = verif_mask.bool()
-    if mask.shape != same.shape:
-        raise ValueError(f"verif_mask must have shape {tuple(same.shape)}, got {tuple(mask.shape)}")
-    if not bool(mask.any()):
-        return (verif_logits * 0.0).sum()  # zero gradients rather than None (keeps DDP happy)
-    return F.cross_entropy(verif_logits[mask], same[mask])
+    if mask.shape != ce.shape:
+        raise ValueError(f"verif_mask must have shape {tuple(ce.shape)}, got {tuple(mask.shape)}")
+    return torch.where(mask, ce, torch.zeros_like(ce)).sum() / ce.shape[0]
 
 
 def two_stream_loss(
@@ -254,7 +261,8 @@ def two_stream_loss(
 
     ``id_loss_fn(logits, targets [B, C], weights [B] | None)`` is the caller's soft-target loss (e.g.
     ``labels.soft_cross_entropy``). ``same`` [B] is 1 for same-identity pairs. ``verif_mask`` [B] (bool)
-    selects pairs where both images are real; only those enter the verification term (None = all pairs).
+    selects pairs where both images are real; only those enter the verification term, summed and divided by the
+    whole batch size B as in the reference (None = all pairs, i.e. the mean).
     With ``return_parts`` also returns the detached components {"id1", "id2", "verif"}.
     """
     if verif_logits.shape != (same.shape[0], 2):

@@ -1,25 +1,38 @@
 """Image pairs for the two-stream (identification + verification) net.
 
 Pairs are drawn from REAL images only: the verification loss is defined on real identities (research/mprl.md
-§4). The reference code grows the share of negative pairs over training: ``min(5, 2 * 1.01**epoch)`` negatives
-per positive, i.e. a positive fraction from 1/3 at epoch 0 down to 1/6.
+§4). The reference code grows the share of negative pairs over training: ``r = min(5, 2 * 1.01**epoch)`` and
+``round(batch / r)`` of a batch's pairs are positive, i.e. a positive fraction 1/r: 1/2 at epoch 0 (1:1) down to
+1/5 (1 positive : 4 negatives, reached at epoch 93).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
 
 def pos_fraction_for_epoch(
-    epoch: int, *, start_ratio: float = 2.0, growth: float = 1.01, max_ratio: float = 5.0
+    epoch: int, *, batch_size: int | None = None, start_ratio: float = 2.0, growth: float = 1.01,
+    max_ratio: float = 5.0,
 ) -> float:
-    """Positive-pair fraction 1 / (1 + r); r = min(max_ratio, start_ratio * growth**epoch) neg. per pos.."""
+    """Positive-pair fraction 1 / r with r = min(max_ratio, start_ratio * growth**epoch) pairs per positive.
+
+    The reference (MpRL/LSRO ``getBatch``) makes ``round(batch / r)`` of each batch's pairs positive: 1/2 at
+    epoch 0, 1/5 from epoch 93 (0.5 and 0.2 at epochs 0 and 200). With ``batch_size`` the reference's per-batch
+    rounding is applied: round(B / r) / B (B = 32: 16/32 at epoch 0, 6/32 = 0.1875 once r = 5). Its epochs
+    count from 1, so its first epoch has r = 2.02 (still 16 of 32 pairs).
+    """
     if epoch < 0:
         raise ValueError(f"epoch must be >= 0, got {epoch!r}")
     ratio = min(max_ratio, start_ratio * growth**epoch)
-    return 1.0 / (1.0 + ratio)
+    if batch_size is None:
+        return 1.0 / ratio
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    return math.floor(batch_size / ratio + 0.5) / batch_size  # MATLAB round: half away from zero
 
 
 def _class_layout(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

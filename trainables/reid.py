@@ -179,9 +179,10 @@ def _epoch_loader(reid: ReidConfig, train: tuple[Record, ...], records: tuple[Re
     seed = r.seed * 1000
     if r.model == "twostream":
         labels = np.array([rec.label for rec in train])
-        pos = r.pos_fraction if r.pos_fraction is not None else pos_fraction_for_epoch(epoch)
+        pair_batch = max(2, r.batch_size // 2)  # pairs per step (the paper: 32)
+        pos = r.pos_fraction if r.pos_fraction is not None else pos_fraction_for_epoch(epoch, batch_size=pair_batch)
         pairs = epoch_pairs(labels, n_gen_epoch, pos_fraction=pos, seed=seed, epoch=epoch)
-        batches = epoch_batches(len(pairs), 0, max(2, r.batch_size // 2), gen_fraction=None, seed=seed + 1,
+        batches = epoch_batches(len(pairs), 0, pair_batch, gen_fraction=None, seed=seed + 1,
                                 epoch=epoch, rank=ctx.rank, world_size=ctx.world_size)
         return pair_loader(records, pairs, batches, r.image_size, workers=r.loader_workers, pin_memory=pin,
                            augment=r.augment)
