@@ -125,3 +125,28 @@ def test_every_seed_trains_its_own_baseline_and_smprl_labels(tmp_path, local_ray
                               "gan.epochs=1", "sweep.single_baseline=true"), log_models=False)
     assert sorted(single.stages.baselines) == [0]  # the paper's protocol: seed 0's baseline labels every seed
     assert single.stages.smprl[0].key == single.stages.smprl[1].key
+
+
+def _learned(client, run_id) -> bool:
+    """A trial's per-epoch loss is finite and falls from its first to its last epoch."""
+    loss = [m.value for m in sorted(client.get_metric_history(run_id, "loss"), key=lambda m: m.step)]
+    return len(loss) >= 2 and all(v == v and abs(v) < 1e6 for v in loss) and loss[-1] < loss[0]
+
+
+def test_two_stream_and_every_other_method_run_and_learn(tmp_path, local_ray):
+    """The documented options a smoke sweep has not covered yet: the two-stream model with LSRO and dMpRL-II, and
+    the identification net with All-in-one, one-hot pseudo, the compute-matched baseline, the code's rank order
+    and MpRL truncation (keep) drawn by random search. Every trial finishes and its loss falls."""
+    from orchestrator.sweep import run_sweep
+
+    two = run_sweep(_smoke(tmp_path, "reid.model=twostream", "reid.epochs=3", "gan.epochs=1"), log_models=False)
+    assert [r["error"] for r in two.rows] == [None] * 3 and all(0 <= r["rank1"] <= 1 for r in two.rows)
+    other = run_sweep(_smoke(tmp_path, "reid.epochs=3", "gan.epochs=1",
+                             "sweep.methods=[allinone, pseudo, dmprl1, baseline_matched]",
+                             "sweep.orders=[paper, reference_code]", "sweep.keeps=[null, 3]",
+                             "sweep.search=random", "sweep.num_samples=4"), log_models=False)
+    assert len(other.rows) == 4 and all(r["error"] is None for r in other.rows)
+    client, exp_id = tracking.setup(two.tracking_uri, "mprl", tmp_path)
+    trials = _runs(client, exp_id, "trial")
+    assert len(trials) == 7 and all(_learned(client, t.info.run_id) for t in trials
+                                    if t.data.params["labels.method"] != "baseline")
