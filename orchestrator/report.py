@@ -154,7 +154,7 @@ def _setting_block(setting: str, gs: list[dict]) -> str:
         body.append((g["method"], g["num_gan"], g["order"], g["keep"], g["rank1"].n, _ms(g["rank1"]), _ms(g["mAP"]),
                      _diff(vb and vb["rank1"]), vb["rank1"].verdict if vb and vb["rank1"] else None,
                      _diff(vm and vm["rank1"]), None if g["ratio"] is None else f"{g['ratio']:.2f}x",
-                     f"{p.table}{'*' if p.reference_only else ''} {p.num_gan}" if p else g["paper_note"][:40],
+                     f"{p.table}{'*' if p.reference_only else ''} {p.num_gan}" if p else g["paper_note"][:60],
                      p and f"{p.rank1:.2f}", None if gain is None else f"{gain:+.2f}"))
     cols = ("method", "#GAN", "order", "keep", "n", "rank-1", "mAP", "Δr1 vs baseline", "verdict",
             "Δr1 vs matched", "gen/real", "paper row", "rank-1", "Δr1")
