@@ -144,19 +144,19 @@ def test_unknown_backbone_and_kind() -> None:
 
 
 def test_build_reid_model_warns_without_weights(caplog) -> None:
-    with caplog.at_level(logging.WARNING, logger="trainables.models"):
+    with caplog.at_level(logging.WARNING, logger="trainables.weights"):
         model = build_reid_model("twostream", C, "resnet18", None, 0.75, channels_last=True)
     assert isinstance(model, TwoStreamNet)
     assert "random init" in caplog.text
 
 
 def test_random_is_explicit_and_none_warns(caplog, tmp_path) -> None:
-    with caplog.at_level(logging.INFO, logger="trainables.models"):
+    with caplog.at_level(logging.INFO, logger="trainables.weights"):
         build_reid_model("ident", C, "resnet18", 16, 0.5, "random")
     assert "reid.pretrained=random" in caplog.text
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="trainables.models"):
+    with caplog.at_level(logging.INFO, logger="trainables.weights"):
         build_reid_model("ident", C, "resnet18", 16, 0.5, None)
     assert [r for r in caplog.records if r.levelno == logging.WARNING and "random init" in r.getMessage()]
     ref = torchvision.models.resnet18(weights=None)
@@ -203,7 +203,7 @@ def test_imagenet_loads_the_cached_file(hub_cache, caplog) -> None:
     # The fake's sha256 does not match the name's prefix: torch hub trusts its cache (check_hash only
     # verifies a download before it lands there), and so do we.
     torch.save(state, hub_cache / R18_FILE)
-    with caplog.at_level(logging.INFO, logger="trainables.models"):
+    with caplog.at_level(logging.INFO, logger="trainables.weights"):
         model = build_reid_model("twostream", C, "resnet18", 16, 0.5, "imagenet")
     assert torch.all(model.backbone.conv1.weight == 0.125)
     for key, value in model.backbone.state_dict().items():
