@@ -11,10 +11,12 @@ before Ray starts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 from orchestrator.config import LABEL_METHODS, PRESETS, Config, choices_help, config_hash, load_config
 from orchestrator.pipeline import dataset_root
@@ -62,23 +64,19 @@ def run_reid(cfg: Config, out: Path, gan_store: str | None, smprl_labels: str | 
     return 0
 
 
-class _ray_if:
+@contextlib.contextmanager
+def _ray_if(num_workers: int) -> Iterator[None]:
     """A local Ray instance for the duration of a run that uses a Train worker group (``num_workers >= 1``)."""
+    if num_workers < 1:
+        yield
+        return
+    import ray
 
-    def __init__(self, num_workers: int) -> None:
-        self.num_workers = num_workers
-
-    def __enter__(self) -> None:
-        if self.num_workers >= 1:
-            import ray
-
-            ray.init(num_cpus=max(2, self.num_workers), include_dashboard=False)
-
-    def __exit__(self, *exc) -> None:
-        if self.num_workers >= 1:
-            import ray
-
-            ray.shutdown()
+    ray.init(num_cpus=max(2, num_workers), include_dashboard=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
 
 
 def _parser() -> argparse.ArgumentParser:
