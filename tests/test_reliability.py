@@ -119,3 +119,11 @@ def test_synthetic_root_outside_storage_is_not_written(tmp_path):
     with pytest.raises(ValueError, match="dataset.root"):
         dataset_root(cfg.dataset, tmp_path / "cache")
     assert not (tmp_path / "elsewhere").exists()
+
+
+def test_single_run_cli_refuses_a_missing_store_before_any_work(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "orchestrator.train", "reid", "--preset", "smoke", "--label-method",
+                          "lsro", "--num-gan", "8", "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 2 and "needs --gan-store DIR" in res.stderr, res.stderr[-2000:]
+    assert not (tmp_path / "out").exists()  # no dataset drawn, no run folder, no Ray started
