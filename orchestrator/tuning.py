@@ -54,6 +54,8 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
             tracking.set_status(client, run_id, "FAILED")
         raise
     except BaseException as err:
+        if client.get_run(run_id).data.tags.get("mprl.early_stopped") == "true":
+            raise  # the scheduler stopped it (the driver recorded that); tearing its Train run down is not a failure
         client.set_tag(run_id, "mprl.error", f"{type(err).__name__}: {err}"[:5000])
         tracking.set_status(client, run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
