@@ -243,7 +243,7 @@ def connect(cfg: Any) -> None:
         ray.init(address=cfg.cluster.address)
         return
     num_cpus = cfg.cluster.num_cpus or max(3, os.cpu_count() or 1)
-    dashboard = {}
+    dashboard: dict = {"include_dashboard": False}
     if not runs_in_process(cfg):
         # Trials that drive Ray Train runs: when Tune stops one (ASHA), its Train controller dies with the trial
         # actor and Train's PlacementGroupCleaner frees the workers' placement group once the State API (served by
@@ -253,7 +253,7 @@ def connect(cfg: Any) -> None:
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         dashboard = {"include_dashboard": True, "dashboard_port": port}
     # address="local": always a fresh instance, never one some other user's `ray start` left on this machine
-    ray.init(address="local", num_cpus=num_cpus, log_to_driver=True, **{"include_dashboard": False, **dashboard})
+    ray.init(address="local", num_cpus=num_cpus, log_to_driver=True, **dashboard)
 
 
 def _free_port() -> int:

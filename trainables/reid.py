@@ -173,22 +173,24 @@ def _resume(model, optimizer, scheduler) -> tuple[int, dict]:
 
 def _epoch_loader(reid: ReidConfig, train: tuple[Record, ...], records: tuple[Record, ...], n_gen: int,
                   spec: LabelSpec, epoch: int, ctx: runtime.Context):
-    r = reid
     n_gen_epoch = n_gen if samples_generated(spec, epoch) else 0
     pin = ctx.device.type == "cuda"
-    seed = r.seed * 1000
-    if r.model == "twostream":
+    seed = reid.seed * 1000
+    if reid.model == "twostream":
         labels = np.array([rec.label for rec in train])
-        pair_batch = max(2, r.batch_size // 2)  # pairs per step (the paper: 32)
-        pos = r.pos_fraction if r.pos_fraction is not None else pos_fraction_for_epoch(epoch, batch_size=pair_batch)
+        pair_batch = max(2, reid.batch_size // 2)  # pairs per step (the paper: 32)
+        pos = reid.pos_fraction
+        if pos is None:  # the reference's schedule, with its per-batch rounding
+            pos = pos_fraction_for_epoch(epoch, batch_size=pair_batch)
         pairs = epoch_pairs(labels, n_gen_epoch, pos_fraction=pos, seed=seed, epoch=epoch)
         batches = epoch_batches(len(pairs), 0, pair_batch, gen_fraction=None, seed=seed + 1,
                                 epoch=epoch, rank=ctx.rank, world_size=ctx.world_size)
-        return pair_loader(records, pairs, batches, r.image_size, workers=r.loader_workers, pin_memory=pin,
-                           augment=r.augment)
-    batches = epoch_batches(len(train), n_gen_epoch, r.batch_size, gen_fraction=r.gen_fraction, seed=seed,
+        return pair_loader(records, pairs, batches, reid.image_size, workers=reid.loader_workers, pin_memory=pin,
+                           augment=reid.augment)
+    batches = epoch_batches(len(train), n_gen_epoch, reid.batch_size, gen_fraction=reid.gen_fraction, seed=seed,
                             epoch=epoch, rank=ctx.rank, world_size=ctx.world_size)
-    return train_loader(records, batches, r.image_size, workers=r.loader_workers, pin_memory=pin, augment=r.augment)
+    return train_loader(records, batches, reid.image_size, workers=reid.loader_workers, pin_memory=pin,
+                        augment=reid.augment)
 
 
 def _log_epoch(rank: int, epoch: int, epochs: int, m: dict) -> None:
