@@ -7,8 +7,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from datasets.market1501 import load
-from datasets.synthetic import MARKER, contact_sheet, generate, plan
+from datasets import synthetic
+from datasets.market1501 import load, parse_name
+from datasets.synthetic import COUNTS, MARKER, MARKET1501, Counts, contact_sheet, generate, plan
+
+# Market-1501 at 1/25: small enough to draw in a second, same shape (junk added to check that count too)
+SCALED = Counts(train_ids=30, train_images=517, test_ids=30, query=135, gallery_ids_images=525, distractors=112,
+                junk=7)
 
 
 def _digest(root: Path) -> str:
@@ -101,3 +106,91 @@ def test_contact_sheet(tiny_root, tmp_path):
     path = contact_sheet(tiny_root, tmp_path / "s.png", ids=3, per_id=4)
     with Image.open(path) as im:
         assert im.size == (4 * (32 + 4), 3 * (64 + 4))
+
+
+def _check_counts(shots: list[tuple[str, int, int]], c: Counts) -> None:
+    """``shots``: (split, pid, camid) of every image; asserts ``c``'s exact numbers and the query protocol."""
+    train = [(pid, cam) for split, pid, cam in shots if split == "train"]
+    query = [(pid, cam) for split, pid, cam in shots if split == "query"]
+    gallery = [(pid, cam) for split, pid, cam in shots if split == "gallery"]
+    assert len({pid for pid, _ in train}) == c.train_ids and len(train) == c.train_images
+    assert len({pid for pid, _ in query}) == c.test_ids and len(query) == c.query
+    assert len(gallery) == c.gallery == c.gallery_ids_images + c.distractors + c.junk
+    assert sum(pid == 0 for pid, _ in gallery) == c.distractors
+    assert sum(pid == -1 for pid, _ in gallery) == c.junk
+    assert {pid for pid, _ in gallery if pid > 0} == {pid for pid, _ in query}
+    assert not {pid for pid, _ in train} & {pid for pid, _ in query}
+    assert len(query) == len(set(query))  # at most one query per (identity, camera)
+    cams: dict[int, set[int]] = {}
+    for pid, cam in gallery:
+        cams.setdefault(pid, set()).add(cam)
+    assert all(cams[pid] - {cam} for pid, cam in query)  # a same-id gallery image in another camera
+
+
+def test_counted_dataset_has_exact_counts(tmp_path):
+    split = generate(tmp_path / "c", counts=SCALED, size=(32, 16), seed=5, workers=1, ids=3, junk=999)
+    shots = [(name, r.pid, r.camid) for name, recs in (("train", split.train), ("query", split.query),
+                                                        ("gallery", split.gallery)) for r in recs]
+    _check_counts(shots, SCALED)
+    assert split == load(tmp_path / "c")
+    per_id = [sum(r.pid == pid for r in split.train) for pid in {r.pid for r in split.train}]
+    assert min(per_id) >= 1 and max(per_id) > min(per_id)  # a spread, not the same number for everyone
+    with Image.open(split.query[0].path) as im:
+        assert im.size == (16, 32)
+
+
+def test_market1501_plan_is_exact_and_deterministic():
+    assert COUNTS["market1501"] is MARKET1501
+    assert (MARKET1501.train_ids, MARKET1501.train_images, MARKET1501.test_ids, MARKET1501.query) == \
+        (751, 12_936, 750, 3_368)
+    assert (MARKET1501.gallery, MARKET1501.gallery_ids_images, MARKET1501.distractors, MARKET1501.junk) == \
+        (15_913, 13_120, 2_793, 0)
+    persons, cameras, jobs = plan(seed=0, counts="market1501", ids=5, distractors=1, junk=9)
+    _check_counts([(j.split, *parse_name(j.name)) for j in jobs], MARKET1501)
+    assert len({j.name for j in jobs}) == len(jobs) and len(persons) == 751 + 750 + 2_793
+    assert plan(seed=0, counts=MARKET1501)[2] == jobs  # the name and the object are the same layout
+    assert plan(seed=1, counts="market1501")[2] != jobs
+
+
+def test_counts_errors_name_the_field():
+    with pytest.raises(ValueError, match="market1501"):
+        plan(counts="market")
+    with pytest.raises(ValueError, match="market1501"):
+        generate("/nonexistent/never-written", counts="duke")
+    with pytest.raises(ValueError, match="Counts.query"):
+        Counts(train_ids=4, train_images=8, test_ids=3, query=19, gallery_ids_images=6, distractors=0, junk=0)
+    with pytest.raises(ValueError, match="Counts.gallery_ids_images"):
+        Counts(train_ids=4, train_images=8, test_ids=3, query=3, gallery_ids_images=5, distractors=0, junk=0)
+    with pytest.raises(ValueError, match="Counts.train_images"):
+        Counts(train_ids=4, train_images=3, test_ids=3, query=3, gallery_ids_images=6, distractors=0, junk=0)
+
+
+def test_counted_and_poisson_sets_never_share_a_folder(tmp_path):
+    small = Counts(train_ids=3, train_images=7, test_ids=3, query=5, gallery_ids_images=8, distractors=2, junk=1)
+    generate(tmp_path / "c", counts=small, size=(32, 16), workers=1)
+    stamp = (tmp_path / "c" / MARKER).stat().st_mtime_ns
+    generate(tmp_path / "c", counts=Counts(**vars(small)), size=(32, 16), workers=1, ids=9)  # ignored args: reused
+    assert (tmp_path / "c" / MARKER).stat().st_mtime_ns == stamp
+    with pytest.raises(FileExistsError, match="same arguments"):
+        generate(tmp_path / "c", size=(32, 16), workers=1)
+    generate(tmp_path / "p", ids=3, images_per_id=3, distractors=2, junk=1, size=(32, 16), workers=1)
+    with pytest.raises(FileExistsError, match="same arguments"):
+        generate(tmp_path / "p", ids=3, images_per_id=3, distractors=2, junk=1, size=(32, 16), workers=1,
+                 counts=small)
+
+
+def test_cli_counts_and_size(monkeypatch, tmp_path, tiny_split):
+    calls = []
+    monkeypatch.setattr(synthetic, "generate", lambda out, **kw: calls.append(kw) or tiny_split)
+    assert synthetic.main(["--out", str(tmp_path / "m"), "--counts", "market1501", "--size", "32", "16"]) == 0
+    assert calls[0]["counts"] == "market1501" and calls[0]["size"] == (32, 16)
+    with pytest.raises(SystemExit):
+        synthetic.main(["--out", str(tmp_path / "m"), "--counts", "nope"])
+
+
+@pytest.mark.parametrize("query", [10, 60])  # one query per test id, and one in every camera
+def test_counted_plan_at_the_limits(query):
+    tight = Counts(train_ids=12, train_images=12, test_ids=10, query=query, gallery_ids_images=20, distractors=0,
+                   junk=0)
+    _, _, jobs = plan(seed=2, counts=tight)
+    _check_counts([(j.split, *parse_name(j.name)) for j in jobs], tight)
