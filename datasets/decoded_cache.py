@@ -6,10 +6,11 @@ once (``uint8 [N, H, W, 3]``) and :class:`CachedImageDataset` applies only the r
 the normalisation, on tensors. With the same torch RNG state it yields exactly the samples of
 ``ImageDataset(records, build_transform(size, train=...))``: the same random draws on the same pixels.
 
-The file name hashes the image size and every image's path, byte size and modification time, so a changed
-dataset gets a new file. It is written under a temporary name and renamed (a reader never sees a partial
-cache). Memory-mapped, one copy in the page cache serves every DataLoader worker and every trial on a node.
-No torch in the file format; ``np.load(path, mmap_mode="r")`` reads it.
+The file name hashes the image size and every image's path, byte size and modification time (and, for an image
+stored as a row of a generated-image shard, that row), so a changed dataset gets a new file. It is written under
+a temporary name and renamed (a reader never sees a partial cache). Memory-mapped, one copy in the page cache
+serves every DataLoader worker and every trial on a node. No torch in the file format; ``np.load(path,
+mmap_mode="r")`` reads it.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms as T
 
 from datasets.records import Record
-from datasets.torch_data import IMAGENET_MEAN, IMAGENET_STD, check_augment, read_image
+from datasets.torch_data import IMAGENET_MEAN, IMAGENET_STD, check_augment, read_record
 
 CACHE_VERSION = 1
 CHUNK = 256  # images per write job
@@ -39,22 +40,23 @@ def cache_path(cache_dir: str | Path, records: Sequence[Record], image_size: tup
     digest = hashlib.sha256(json.dumps({"version": CACHE_VERSION, "size": [h, w]}).encode())
     for r in records:
         st = os.stat(r.path)
-        digest.update(f"{r.path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        row = f"\0{r.shard_row}" if r.shard_row >= 0 else ""  # rows of one shard share its path and stat
+        digest.update(f"{r.path}\0{st.st_size}\0{st.st_mtime_ns}{row}\n".encode())
     return Path(cache_dir) / f"decoded-{h}x{w}-{len(records)}-{digest.hexdigest()[:16]}.npy"
 
 
-def decode(paths: Sequence[str], image_size: tuple[int, int]) -> np.ndarray:
+def decode(records: Sequence[Record], image_size: tuple[int, int]) -> np.ndarray:
     """uint8 [n, H, W, 3]: each image read as RGB and resized exactly as ``build_transform`` does."""
     resize = T.Resize(tuple(image_size), interpolation=T.InterpolationMode.BICUBIC)
-    return np.stack([np.asarray(resize(read_image(p))) for p in paths])
+    return np.stack([np.asarray(resize(read_record(r))) for r in records])
 
 
-def _fill(job: tuple[str, int, list[str], tuple[int, int]]) -> int:
-    file, start, paths, image_size = job
+def _fill(job: tuple[str, int, Sequence[Record], tuple[int, int]]) -> int:
+    file, start, records, image_size = job
     array = np.load(file, mmap_mode="r+")
-    array[start:start + len(paths)] = decode(paths, image_size)
+    array[start:start + len(records)] = decode(records, image_size)
     array.flush()
-    return len(paths)
+    return len(records)
 
 
 def build_cache(records: Sequence[Record], image_size: tuple[int, int], cache_dir: str | Path, *,
@@ -72,7 +74,7 @@ def build_cache(records: Sequence[Record], image_size: tuple[int, int], cache_di
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     h, w = image_size
     np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(records), h, w, 3)).flush()
-    jobs = [(str(tmp), i, [r.path for r in records[i:i + CHUNK]], (h, w)) for i in range(0, len(records), CHUNK)]
+    jobs = [(str(tmp), i, records[i:i + CHUNK], (h, w)) for i in range(0, len(records), CHUNK)]
     try:
         if workers > 1 and len(jobs) > 1:
             with ProcessPoolExecutor(min(workers, len(jobs))) as pool:

@@ -17,7 +17,8 @@ class Record:
 
     Generated images are records too: ``generated=True``, ``pid=-1``, ``camid=-1`` and ``gen_row`` = their
     row in the generated-image store (where their static targets live), so the training loop has no
-    special path for them.
+    special path for them. ``shard_row >= 0``: ``path`` is a shard file (uint8 [B, H, W, 3]) and the image is
+    that row of it (``datasets.torch_data.read_record``); -1 for an ordinary image file.
     """
 
     path: str
@@ -26,6 +27,7 @@ class Record:
     label: int = -1
     generated: bool = False
     gen_row: int = -1
+    shard_row: int = -1
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,10 @@ Three input pipelines (``reid.augment``; research/mprl.md §4 "Input"), for a ne
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
@@ -33,6 +35,7 @@ AUGMENTS = ("pad_crop", "paper", "reference_code")
 PRE_CROP_SCALE = 256 / 224  # the papers' resize before a 224x224 crop
 REFERENCE_SIDE = (0.85, 1.0)  # the reference code's vl_imreadjpeg 'CropSize', [min, max] fraction of a side
 BICUBIC = T.InterpolationMode.BICUBIC
+MAX_OPEN_SHARDS = 512  # memory-mapped shard files kept open per process (a full generated pool is ~240)
 
 
 def check_augment(augment: str) -> None:
@@ -111,8 +114,41 @@ def read_image(path: str) -> Image.Image:
         raise OSError(f"cannot read image {path}: {err}") from err
 
 
+# path -> ((inode, size, mtime_ns), memory-mapped uint8 [B, H, W, 3]): each process (DataLoader worker) opens a
+# shard once; the stat key notices a shard replaced under the same name (a regenerated store).
+_shards: dict[str, tuple[tuple[int, int, int], np.ndarray]] = {}
+
+
+def _shard(path: str) -> np.ndarray:
+    try:
+        st = os.stat(path)
+        stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+        hit = _shards.get(path)
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+        array = np.load(path, mmap_mode="r")
+    except Exception as err:
+        raise OSError(f"cannot read image shard {path}: {err}") from err
+    if array.ndim != 4 or array.shape[-1] != 3 or array.dtype != np.uint8:
+        raise OSError(f"image shard {path} holds {array.dtype} {list(array.shape)}, expected uint8 [B, H, W, 3]")
+    if len(_shards) >= MAX_OPEN_SHARDS:
+        _shards.pop(next(iter(_shards)))
+    _shards[path] = (stamp, array)
+    return array
+
+
+def read_record(r: Record) -> Image.Image:
+    """The RGB image of a record: row ``r.shard_row`` of a shard file, or the image file ``r.path``."""
+    if r.shard_row < 0:
+        return read_image(r.path)
+    array = _shard(r.path)
+    if r.shard_row >= len(array):
+        raise OSError(f"image shard {r.path} has {len(array)} rows; row {r.shard_row} requested")
+    return Image.fromarray(np.array(array[r.shard_row]))  # copied out of the map
+
+
 class ImageDataset(Dataset):
-    """Records -> ``{"img", "label", "pid", "camid", "generated", "gen_row"}`` (one path for real and generated)."""
+    """Records -> ``{"img", "label", "pid", "camid", "generated", "gen_row", "index"}`` (real and generated alike)."""
 
     def __init__(self, records: Sequence[Record], transform: Callable) -> None:
         self.records = tuple(records)
@@ -123,5 +159,5 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         r = self.records[i]
-        return {"img": self.transform(read_image(r.path)), "label": r.label, "pid": r.pid, "camid": r.camid,
+        return {"img": self.transform(read_record(r)), "label": r.label, "pid": r.pid, "camid": r.camid,
                 "generated": r.generated, "gen_row": r.gen_row, "index": i}

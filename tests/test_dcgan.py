@@ -1,9 +1,11 @@
 """The GAN stage (trainables.dcgan, trainables.generation): one step, in-process run + resume, a real 2-worker
-Ray Train run + resume (marked ``ray``), and the generated-image store (count, determinism, resume, refusal)."""
+Ray Train run + resume (marked ``ray``), and generation into the store (count, determinism, resume, refusal, and
+Ray helper actors: identical shards, a dead helper, unplaceable helpers)."""
 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,7 @@ import torch
 from PIL import Image
 
 from datasets.generated import GeneratedStore
+from datasets.torch_data import read_record
 from orchestrator.config import load_config, replace, to_dict
 from orchestrator.train import main
 from trainables import generation, runtime
@@ -136,47 +139,61 @@ def _export(tmp_path: Path, seed: int = 0, name: str = "generator.pt") -> Path:
 
 
 def _pixels(store: GeneratedStore) -> np.ndarray:
-    return np.stack([np.asarray(Image.open(r.path)) for r in store.records()])
+    return np.concatenate([np.load(store.shard_path(c)) for c in range(store.num_chunks)])
+
+
+def _shard_bytes(store: GeneratedStore) -> list[bytes]:
+    return [store.shard_path(c).read_bytes() for c in range(store.num_chunks)]
 
 
 def test_generate_writes_n_readable_images(tmp_path: Path) -> None:
-    store = generate(_export(tmp_path), tmp_path / "s", 23, chunk_size=10, parallel=False)
+    gen = generate(_export(tmp_path), tmp_path / "s", 23, chunk_size=10, device="cpu")
+    store = gen.store
     assert store.complete and store.verify() == [] and len(store.records()) == 23
-    assert sorted(os.listdir(tmp_path / "s" / "images")) == [f"{i:06d}.jpg" for i in range(23)]
-    assert _pixels(store).shape == (23, 32, 16, 3)
+    assert (gen.root, gen.n) == (store.root, 23)
+    assert sorted(os.listdir(tmp_path / "s" / "shards")) == ["00000.npy", "00001.npy", "00002.npy"]
+    assert list(gen.workers.values()) == [3] and f"pid={os.getpid()}" in next(iter(gen.workers))
+    pixels = _pixels(store)
+    assert pixels.shape == (23, 32, 16, 3) and pixels.std() > 0
+    r = store.records()[17]
+    assert np.array_equal(np.asarray(read_record(r)), pixels[17])
+    again = generate(_export(tmp_path), tmp_path / "s", 23, chunk_size=10)
+    assert again.workers == {} and again.store.complete  # a complete store returns at once
 
 
 def test_generate_is_deterministic_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     gen = _export(tmp_path)
-    full = generate(gen, tmp_path / "full", 25, seed=3, chunk_size=10, parallel=False)
-    again = generate(gen, tmp_path / "again", 25, seed=3, chunk_size=10, parallel=False)
-    for a, b in zip(full.records(), again.records()):
-        assert Path(a.path).read_bytes() == Path(b.path).read_bytes()
-    other_seed = generate(gen, tmp_path / "seed4", 25, seed=4, chunk_size=10, parallel=False)
+    full = generate(gen, tmp_path / "full", 25, seed=3, chunk_size=10).store
+    again = generate(gen, tmp_path / "again", 25, seed=3, chunk_size=10).store
+    assert _shard_bytes(full) == _shard_bytes(again)
+    other_seed = generate(gen, tmp_path / "seed4", 25, seed=4, chunk_size=10).store
     assert not np.array_equal(_pixels(full), _pixels(other_seed))
 
-    real_write = generation.write_chunks
+    real_render, calls = generation.render_chunk, []
 
-    def interrupted(path, root, chunks, seed):  # writes the first missing chunk, then crashes
-        real_write(path, root, chunks[:1], seed)
-        raise RuntimeError("simulated crash")
+    def interrupted(G, store, chunk, seed):  # renders the first shard, then crashes
+        calls.append(chunk)
+        if len(calls) > 1:
+            raise RuntimeError("simulated crash")
+        return real_render(G, store, chunk, seed)
 
-    monkeypatch.setattr(generation, "write_chunks", interrupted)
+    monkeypatch.setattr(generation, "render_chunk", interrupted)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        generate(gen, tmp_path / "cut", 25, seed=3, chunk_size=10, parallel=False)
+        generate(gen, tmp_path / "cut", 25, seed=3, chunk_size=10)
     monkeypatch.undo()
-    assert GeneratedStore(tmp_path / "cut").missing_chunks() == [1, 2]
-    (tmp_path / "cut" / "images" / "000012.jpg").write_bytes(b"partial")  # a half-written chunk is redone
-    resumed = generate(gen, tmp_path / "cut", 25, seed=3, chunk_size=10, parallel=False)
-    assert resumed.complete
-    for a, b in zip(full.records(), resumed.records()):
-        assert Path(a.path).read_bytes() == Path(b.path).read_bytes()
+    cut = GeneratedStore(tmp_path / "cut")
+    assert cut.missing_chunks() == [1, 2] and not cut.complete
+    (tmp_path / "cut" / "shards" / ".00001.npy.x1y2").write_bytes(b"partial")  # a writer killed mid-shard
+    resumed = generate(gen, tmp_path / "cut", 25, seed=3, chunk_size=10)
+    assert resumed.store.complete and list(resumed.workers.values()) == [2]  # only the missing shards
+    assert _shard_bytes(full) == _shard_bytes(resumed.store)
+    assert sorted(os.listdir(tmp_path / "cut" / "shards")) == ["00000.npy", "00001.npy", "00002.npy"]
 
 
 def test_store_of_another_generator_is_refused(tmp_path: Path) -> None:
-    generate(_export(tmp_path, seed=0, name="g0.pt"), tmp_path / "s", 5, parallel=False)
+    generate(_export(tmp_path, seed=0, name="g0.pt"), tmp_path / "s", 5)
     with pytest.raises(ValueError, match="other settings"):
-        generate(_export(tmp_path, seed=1, name="g1.pt"), tmp_path / "s", 5, parallel=False)
+        generate(_export(tmp_path, seed=1, name="g1.pt"), tmp_path / "s", 5)
 
 
 def test_generate_errors(tmp_path: Path) -> None:
@@ -185,8 +202,8 @@ def test_generate_errors(tmp_path: Path) -> None:
     torch.save({"G": {}}, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="lacks"):
         generate(tmp_path / "bad.pt", tmp_path / "s", 5)
-    with pytest.raises(ValueError, match="ray.init"):
-        generate(_export(tmp_path), tmp_path / "s", 5, parallel=True)
+    with pytest.raises(ValueError, match="helpers=-1"):
+        generate(_export(tmp_path), tmp_path / "s", 5, helpers=-1)
 
 
 # ------------------------------------------------------------------------------------- real Ray
@@ -204,11 +221,76 @@ def test_two_worker_ray_run_and_resume(local_ray, tiny_root: Path, tmp_path: Pat
     assert first.is_dir() and runtime.latest_checkpoint(run) != first  # epoch 0 was not trained again
 
 
+class _RecordedPool(generation._HelperPool):
+    """The helper pool, remembered so that a test can reach its actors."""
+
+    made: list = []
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.made.append(self)
+
+
+def _caller_waits_for_helpers(monkeypatch: pytest.MonkeyPatch, kill_first: bool = False) -> None:
+    """Make the caller's first shard wait until every helper runs (so helpers surely get shards); optionally
+    kill the first helper then, after it started, so the shards it is handed fail."""
+    import ray
+
+    real_render = generation.render_chunk
+    _RecordedPool.made.clear()
+    monkeypatch.setattr(generation, "_HelperPool", _RecordedPool)
+
+    def render(G, store, chunk, seed):
+        if _RecordedPool.made and not getattr(render, "waited", False):
+            render.waited = True
+            actors = _RecordedPool.made[0].actors
+            ray.get([a.ready.remote() for a in actors], timeout=120)
+            if kill_first:
+                ray.kill(actors[0])
+                with pytest.raises(ray.exceptions.RayActorError):
+                    for _ in range(60):
+                        ray.get(actors[0].ready.remote(), timeout=10)
+        return real_render(G, store, chunk, seed)
+
+    monkeypatch.setattr(generation, "render_chunk", render)
+
+
+def _wait_for_cpus(ray, cpus: float) -> bool:
+    for _ in range(100):
+        if ray.available_resources().get("CPU", 0) == cpus:
+            return True
+        time.sleep(0.1)
+    return False
+
+
 @pytest.mark.ray
-def test_ray_parallel_generation_matches_in_process(local_ray, tmp_path: Path) -> None:
+def test_helpers_render_identical_shards(local_ray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     gen = _export(tmp_path)
-    par = generate(gen, tmp_path / "par", 25, chunk_size=6, parallel=True)
-    seq = generate(gen, tmp_path / "seq", 25, chunk_size=6, parallel=False)
-    assert par.complete and par.verify() == []
-    diff = np.abs(_pixels(par).astype(int) - _pixels(seq).astype(int))
-    assert diff.max() <= 2  # other processes may round a float differently; JPEG then differs slightly
+    alone = generate(gen, tmp_path / "alone", 25, chunk_size=2, helpers=0, device="cpu")
+    assert len(alone.workers) == 1
+    cpus = local_ray.available_resources().get("CPU", 0)
+    _caller_waits_for_helpers(monkeypatch)
+    helped = generate(gen, tmp_path / "helped", 25, chunk_size=2, helpers=2, device="cpu")
+    assert helped.store.complete and helped.store.verify() == []
+    assert len(helped.workers) == 3 and sum(helped.workers.values()) == 13  # caller + 2 helpers rendered
+    assert _shard_bytes(helped.store) == _shard_bytes(alone.store)  # whoever renders a shard
+    assert _wait_for_cpus(local_ray, cpus)  # the helpers were killed
+
+
+@pytest.mark.ray
+def test_a_dead_helper_gives_its_shards_back(local_ray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture) -> None:
+    gen = _export(tmp_path)
+    _caller_waits_for_helpers(monkeypatch, kill_first=True)
+    res = generate(gen, tmp_path / "s", 25, chunk_size=2, helpers=1, device="cpu")
+    assert "a helper died" in capsys.readouterr().out
+    assert res.store.complete and res.store.verify() == [] and sum(res.workers.values()) == 13
+    alone = generate(gen, tmp_path / "alone", 25, chunk_size=2, helpers=0, device="cpu")
+    assert _shard_bytes(res.store) == _shard_bytes(alone.store)
+
+
+@pytest.mark.ray
+def test_unplaceable_helpers_are_not_waited_for(local_ray, tmp_path: Path) -> None:
+    t0 = time.perf_counter()
+    res = generate(_export(tmp_path), tmp_path / "s", 25, chunk_size=2, helpers=2, helper_resources={"num_cpus": 64})
+    assert res.store.complete and list(res.workers.values()) == [13] and time.perf_counter() - t0 < 30

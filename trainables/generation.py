@@ -2,16 +2,24 @@
 
 ``generator.pt`` holds ``{"G": state_dict, "latent_dim", "image_size", "g_width", "epochs"}``: everything needed
 to rebuild :class:`trainables.gan_models.Generator` without the training run. :func:`generate` fills a
-:class:`datasets.generated.GeneratedStore` chunk by chunk. Chunk ``c`` draws its latents from a CPU
+:class:`datasets.generated.GeneratedStore` shard by shard. Shard ``c`` draws its latents from a CPU
 ``torch.Generator`` seeded from ``(seed, c)`` and runs G in eval mode (BatchNorm running statistics, so an
-image does not depend on its batch), so the pool is the same whatever the parallelism, and an interrupted
-generation is completed by the next call (only ``missing_chunks()`` are produced). The store's meta records the
+image does not depend on its batch), so the pool is the same whoever renders a shard, and an interrupted
+generation is completed by the next call (only ``missing_chunks()`` are rendered). The store's meta records the
 generator file's sha256: a store made by another generator is refused, never reused.
+
+Rendering is done by long-lived workers that load G once: the calling process itself, plus optional Ray actors
+(``helpers``, e.g. one per further GPU) that take shards from the same pending list as soon as each is placed
+and ready. A busy cluster only means fewer helpers: the caller never waits for an actor that is not running.
+Helpers write to ``store_root`` themselves, so on several nodes it must be shared storage.
 """
 
 from __future__ import annotations
 
 import io
+import os
+from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,8 +33,8 @@ from trainables.seeding import derive_seed
 
 GENERATOR_FILE = "generator.pt"
 EXPORT_KEYS = ("G", "latent_dim", "image_size", "g_width", "epochs")
-SUB_BATCH = 250  # images per G forward inside a chunk (fixed: results must not depend on the device)
-MAX_IN_FLIGHT = 4  # Ray tasks at a time
+SUB_BATCH = 250  # images per G forward inside a shard (fixed: results must not depend on the device)
+HELPER_QUEUE = 2  # shards handed to one helper at a time: it renders the next while the caller is busy
 
 
 # ------------------------------------------------------------------------------------- the exported file
@@ -89,46 +97,106 @@ def render_chunk(G: Generator, store: GeneratedStore, chunk: int, seed: int) -> 
     return to_uint8(torch.cat(out)) if out else np.zeros((0, *store.info["image_size"], 3), np.uint8)
 
 
-def write_chunks(generator_path: str | Path, store_root: str | Path, chunks: Sequence[int], seed: int) -> int:
-    """Render and write the given chunks of the store (on the GPU when one is visible); returns images written.
+def pick_device(device: torch.device | str | None) -> torch.device:
+    """``None``: the GPU when one is visible, else the CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
 
-    The lower-level step of :func:`generate` (also the body of its Ray tasks).
+
+def worker_label() -> str:
+    """``"node=<Ray node id or 'local'> pid=<pid>"``: who rendered a shard (reported by :func:`generate`)."""
+    node = "local"
+    if _ray_initialized():
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()
+    return f"node={node} pid={os.getpid()}"
+
+
+class ShardRenderer:
+    """One long-lived rendering worker: loads G once, then renders and writes shards on request.
+
+    The calling process uses one directly; :func:`generate`'s helpers are this class as Ray actors.
     """
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    G = load_generator(generator_path, device)
-    store = GeneratedStore(store_root)
-    written = 0
-    for c in chunks:
-        images = render_chunk(G, store, c, seed)
-        store.write_chunk(c, images)
-        written += len(images)
-    return written
+
+    def __init__(self, generator_path: str | Path, store_root: str | Path, seed: int,
+                 device: torch.device | str | None = None) -> None:
+        self.G = load_generator(generator_path, pick_device(device))
+        self.store = GeneratedStore(store_root)
+        self.seed = seed
+        self.label = worker_label()
+
+    def ready(self) -> str:
+        return self.label
+
+    def render(self, chunks: Sequence[int]) -> str:
+        """Render and write the shards ``chunks``; returns this worker's label."""
+        for c in chunks:
+            self.store.write_chunk(c, render_chunk(self.G, self.store, c, self.seed))
+        return self.label
 
 
-def generate(generator_path: str | Path, store_root: str | Path, n: int, *, seed: int = 0,
-             chunk_size: int = 500, parallel: bool | None = None) -> GeneratedStore:
+@dataclass(frozen=True)
+class Generated:
+    """What :func:`generate` returns: the complete store, and how many shards each worker rendered in this call
+    (``"node=... pid=..."`` -> shards; empty when the store was already complete)."""
+
+    store: GeneratedStore
+    workers: dict[str, int]
+
+    @property
+    def root(self) -> Path:
+        return self.store.root
+
+    @property
+    def n(self) -> int:
+        return self.store.n
+
+
+def generate(generator_path: str | Path, store_root: str | Path, n: int, *, seed: int = 0, chunk_size: int = 100,
+             device: torch.device | str | None = None, helpers: int = 0,
+             helper_resources: dict[str, Any] | None = None) -> Generated:
     """Fill (or complete) the store at ``store_root`` with ``n`` images of the exported generator.
 
-    ``parallel``: None = Ray tasks when Ray is initialised, else in-process; True requires Ray to be initialised.
+    The caller renders shards on ``device`` (None: GPU if visible). ``helpers > 0`` with Ray initialised also
+    starts that many Ray actors with ``ray.remote(**helper_resources)`` (default ``{"num_cpus": 1}``; e.g.
+    ``{"num_gpus": 1}``), which share the pending shards; without Ray the caller renders everything. Helpers
+    render on the caller's device type (CPU and GPU round differently: the pool must not depend on who renders).
     """
+    if helpers < 0:
+        raise ValueError(f"generate(helpers={helpers}) must be >= 0")
     path = Path(generator_path).resolve()
     info = read_export(path)
     meta = {"generator_sha256": file_sha256(path), "seed": seed, "latent": "uniform[-1,1]", "bn": "eval"}
     store = GeneratedStore.create(store_root, n=n, image_size=tuple(info["image_size"]), meta=meta,
                                   chunk_size=chunk_size)
     if store.complete:
-        return store
-    missing = store.missing_chunks()
-    if parallel is None:
-        parallel = _ray_initialized()
-    if parallel and not _ray_initialized():
-        raise ValueError("generate(parallel=True) needs ray.init() first (or pass parallel=None/False)")
-    if parallel and len(missing) > 1:
-        _write_chunks_ray(path, store.root, missing, seed)
-    else:
-        write_chunks(path, store.root, missing, seed)
+        return Generated(store, {})
+    device = pick_device(device)
+    pending = deque(store.missing_chunks())
+    workers: dict[str, int] = {}
+    pool = None
+    try:
+        if helpers and len(pending) > 1 and _ray_initialized():
+            pool = _HelperPool(path, store.root, seed, device.type, helpers, helper_resources or {"num_cpus": 1})
+        _render_all(ShardRenderer(path, store.root, seed, device), pending, pool, workers)
+    finally:
+        if pool is not None:
+            pool.close()
     store.finalize()
-    return store
+    return Generated(store, workers)
+
+
+def _render_all(local: ShardRenderer, pending: deque[int], pool: "_HelperPool | None",
+                workers: dict[str, int]) -> None:
+    """Render shards in this process until none is pending, handing shards to ready helpers between them."""
+    while pending or (pool is not None and pool.busy):
+        if pool is not None:
+            pool.poll(pending, workers, block=not pending)
+        if pending:
+            label = local.render([pending.popleft()])
+            workers[label] = workers.get(label, 0) + 1
 
 
 def _ray_initialized() -> bool:
@@ -139,18 +207,74 @@ def _ray_initialized() -> bool:
     return ray.is_initialized()
 
 
-def _write_chunks_ray(path: Path, root: Path, chunks: Sequence[int], seed: int) -> None:
-    """One Ray task per chunk, at most a handful in flight; GPU tasks when the cluster has GPUs."""
-    import ray
+class _HelperPool:
+    """Ray actors rendering shards beside the caller. Only running actors are ever waited on; an actor that
+    dies gives its handed-out shards back to the pending list."""
 
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    task = ray.remote(num_cpus=1, num_gpus=1 if gpus else 0)(write_chunks)
-    limit = max(1, min(MAX_IN_FLIGHT, gpus or int(resources.get("CPU", 1))))
-    pending: list = []
-    for c in chunks:
-        if len(pending) >= limit:
-            done, pending = ray.wait(pending, num_returns=1)
-            ray.get(done)  # re-raises a task's error here
-        pending.append(task.remote(str(path), str(root), [c], seed))
-    ray.get(pending)
+    def __init__(self, path: Path, root: Path, seed: int, device: str, count: int, resources: dict[str, Any]) -> None:
+        import ray
+
+        actor_cls = ray.remote(**resources)(ShardRenderer)
+        self.actors = [actor_cls.remote(str(path), str(root), seed, device) for _ in range(count)]
+        self.starting = {a.ready.remote(): a for a in self.actors}  # ready() ref -> actor not yet seen running
+        self.queued: dict[Any, int] = {}  # running actor -> shards handed to it and not yet returned
+        self.running: dict[Any, tuple[Any, int]] = {}  # render() ref -> (actor, shard)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.running)
+
+    def poll(self, pending: deque[int], workers: dict[str, int], *, block: bool) -> None:
+        """Collect finished shards and started actors, then hand pending shards to running actors.
+
+        ``block``: wait until a handed-out shard returns (never for an actor still starting).
+        """
+        import ray
+
+        if block and self.running:
+            ray.wait(list(self.running), num_returns=1)
+        refs = [*self.starting, *self.running]
+        done = ray.wait(refs, num_returns=len(refs), timeout=0)[0] if refs else []
+        for ref in done:
+            if ref in self.starting:
+                self._started(ref)
+            else:
+                self._returned(ref, pending, workers)
+        for actor in self.queued:
+            while pending and self.queued[actor] < HELPER_QUEUE:
+                chunk = pending.popleft()
+                self.running[actor.render.remote([chunk])] = (actor, chunk)
+                self.queued[actor] += 1
+
+    def _started(self, ref: Any) -> None:
+        import ray
+
+        actor = self.starting.pop(ref)
+        try:
+            ray.get(ref)
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnschedulableError) as err:
+            print(f"[generate] a helper could not start; continuing without it: {err}", flush=True)
+            return
+        self.queued[actor] = 0
+
+    def _returned(self, ref: Any, pending: deque[int], workers: dict[str, int]) -> None:
+        import ray
+
+        actor, chunk = self.running.pop(ref)
+        try:
+            label = ray.get(ref)  # a Python error in the helper is raised here, as it would be in the caller
+        except ray.exceptions.RayActorError as err:
+            pending.appendleft(chunk)
+            if self.queued.pop(actor, None) is not None:
+                print(f"[generate] a helper died; its shards go back to the pending list: {err}", flush=True)
+            return
+        workers[label] = workers.get(label, 0) + 1
+        if actor in self.queued:  # else it was given up for dead (unreachable) and its shard went back
+            self.queued[actor] -= 1
+
+    def close(self) -> None:
+        """Kill every actor, started or not (their shards are all written or back in the pending list)."""
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
