@@ -28,6 +28,13 @@ from urllib.parse import urlsplit
 SHARED_MARKER = ".mprl-shared"
 DRIVER_RESOURCE = "tune_driver"  # advertised by the head node in clusters/*.yaml
 DRIVER_SHARE = 0.01  # one driver trial's share: the head's CPUs, not this, limit how many run there
+# Advertised (1000 units) by the worker nodes of clusters/*.yaml: every task that computes takes a sliver of it,
+# so CPU-only stages and trials never land on the head, whose CPUs serve the driver, Tune and MLflow.
+WORKER_RESOURCE = "mprl_worker"
+WORKER_SHARE = 0.001
+# On clusters that add GPU nodes on demand a Train worker group may wait minutes for its node; Ray Train's
+# default is 60 s, after which it tears the group down and retries (research/ray_mlflow.md).
+WORKER_GROUP_START_TIMEOUT_S = "900"
 OBJECT_STORE_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "az", "hdfs", "oss")
 LOCAL_TRACKING_SCHEMES = ("", "file", "sqlite")
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1", "0.0.0.0")
@@ -239,8 +246,10 @@ def connect(cfg: Any) -> None:
 
     if ray.is_initialized():
         return
+    env = worker_env(cfg)
+    os.environ.update(env)  # the driver's own checks see what the workers see
     if cfg.cluster.address:
-        ray.init(address=cfg.cluster.address)
+        ray.init(address=cfg.cluster.address, runtime_env={"env_vars": env})
         return
     num_cpus = cfg.cluster.num_cpus or max(3, os.cpu_count() or 1)
     dashboard: dict = {"include_dashboard": False}
@@ -253,7 +262,62 @@ def connect(cfg: Any) -> None:
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         dashboard = {"include_dashboard": True, "dashboard_port": port}
     # address="local": always a fresh instance, never one some other user's `ray start` left on this machine
-    ray.init(address="local", num_cpus=num_cpus, log_to_driver=True, **dashboard)
+    ray.init(address="local", num_cpus=num_cpus, log_to_driver=True, runtime_env={"env_vars": env}, **dashboard)
+
+
+def worker_env(cfg: Any) -> dict[str, str]:
+    """Environment of every worker of the sweep's Ray job: the Train worker-group start timeout (a value the user
+    exported wins) and, with ``cluster.logical_gpus``, leave to run on the CPU where a logical GPU was granted."""
+    from trainables.runtime import LOGICAL_GPUS_ENV
+
+    env = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S",
+                                                                    WORKER_GROUP_START_TIMEOUT_S)}
+    if cfg.cluster.logical_gpus:
+        env[LOGICAL_GPUS_ENV] = "1"
+    return env
+
+
+def compute_resources(cpus: float, gpus: float, cluster_resources: Mapping[str, float]) -> dict[str, float]:
+    """Resources of a task that computes: ``cpus``/``gpus``, plus a sliver of the worker-node resource where the
+    cluster advertises it (never the head)."""
+    out = {"CPU": float(cpus), "GPU": float(gpus)}
+    if cluster_resources.get(WORKER_RESOURCE, 0) > 0:
+        out[WORKER_RESOURCE] = WORKER_SHARE
+    return out
+
+
+def _cluster_resources() -> dict[str, float]:
+    """The connected cluster's resources ({} before ``ray.init``: plain requests, e.g. for offline checks)."""
+    import ray
+
+    return ray.cluster_resources() if ray.is_initialized() else {}
+
+
+def ray_options(resources: Mapping[str, float]) -> dict[str, Any]:
+    """``{"CPU": c, "GPU": g, "x": v}`` -> the keyword arguments of ``ray.remote`` / ``.options``."""
+    custom = {k: v for k, v in resources.items() if k not in ("CPU", "GPU")}
+    return {"num_cpus": resources.get("CPU", 1), "num_gpus": resources.get("GPU", 0),
+            **({"resources": custom} if custom else {})}
+
+
+def stage_resources(cfg: Any, stage: str) -> dict[str, float]:
+    """What a stage's Ray task asks for. ``cpu``: the dataset stage; ``gan``/``reid``: training (a task that only
+    drives a Train worker group asks for what a driver trial does); ``generate``/``smprl``: inference."""
+    have = _cluster_resources()
+    if stage == "cpu":
+        return compute_resources(1, 0, have)
+    sub = cfg.gan if stage in ("gan", "generate") else cfg.reid
+    if stage in ("gan", "reid") and not (cfg.sweep.in_process and sub.num_workers <= 1):
+        return driver_resources({"CPU": 1}, have)
+    workers = getattr(sub, "loader_workers", 0)
+    return compute_resources(1 + workers, 1 if sub.use_gpu else 0, have)
+
+
+def generation_helpers(cfg: Any) -> int:
+    """Generation workers besides the stage's own: one per other GPU of the cluster (0 on CPU)."""
+    import ray
+
+    return max(0, int(ray.cluster_resources().get("GPU", 0)) - 1) if cfg.gan.use_gpu else 0
 
 
 def _free_port() -> int:
@@ -264,11 +328,9 @@ def _free_port() -> int:
 
 def trial_resources(cfg: Any) -> dict[str, float]:
     """What one Tune trial asks for: all of an in-process trial; only the driver of a Train worker group."""
-    import ray
-
     if runs_in_process(cfg):
-        return {"CPU": 1 + cfg.reid.loader_workers, "GPU": 1 if cfg.reid.use_gpu else 0}
-    return driver_resources({"CPU": 1}, ray.cluster_resources())
+        return compute_resources(1 + cfg.reid.loader_workers, 1 if cfg.reid.use_gpu else 0, _cluster_resources())
+    return driver_resources({"CPU": 1}, _cluster_resources())
 
 
 def max_concurrent(cfg: Any) -> int:

@@ -39,7 +39,7 @@ from trainables.config import (  # noqa: F401
 
 SEARCHES = ("grid", "random")
 TEST_METRICS = ("rank1", "rank5", "rank10", "mAP", "mINP")  # of the test split: reported, never selected on
-PRESETS = ("smoke", "cpu", "paper", "paper-twostream")
+PRESETS = ("smoke", "cpu", "paper", "paper-twostream", "rehearsal")
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,9 @@ class ClusterConfig:
     tracking_uri: str | None = None  # None = sqlite:///<storage_path>/mlflow.db
     experiment: str = "mprl"
     num_cpus: int = 0  # local Ray only; 0 = max(3, os.cpu_count())
+    # the GPUs the nodes advertise may be logical (test clusters, the rehearsal): a worker given one trains on the
+    # CPU instead of failing with "no CUDA device on node ..."
+    logical_gpus: bool = False
 
     def __post_init__(self) -> None:
         if not self.storage_path:
@@ -182,6 +185,19 @@ PRESET_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
         **PAPER,
         "reid": {**PAPER["reid"], "model": "twostream", "epochs": 60, "lr_step_epoch": 40},
         "sweep": {"methods": ["baseline", "lsro", "dmprl2"], "num_gan": [24000], "seeds": [0, 1, 2]},
+    },
+    # The scale rehearsal (python -m bench.rehearsal): the paper preset's structure at Market-1501's counts and
+    # 24,000 generated images, every label method, on GPU workers (logical ones on a loopback cluster), with a
+    # tiny network at 32x16 and a cap of 4 steps per epoch so that it runs in minutes on CPUs.
+    "rehearsal": {
+        "dataset": {"synthetic_counts": "market1501", "synthetic_size": [32, 16]},
+        "gan": {"image_size": [32, 16], "g_width": 8, "d_width": 8, "epochs": 1, "max_steps": 4, "use_gpu": True},
+        "reid": {"backbone": "tiny", "pretrained": "random", "embed_dim": 64, "image_size": [32, 16], "epochs": 2,
+                 "max_steps": 4, "use_gpu": True, "loader_workers": 0, "lr": 0.02},
+        "labels": {"num_gan": 24000},
+        "sweep": {"methods": list(LABEL_METHODS), "num_gan": [24000], "orders": ["paper", "reference_code"],
+                  "seeds": [0], "max_concurrent": 2},
+        "cluster": {"logical_gpus": True},
     },
 }
 

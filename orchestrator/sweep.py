@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator import cluster, pipeline, tracking
+from orchestrator import cluster, dag, pipeline, tracking
 from orchestrator.config import PRESETS, Config, choices_help, config_hash, dump_yaml, flat_dict, load_config
 from orchestrator.tables import format_table, pct
 from orchestrator.trials import TrialContext, TrialSpec, build_trials
-from orchestrator.tuning import TAG_STOPPED_AFTER, tune_trials
+from orchestrator.tuning import TAG_STOPPED_AFTER, TAG_WORKER_SECONDS, tune_trials
 from trainables.reid import ReidInputs
 
 
@@ -32,6 +32,9 @@ class SweepOutcome:
     stages: pipeline.Stages
     tracking_uri: str
     seconds: float
+    driver_cpu_seconds: float = 0.0  # CPU time of the driver process itself (planning, Tune, MLflow calls)
+    stage_finished_at: dict[str, float] | None = None  # stage name -> seconds after the graph started
+    critical_path_seconds: float = 0.0  # first stage submitted -> every stage and trial finished
 
 
 def sweep_name(cfg: Config, paths: pipeline.Paths, resume: bool) -> str:
@@ -44,14 +47,14 @@ def sweep_name(cfg: Config, paths: pipeline.Paths, resume: bool) -> str:
 
 
 def run_sweep(cfg: Config, *, resume: bool = False, log_models: bool = True) -> SweepOutcome:
-    """Check inputs, run (or reuse) the stages, run the trials on Tune; every run ends in MLflow."""
-    start = time.perf_counter()
+    """Check inputs, then run the stage DAG and the trials on Ray (the driver only plans, schedules and tracks)."""
+    start, cpu_start = time.perf_counter(), time.process_time()
     _sigterm_as_sigint()
     paths = pipeline.Paths(Path(cfg.cluster.storage_path))
     uri = cfg.cluster.tracking_uri or tracking.default_tracking_uri(paths.storage)
     tracking.check_reachable(uri)
     cluster.check_address(cfg.cluster.address)  # a dead address fails in seconds, not after ray.init retries
-    dataset = pipeline.dataset_stage(cfg, paths)  # bad dataset input fails here, before Ray starts
+    pipeline.check_dataset(cfg.dataset)  # a bad dataset path or layout fails here, before Ray starts
     cluster.connect(cfg)
     cluster.preflight(cfg)  # multi-node: shared storage and an MLflow server, or a clear error
     cluster.check_resources(cfg)
@@ -63,19 +66,27 @@ def run_sweep(cfg: Config, *, resume: bool = False, log_models: bool = True) -> 
     tracking.set_status(client, parent, "RUNNING")
     tracking.log_params(client, parent, flat_dict(cfg))
     client.log_text(parent, dump_yaml(cfg), "config.yaml")
+    graph = None
     try:
         trials = build_trials(cfg)
-        stages = run_stages(cfg, paths, trials, run, dataset)
-        rows = _run_trials(cfg, trials, stages, run, resume=resume, log_models=log_models)
+        plan = pipeline.plan_stages(cfg, paths, [(t.method, t.num_gan, t.seed) for t in trials])
+        graph = dag.StageGraph(plan, paths, name, on_done=lambda *a: _log_stage(run, paths, *a)).start()
+        rows = _run_trials(cfg, trials, plan, run, resume=resume, log_models=log_models)
+        graph.wait()
+        critical = time.perf_counter() - graph.started  # first stage submitted -> last stage and trial done
     except BaseException as err:
         status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
         tracking.end_unfinished(client, exp_id, parent, status)
         tracking.set_status(client, parent, status)
         raise
+    finally:
+        if graph is not None:
+            graph.close()
     _summarise(run, rows)
     tracking.end_unfinished(client, exp_id, parent, "KILLED")
     tracking.set_status(client, parent, "FINISHED")
-    return SweepOutcome(name, parent, rows, stages, uri, time.perf_counter() - start)
+    return SweepOutcome(name, parent, rows, _stages(plan, graph), uri, time.perf_counter() - start,
+                        round(time.process_time() - cpu_start, 1), dict(graph.finished_at), round(critical, 1))
 
 
 def _sigterm_as_sigint() -> None:
@@ -89,69 +100,71 @@ def _sigterm_as_sigint() -> None:
 
 # ------------------------------------------------------------------------------------------ stages
 
-def run_stages(cfg: Config, paths: pipeline.Paths, trials: list[TrialSpec], run: tracking.SweepRun,
-               dataset: pipeline.StageResult) -> pipeline.Stages:
-    """Run (or reuse) every stage the trials need, logging each as a child run."""
-    print(f"[pipeline] dataset: {dataset.out.summary}", flush=True)
-    gan = generate = None
-    n_max = max((t.num_gan for t in trials if t.method != "baseline_matched"), default=0)  # real images only
-    if n_max > 0:
-        gan = _logged(run, pipeline.gan_stage(cfg, paths, dataset.path), "**/samples.png")
-        generate = _logged(run, pipeline.generate_stage(cfg, paths, gan, n_max))
-    smprl_seeds = sorted({t.seed for t in trials if t.method == "smprl"})
-    label_seed = {s: cfg.reid.seed if cfg.sweep.single_baseline else s for s in smprl_seeds}
-    baselines = {seed: _logged(run, pipeline.baseline_stage(cfg, paths, dataset.path, seed))
-                 for seed in sorted({t.seed for t in trials if t.method == "baseline"} | set(label_seed.values()))}
-    smprl = {seed: _logged(run, pipeline.smprl_stage(cfg, paths, baselines[label_seed[seed]], generate))
-             for seed in smprl_seeds}  # with single_baseline every seed gets the same (cached) labels
-    return pipeline.Stages(dataset, gan, generate, baselines, smprl)
+def _stages(plan: pipeline.Plan, graph: dag.StageGraph) -> pipeline.Stages:
+    """What the stages produced (a stage that failed is absent)."""
+    got = graph.results.get
+    return pipeline.Stages(got(plan.dataset), plan.gan and got(plan.gan), plan.generate and got(plan.generate),
+                           {s: got(n) for s, n in plan.baselines.items() if got(n)},
+                           {s: got(n) for s, n in plan.smprl.items() if got(n)})
 
 
-def _logged(run: tracking.SweepRun, stage: pipeline.StageResult, artifacts: str | None = None):
-    _log_stage(run, stage, sorted(stage.path.glob(artifacts))[-1:] if artifacts else [])
-    return stage
-
-
-def _log_stage(run: tracking.SweepRun, stage: pipeline.StageResult, files: list[Path] = ()) -> None:
-    run_id, created = run.child("stage", f"{stage.stage}:{stage.key}", f"stage:{stage.stage}",
-                                tags={"mprl.cached": str(stage.cached).lower(), "mprl.stage_path": str(stage.path)})
-    if created:
+def _log_stage(run: tracking.SweepRun, paths: pipeline.Paths, node: pipeline.StageNode,
+               stage: pipeline.StageResult | None, error: str | None) -> None:
+    """A stage's MLflow child run (once per stage key): its output, seconds and where it ran, or its error."""
+    folder = paths.stages / node.name
+    run_id, created = run.child("stage", f"{node.stage}:{node.key}", f"stage:{node.stage}",
+                                tags={"mprl.cached": str(bool(stage and stage.cached)).lower(),
+                                      "mprl.stage_path": str(folder)})
+    if stage is None:
+        run.client.set_tag(run_id, "mprl.error", error[:5000])
+        tracking.set_status(run.client, run_id, "FAILED")
+        return
+    if created or run.client.get_run(run_id).info.status != "FINISHED":
         fields = vars(stage.out)
         tracking.log_params(run.client, run_id, {k: v for k, v in fields.items() if not isinstance(v, (dict, list))})
-        tracking.log_metrics(run.client, run_id, {**fields.get("metrics", {}), "seconds": stage.seconds})
+        tracking.log_metrics(run.client, run_id, {**fields.get("metrics", {}), "seconds": stage.seconds,
+                                                  "cpu_seconds": stage.cpu_seconds})
+        if stage.where:
+            run.client.set_tag(run_id, "mprl.where", stage.where)
+        files = sorted(folder.glob(node.artifacts))[-1:] if node.artifacts else []
         tracking.log_artifacts(run.client, run_id, files, "samples")
         tracking.set_status(run.client, run_id, "FINISHED")
-    print(f"[pipeline] {stage.stage}: {'cached' if stage.cached else 'built'} ({stage.path})", flush=True)
+    where = f" in {stage.seconds:.0f} s on {stage.where}" if stage.where else ""
+    print(f"[pipeline] {node.name}: {'cached' if stage.cached else 'built' + where}", flush=True)
 
 
 # ------------------------------------------------------------------------------------------ trials
 
-def _links(*stages: pipeline.StageResult | None) -> dict[str, str]:
-    """MLflow tags naming the stage outputs a trial used (``mprl.<stage>_stage``)."""
-    return {f"mprl.{st.stage}_stage": f"{st.stage}-{st.key}" for st in stages if st is not None}
+def _links(*names: str | None) -> dict[str, str]:
+    """MLflow tags naming the stage outputs a trial used (``mprl.<stage>_stage``: the stage folder's name)."""
+    return {f"mprl.{n.split('-', 1)[0]}_stage": n for n in names if n is not None}
 
 
-def _run_trials(cfg: Config, trials: list[TrialSpec], stages: pipeline.Stages, run: tracking.SweepRun, *,
+def _run_trials(cfg: Config, trials: list[TrialSpec], plan: pipeline.Plan, run: tracking.SweepRun, *,
                 resume: bool, log_models: bool) -> list[dict[str, Any]]:
     """Create every trial's MLflow run up front, run the trials, and read their final status back."""
     paths, name = pipeline.Paths(Path(cfg.cluster.storage_path)), run.name
     run_ids = {t.key: run.child("trial", f"{name}/{t.key}", t.key, status="SCHEDULED",
                                 tags={"mprl.method": t.method})[0] for t in trials}
-    ctx = TrialContext(cfg, run.tracking_uri, run_ids,
-                       ReidInputs(str(stages.dataset.path), stages.generate.out.store if stages.generate else None),
-                       str(paths.trials / name), _links(stages.dataset, stages.gan, stages.generate),
-                       baselines={seed: st.out for seed, st in stages.baselines.items()},
-                       smprl_labels={seed: st.out.labels for seed, st in stages.smprl.items()},
-                       seed_links={seed: _links(stages.baselines.get(seed), stages.smprl.get(seed))
-                                   for seed in {*stages.baselines, *stages.smprl}}, log_models=log_models)
+    folder = lambda n: str(paths.stages / n)  # noqa: E731
+    ctx = TrialContext(cfg, run.tracking_uri, run_ids, ReidInputs(plan.data_root, plan.store),
+                       str(paths.trials / name), _links(plan.dataset, plan.gan, plan.generate),
+                       baselines={seed: folder(n) for seed, n in plan.baselines.items()},
+                       smprl_labels=dict(plan.smprl_labels),
+                       seed_links={seed: _links(plan.baselines.get(seed), plan.smprl.get(seed))
+                                   for seed in {*plan.baselines, *plan.smprl}},
+                       needs={t.key: tuple(map(folder, plan.needs(t.method, t.seed))) for t in trials},
+                       log_models=log_models)
     rows = tune_trials(cfg, trials, ctx, paths.tune / name, resume)
     status = {t.key: run.client.get_run(run_ids[t.key]).info.status for t in trials}
     for row in rows:
-        row["status"] = status[row["trial"]]
-        row["stopped_after"] = run.client.get_run(run_ids[row["trial"]]).data.tags.get(TAG_STOPPED_AFTER)
+        data = run.client.get_run(run_ids[row["trial"]]).data
+        tags = data.tags
+        row["status"], row["stopped_after"], row["where"] = status[row["trial"]], tags.get(TAG_STOPPED_AFTER), \
+            tags.get("mprl.where")
+        row["seconds"] = data.metrics.get(TAG_WORKER_SECONDS, row.get("seconds"))
         if row["status"] == "FAILED":  # the trial's own message, not Ray's wrapped traceback header
-            tag = run.client.get_run(run_ids[row["trial"]]).data.tags.get("mprl.error")
-            row["error"] = tag or row.get("error") or "failed"
+            row["error"] = tags.get("mprl.error") or row.get("error") or "failed"
     if any(v in ("RUNNING", "SCHEDULED") for v in status.values()):
         print("\n" + results_table(rows), flush=True)
         raise KeyboardInterrupt(f"sweep {name} interrupted")
@@ -168,6 +181,18 @@ def results_table(rows: list[dict[str, Any]]) -> str:
              f"stopped early after epoch {r['stopped_after']}" if r.get("stopped_after") else "") for r in rows]
     return format_table(("method", "#GAN", "order", "keep", "seed", "rank-1", "rank-5", "mAP", ""), body,
                         align="lrlrrrrrl")
+
+
+def timing_summary(out: SweepOutcome) -> str:
+    """Where the time went: stages built (in workers), trial compute, and the driver's own CPU seconds."""
+    built = {s.stage: 0.0 for s in out.stages.all() if not s.cached}
+    for s in out.stages.all():
+        if not s.cached:
+            built[s.stage] += s.seconds
+    trials = sum(r.get("seconds") or 0.0 for r in out.rows)
+    parts = ", ".join(f"{k} {v:.0f} s" for k, v in built.items()) or "all cached"
+    return (f"stages built in Ray workers: {parts}; trials: {trials:.0f} s of worker time; "
+            f"driver process CPU: {out.driver_cpu_seconds:.1f} s")
 
 
 def _summarise(run: tracking.SweepRun, rows: list[dict[str, Any]]) -> None:
@@ -208,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     print("\n" + results_table(out.rows))
     print(f"\nsweep {out.name} finished in {out.seconds / 60:.1f} min")
+    print(timing_summary(out))
     ui = (f"mlflow ui --backend-store-uri {out.tracking_uri}" if out.tracking_uri.startswith("sqlite")
           else out.tracking_uri)
     print(f"MLflow: experiment '{cfg.cluster.experiment}', parent run {out.parent_run_id}\n  {ui}")

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.config import Config
-from orchestrator.pipeline import BaselineOut
 from trainables.reid import METRICS, ReidInputs
 
 MPRL_METHODS = ("smprl", "dmprl1", "dmprl2")
@@ -56,9 +55,10 @@ class TrialContext:
     inputs: ReidInputs  # the dataset and the generated store; the sMpRL label file is per seed (below)
     trials_dir: str
     links: dict[str, str]  # MLflow tags naming the stages every trial used (dataset, GAN, generation)
-    baselines: dict[int, BaselineOut] = field(default_factory=dict)  # seed -> that seed's baseline stage
+    baselines: dict[int, str] = field(default_factory=dict)  # seed -> that seed's baseline stage folder
     smprl_labels: dict[int, str] = field(default_factory=dict)  # seed -> its sMpRL label file in the store
     seed_links: dict[int, dict[str, str]] = field(default_factory=dict)  # seed -> tags of its baseline/sMpRL
+    needs: dict[str, tuple[str, ...]] = field(default_factory=dict)  # trial key -> stage folders it reads
     log_models: bool = True
 
 
@@ -68,6 +68,11 @@ def normalise(t: TrialSpec) -> TrialSpec:
     if t.method not in MPRL_METHODS:  # (baseline_matched keeps its #GAN: it is the number of steps it matches)
         return TrialSpec(t.method, t.num_gan, "paper", None, t.seed)
     return t
+
+
+def cost(t: TrialSpec) -> tuple[int, int]:
+    """Sort key, longest first: a baseline trial reuses its stage (instant); more generated images, more steps."""
+    return (0 if t.method == "baseline" else 1, t.num_gan)
 
 
 def build_trials(cfg: Config) -> list[TrialSpec]:

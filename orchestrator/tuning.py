@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
+from ray.tune.search import Searcher
 
 from orchestrator import cluster, tracking
 from orchestrator.config import Config, flat_dict, replace
-from orchestrator.pipeline import BaselineOut
-from orchestrator.trials import EPOCH_METRICS, TrialContext, TrialSpec
+from orchestrator.pipeline import BaselineOut, read_output, require_finished
+from orchestrator.trials import EPOCH_METRICS, TrialContext, TrialSpec, cost
 from trainables.reid import METRICS
 
 FINAL_METRICS = (*METRICS, "mINP")
@@ -28,9 +29,12 @@ FINAL_METRICS = (*METRICS, "mINP")
 
 def run_trial(config: dict, ctx: TrialContext) -> None:
     """Tune function: train (or reuse the baseline stage), then log final metrics, CMC plot and model."""
+    import time
+
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    start = time.perf_counter()
     mlflow.set_tracking_uri(ctx.tracking_uri)  # tracking.log_model logs through the fluent API
     trial = TrialSpec.from_key(config["trial"])
     cfg = replace(ctx.cfg, **trial.overrides())
@@ -38,12 +42,15 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     run_id = ctx.run_ids[trial.key]
     tracking.set_status(client, run_id, "RUNNING")
     tracking.log_params(client, run_id, {**flat_dict(cfg), "trial": trial.key})
+    _tag_placement(client, run_id)
     try:
+        for folder in ctx.needs.get(trial.key, ()):  # a failed input stage fails the trial with its message
+            require_finished(folder)
         if trial.method == "baseline" and trial.seed in ctx.baselines:  # this seed's baseline stage
-            result = _reuse_baseline(ctx.baselines[trial.seed], client, run_id)
+            result = _reuse_baseline(read_output(ctx.baselines[trial.seed], BaselineOut), client, run_id)
         else:
             result = _train(cfg, ctx, trial)
-        _finish(client, run_id, cfg, trial, result, ctx)
+        _finish(client, run_id, cfg, trial, result, ctx, start)
     except SystemExit as err:
         # Tune stops a function trial (a scheduler's STOP, the end of the sweep, actor reuse) by raising
         # SystemExit(0) inside ray.tune.report; its runner thread takes that as a clean exit. Not a failure:
@@ -59,6 +66,15 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
         client.set_tag(run_id, "mprl.error", f"{type(err).__name__}: {err}"[:5000])
         tracking.set_status(client, run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
+
+
+def _tag_placement(client, run_id: str) -> None:
+    """Where the trial runs (``mprl.where``: node and pid), for the placement checks of the rehearsal."""
+    import os
+
+    from trainables.runtime import node_label
+
+    client.set_tag(run_id, "mprl.where", f"{node_label()} pid {os.getpid()}")
 
 
 def _train(cfg: Config, ctx: TrialContext, trial: TrialSpec) -> dict[str, Any]:
@@ -79,7 +95,10 @@ def _reuse_baseline(baseline: BaselineOut, client, run_id: str) -> dict[str, Any
     return result
 
 
-def _finish(client, run_id: str, cfg: Config, trial: TrialSpec, result: dict, ctx: TrialContext) -> None:
+def _finish(client, run_id: str, cfg: Config, trial: TrialSpec, result: dict, ctx: TrialContext,
+            start: float) -> None:
+    import time
+
     from trainables.plots import plot_cmc
 
     final = {k: result[k] for k in FINAL_METRICS if k in result}
@@ -95,7 +114,11 @@ def _finish(client, run_id: str, cfg: Config, trial: TrialSpec, result: dict, ct
             tracking.log_artifacts(client, run_id, [png], "plots")
     if ctx.log_models:
         run_dir = Path(ctx.trials_dir) / trial.key
-        _log_model(client, run_id, cfg, run_dir if run_dir.exists() else Path(ctx.baselines[trial.seed].run_dir))
+        if not run_dir.exists():
+            run_dir = Path(read_output(ctx.baselines[trial.seed], BaselineOut).run_dir)
+        _log_model(client, run_id, cfg, run_dir)
+    # the trial's whole time in its worker (training, evaluation, logging): what the rehearsal counts as compute
+    tracking.log_metrics(client, run_id, {TAG_WORKER_SECONDS: round(time.perf_counter() - start, 2)})
     tracking.set_status(client, run_id, "FINISHED")
 
 
@@ -117,16 +140,20 @@ def _log_model(client, run_id: str, cfg: Config, run_dir: Path) -> None:
 
 def tune_trials(cfg: Config, trials: list[TrialSpec], ctx: TrialContext, experiment: Path,
                 resume: bool) -> list[dict[str, Any]]:
-    """Run the trials on Ray Tune (or resume the interrupted ``experiment``); one result row per trial."""
+    """Run the trials on Ray Tune (or resume the interrupted ``experiment``); one result row per trial.
+
+    The stages of the sweep's :class:`~orchestrator.dag.StageGraph` (registered under ``experiment.name``) run
+    meanwhile; :class:`ReadySearcher` hands Tune each trial once its inputs exist.
+    """
     import ray.tune
 
-    space = {"trial": ray.tune.grid_search([t.key for t in trials])}  # the live table shows each trial's key
     trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, ctx=ctx), cluster.trial_resources(cfg))
     if resume and ray.tune.Tuner.can_restore(str(experiment)):
         print(f"[sweep] resuming {experiment}", flush=True)
-        tuner = ray.tune.Tuner.restore(str(experiment), trainable, resume_errored=True, param_space=space)
+        tuner = ray.tune.Tuner.restore(str(experiment), trainable, resume_errored=True)
     else:
-        tuner = ray.tune.Tuner(trainable, param_space=space, tune_config=_tune_config(cfg),
+        searcher = ReadySearcher(experiment.name, trials, {t.key: ctx.needs.get(t.key, ()) for t in trials})
+        tuner = ray.tune.Tuner(trainable, tune_config=_tune_config(cfg, searcher, len(trials)),
                                run_config=ray.tune.RunConfig(
                                    name=experiment.name, storage_path=str(experiment.parent), verbose=1,
                                    failure_config=ray.tune.FailureConfig(max_failures=cfg.sweep.max_failures),
@@ -135,7 +162,7 @@ def tune_trials(cfg: Config, trials: list[TrialSpec], ctx: TrialContext, experim
     return results_rows(grid, trials)
 
 
-def _tune_config(cfg: Config):
+def _tune_config(cfg: Config, searcher: Searcher, num_samples: int):
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -149,7 +176,8 @@ def _tune_config(cfg: Config):
     # Reusing an actor needs the previous trial's thread to end within 2 s of reset_config: an in-process trial
     # does (SystemExit in ray.tune.report), one blocked in TorchTrainer.fit does not, and a failed reset leaves
     # Tune waiting forever (Ray 2.60). A stopped Train-driving trial's actor is torn down, ending its Train run.
-    return ray.tune.TuneConfig(scheduler=scheduler, reuse_actors=cluster.runs_in_process(cfg),
+    return ray.tune.TuneConfig(scheduler=scheduler, search_alg=searcher, num_samples=num_samples,
+                               reuse_actors=cluster.runs_in_process(cfg),
                                max_concurrent_trials=cluster.max_concurrent(cfg), trial_name_creator=trial_name,
                                trial_dirname_creator=trial_name)
 
@@ -159,7 +187,53 @@ def trial_name(trial) -> str:
     return trial.config["trial"]
 
 
+class ReadySearcher(Searcher):
+    """Suggests each trial once, as soon as the stages it reads have finished, longest first.
+
+    Holds only trial keys and stage folders (it is pickled with the experiment); the live stage graph is looked
+    up by sweep name. A trial whose input stage failed is still suggested: it fails at once with that stage's
+    message, so the sweep's table and MLflow say why.
+    """
+
+    def __init__(self, sweep: str, trials: list[TrialSpec], needs: dict[str, tuple[str, ...]]) -> None:
+        super().__init__()
+        self.sweep, self.needs = sweep, needs
+        self.pending = [t.key for t in sorted(trials, key=cost, reverse=True)]  # stable: ties keep grid order
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return True  # the trial list is the search space; ASHA reads its own metric
+
+    def suggest(self, trial_id: str) -> dict | str | None:
+        from orchestrator import dag
+
+        if not self.pending:
+            return Searcher.FINISHED
+        graph = dag.active(self.sweep)
+        graph.poll()
+        for key in self.pending:
+            if all(graph.finished(Path(folder).name) for folder in self.needs[key]):
+                self.pending.remove(key)
+                return {"trial": key}
+        return None  # Tune asks again on its next step
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        pass
+
+    def save(self, checkpoint_path: str) -> None:
+        import pickle
+
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump({"pending": self.pending}, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        import pickle
+
+        with open(checkpoint_path, "rb") as f:
+            self.pending = pickle.load(f)["pending"]
+
+
 TAG_STOPPED_AFTER = "mprl.stopped_after_epochs"  # on trials a scheduler (ASHA) stopped early
+TAG_WORKER_SECONDS = "worker_seconds"  # a metric of each finished trial run
 
 
 class EpochLogger(Callback):
@@ -200,7 +274,7 @@ def results_rows(grid, trials: list[TrialSpec]) -> list[dict[str, Any]]:
         if not res.config:  # a trial that never started (interrupted sweep)
             continue
         t, m = TrialSpec.from_key(res.config["trial"]), res.metrics or {}
-        by_key[t.key] = {**_row(t), **{k: m.get(k) for k in METRICS},
+        by_key[t.key] = {**_row(t), **{k: m.get(k) for k in METRICS}, "seconds": m.get("time_total_s"),
                          "error": None if res.error is None else f"{type(res.error).__name__}: {res.error}"[:200]}
     return [by_key.get(t.key, {**_row(t), "error": "not run"}) for t in trials]
 

@@ -154,6 +154,22 @@ def test_gpu_workers_fit_a_paper_trial():
         assert float(limits["cpu"]) >= need["CPU"] and int(limits["nvidia.com/gpu"]) >= need["GPU"]
 
 
+def test_only_worker_nodes_advertise_the_compute_resource():
+    """Stages and trials ask for a sliver of mprl_worker (where the cluster has it): the head never computes."""
+    types = _docs(ROOT / "clusters" / "gpu.yaml")[0]["available_node_types"]
+    assert types["gpu_worker"]["resources"][cluster.WORKER_RESOURCE] >= 1 / cluster.WORKER_SHARE
+    assert cluster.WORKER_RESOURCE not in types["head"]["resources"]
+    local = _docs(ROOT / "clusters" / "local.yaml")[0]
+    assert cluster.WORKER_RESOURCE in " ".join(local["worker_start_ray_commands"])
+    assert cluster.WORKER_RESOURCE not in " ".join(local["head_start_ray_commands"])
+    spec = _rayjob(_docs(ROOT / "clusters" / "kuberay.yaml"))["spec"]["rayClusterSpec"]
+    assert all(cluster.WORKER_RESOURCE in g["rayStartParams"]["resources"] for g in spec["workerGroupSpecs"])
+    assert cluster.WORKER_RESOURCE not in spec["headGroupSpec"]["rayStartParams"].get("resources", "")
+    with_workers = {"CPU": 24.0, "GPU": 1.0, cluster.WORKER_RESOURCE: 1000.0}
+    assert cluster.compute_resources(2, 1, with_workers) == {"CPU": 2, "GPU": 1, cluster.WORKER_RESOURCE: 0.001}
+    assert cluster.compute_resources(2, 0, {"CPU": 3.0}) == {"CPU": 2, "GPU": 0}  # a laptop: plain requests
+
+
 # ------------------------------------------------------------------------------------- KubeRay files
 
 def _rayjob(docs: list[dict]) -> dict:

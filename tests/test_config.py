@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config import (
+    LABEL_METHODS,
     PRESETS,
     Config,
     config_hash,
@@ -186,3 +187,28 @@ def test_asha_never_reads_a_test_metric():
         load_config("smoke", overrides=["sweep.asha_metric=rank1"])
     with pytest.raises(ValueError, match="sweep.asha_mode='best'"):
         load_config("smoke", overrides=["sweep.asha_mode=best"])
+
+
+def test_rehearsal_preset_is_the_paper_structure_at_market_counts():
+    cfg = load_config("rehearsal")
+    assert cfg.dataset.synthetic_counts == "market1501" and cfg.labels.num_gan == 24000
+    assert set(cfg.sweep.methods) == set(LABEL_METHODS) and set(cfg.sweep.orders) == {"paper", "reference_code"}
+    assert cfg.reid.use_gpu and cfg.gan.use_gpu and cfg.cluster.logical_gpus  # placed like the paper preset
+    assert cfg.reid.backbone == "tiny" and cfg.reid.max_steps and cfg.gan.max_steps
+    with pytest.raises(ValueError, match="reid.backbone=tiny has no ImageNet weights"):
+        replace(cfg, **{"reid.pretrained": "imagenet"})
+    with pytest.raises(ValueError, match="dataset.synthetic_counts"):
+        replace(cfg, **{"dataset.synthetic_counts": "duke"})
+    with pytest.raises(ValueError, match="reid.max_steps"):
+        replace(cfg, **{"reid.max_steps": 0})
+
+
+def test_max_steps_caps_the_steps_of_an_epoch(tiny_cfg, tiny_split):
+    from trainables import runtime
+    from trainables.reid import _epoch_loader, label_spec
+
+    cfg = tiny_cfg("reid.max_steps=2", "reid.batch_size=4", "reid.loader_workers=0")
+    train = tuple(dataclasses.replace(r, label=i % 3) for i, r in enumerate(tiny_split.train))
+    ctx = runtime.Context(0, 1, runtime.device_for(False), True)
+    loader = _epoch_loader(cfg.reid, train, train, 0, label_spec(cfg.reid, cfg.labels, 3), 0, ctx)
+    assert len(train) // 4 > 2 and len(loader) == 2 and len(list(loader)) == 2

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_multinode import LOOPBACK_ENV, mlflow_server
+from bench.loopback import LOOPBACK_ENV, mlflow_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 ROOT = Path(__file__).parents[1]

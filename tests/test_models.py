@@ -192,7 +192,7 @@ def _fake_imagenet_state() -> dict[str, torch.Tensor]:
 
 
 def test_imagenet_weights_are_v1_for_every_backbone() -> None:
-    assert set(IMAGENET_WEIGHTS) == set(BACKBONES)
+    assert set(IMAGENET_WEIGHTS) == set(BACKBONES) - {"tiny"}  # the tiny rehearsal trunk has no ImageNet weights
     assert all(w.name == "IMAGENET1K_V1" for w in IMAGENET_WEIGHTS.values())
     assert IMAGENET_WEIGHTS["resnet50"].url.endswith("/resnet50-0676ba61.pth")
 

@@ -15,46 +15,20 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
+from bench.loopback import LOOPBACK_ENV, mlflow_server
 from orchestrator import cluster, tracking
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 ROOT = Path(__file__).parents[1]
-LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
-                "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}  # no traffic off this machine
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def mlflow_server(folder: Path, backend_store_uri: str | None = None) -> Iterator[str]:
-    """``scripts/mlflow_server.sh start`` on a free loopback port; stopped (by its pid file) on exit."""
-    env = {**os.environ, **LOOPBACK_ENV, "MLFLOW_DIR": str(folder), "MLFLOW_PORT": str(free_port()),
-           "MLFLOW_HOST": "127.0.0.1", "MLFLOW_WORKERS": "1", "MLFLOW_START_TIMEOUT": "120"}
-    if backend_store_uri:
-        env["MLFLOW_BACKEND_STORE_URI"] = backend_store_uri
-    script = str(ROOT / "scripts" / "mlflow_server.sh")
-    subprocess.run(["bash", script, "start"], env=env, check=True, timeout=180)
-    try:
-        yield (folder / "url").read_text().strip()
-    finally:
-        subprocess.run(["bash", script, "stop"], env=env, timeout=60)
-
-
 @pytest.fixture
 def loopback_cluster(monkeypatch) -> Iterator[object]:
     """Head (1 CPU, advertises tune_driver) + one worker node (1 CPU), both on 127.0.0.1."""

@@ -20,7 +20,8 @@ from typing import Any, Mapping, TypeVar
 T = TypeVar("T")
 
 DATASETS = ("synthetic", "market1501", "dukemtmc", "cuhk03np")
-BACKBONES = ("resnet18", "resnet34", "resnet50")  # trainables/models.py builds torchvision.models.<name>
+SYNTHETIC_COUNTS = ("market1501",)  # datasets/synthetic.py COUNTS (exact split sizes)
+BACKBONES = ("resnet18", "resnet34", "resnet50", "tiny")  # torchvision.models.<name>; tiny: 4 conv layers (rehearsal)
 REID_MODELS = ("ident", "twostream")  # trainables/models.py
 # trainables/labels.py implements these (and imports the lists from here)
 # baseline_matched: the compute-matched control, real images only but as many optimizer steps per epoch as a
@@ -66,9 +67,14 @@ class DatasetConfig:
     synthetic_junk: int = 30  # pid -1 gallery images
     synthetic_size: tuple[int, int] = (128, 64)
     synthetic_seed: int = 0
+    # market1501: exactly Market-1501's counts (751/12,936 train; 750 ids, 3,368 query, 15,913 gallery); the
+    # synthetic_ids/images_per_id/distractors/junk fields are then ignored
+    synthetic_counts: str | None = None
 
     def __post_init__(self) -> None:
         check_choice("dataset.name", self.name, DATASETS)
+        if self.synthetic_counts is not None:
+            check_choice("dataset.synthetic_counts", self.synthetic_counts, SYNTHETIC_COUNTS)
         if self.name != "synthetic" and not self.root:
             raise ValueError(f"dataset.root is required for dataset.name={self.name!r} (a local folder path)")
         if not 2 <= self.synthetic_ids <= 5000:
@@ -95,10 +101,13 @@ class GanConfig:
     beta2: float = 0.999
     num_workers: int = 1  # Ray Train workers (0 = in-process, no worker group)
     use_gpu: bool = False
+    max_steps: int | None = None  # cap on steps per epoch (the scale rehearsal); None = every batch
     seed: int = 0
 
     def __post_init__(self) -> None:
         check_image_size("gan.image_size", self.image_size)
+        if self.max_steps is not None:
+            check_positive("gan.max_steps", self.max_steps)
         for key in ("latent_dim", "g_width", "d_width", "epochs", "batch_size"):
             check_positive(f"gan.{key}", getattr(self, key))
         check_positive("gan.lr", self.lr)
@@ -139,6 +148,7 @@ class ReidConfig:
     num_workers: int = 1  # Ray Train workers (0 = in-process)
     use_gpu: bool = False
     loader_workers: int = 2  # DataLoader processes per Ray Train worker
+    max_steps: int | None = None  # cap on optimizer steps per epoch (the scale rehearsal); None = every batch
     amp: bool = True  # bf16 autocast (GPU only)
     channels_last: bool = True  # GPU only
     # identities held out of training as a validation split (query/gallery as in the test protocol): what periodic
@@ -158,6 +168,8 @@ class ReidConfig:
         check_choice("reid.augment", self.augment, AUGMENTS)
         if self.pretrained is not None and self.pretrained not in PRETRAINED and not self.pretrained.strip():
             raise ValueError("reid.pretrained must be imagenet, random, a file path, or null")
+        if self.backbone == "tiny" and self.pretrained == "imagenet":
+            raise ValueError("reid.backbone=tiny has no ImageNet weights; use reid.pretrained=random")
         if self.lr_step_epoch is not None and not 1 <= self.lr_step_epoch <= self.epochs:
             raise ValueError(f"reid.lr_step_epoch={self.lr_step_epoch} must be in 1..reid.epochs ({self.epochs})")
         check_choice("reid.last_stride", self.last_stride, (1, 2))
@@ -176,6 +188,8 @@ class ReidConfig:
         if self.pos_fraction is not None and not 0 < self.pos_fraction < 1:
             raise ValueError(f"reid.pos_fraction={self.pos_fraction} must be in (0, 1)")
         check_positive("reid.loader_workers", self.loader_workers, allow_zero=True)
+        if self.max_steps is not None:
+            check_positive("reid.max_steps", self.max_steps)
         check_positive("reid.eval_every", self.eval_every, allow_zero=True)
         check_positive("reid.val_ids", self.val_ids, allow_zero=True)
         if self.eval_every and not self.val_ids:

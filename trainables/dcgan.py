@@ -95,10 +95,13 @@ def _no_sync(model: torch.nn.Module) -> contextlib.AbstractContextManager:
 
 
 def train_epoch(G: torch.nn.Module, D: torch.nn.Module, opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer,
-                loader: DataLoader, latent_dim: int, device: torch.device, epoch: int) -> tuple[torch.Tensor, int]:
-    """Sums of [loss_d, loss_g, D(x), D(G(z))] over the epoch's steps, and the number of steps."""
+                loader: DataLoader, latent_dim: int, device: torch.device, epoch: int,
+                max_steps: int | None = None) -> tuple[torch.Tensor, int]:
+    """Sums of [loss_d, loss_g, D(x), D(G(z))] over the epoch's steps (at most ``max_steps``), and their number."""
     sums, steps = torch.zeros(4, dtype=torch.float64), 0
     for step, batch in enumerate(loader):
+        if max_steps is not None and step >= max_steps:  # every rank stops at the same step (equal shards)
+            break
         vals = train_step(G, D, opt_g, opt_d, batch["img"].to(device, non_blocking=True), latent_dim).cpu()
         if not torch.isfinite(vals).all():
             raise FloatingPointError(f"DCGAN loss is not finite at epoch {epoch}, step {step}: "
@@ -135,7 +138,7 @@ def gan_loop(config: dict) -> dict[str, Any]:
         seed_everything(gan.seed + ctx.rank, epoch)  # latents, flips: (seed + rank, epoch) only
         loader.sampler.set_epoch(epoch)
         t0 = time.perf_counter()
-        sums, steps = train_epoch(G, D, opt_g, opt_d, loader, gan.latent_dim, ctx.device, epoch)
+        sums, steps = train_epoch(G, D, opt_g, opt_d, loader, gan.latent_dim, ctx.device, epoch, gan.max_steps)
         metrics = _epoch_metrics(sums, steps, time.perf_counter() - t0, gan.batch_size, ctx)
         metrics["epoch"] = epoch
         _log_epoch(ctx.rank, gan.epochs, metrics)

@@ -62,11 +62,26 @@ def build_backbone(name: str, *, last_stride: int = 2) -> tuple[nn.Module, int]:
         raise ValueError(f"reid.backbone must be one of {list(BACKBONES)}, got {name!r}")
     if last_stride not in (1, 2):
         raise ValueError(f"reid.last_stride must be 1 or 2, got {last_stride!r}")
+    if name == "tiny":
+        return tiny_trunk(), TINY_WIDTH
     net = getattr(torchvision.models, name)(weights=None)
     trunk, feat_dim = ResNetTrunk(net), net.fc.in_features
     if last_stride == 1:
         _set_last_stride(trunk, 1)
     return trunk, feat_dim
+
+
+TINY_WIDTH = 64
+
+
+def tiny_trunk() -> nn.Module:
+    """Four stride-2 conv-BN-ReLU layers (~60k parameters): the scale rehearsal's stand-in for a ResNet, so that a
+    run at Market-1501's counts exercises the whole pipeline in minutes on CPUs. Output [B, 64, H/16, W/16]."""
+    layers: list[nn.Module] = []
+    for c_in, c_out in ((3, 16), (16, 32), (32, 64), (64, TINY_WIDTH)):
+        layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out),
+                   nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers)
 
 
 def _init_new_layers(bottleneck: nn.Module | None, classifier: nn.Linear) -> None:

@@ -184,11 +184,11 @@ def _epoch_loader(reid: ReidConfig, train: tuple[Record, ...], records: tuple[Re
             pos = pos_fraction_for_epoch(epoch, batch_size=pair_batch)
         pairs = epoch_pairs(labels, n_gen_epoch, pos_fraction=pos, seed=seed, epoch=epoch)
         batches = epoch_batches(len(pairs), 0, pair_batch, gen_fraction=None, seed=seed + 1,
-                                epoch=epoch, rank=ctx.rank, world_size=ctx.world_size)
+                                epoch=epoch, rank=ctx.rank, world_size=ctx.world_size)[:reid.max_steps]
         return pair_loader(records, pairs, batches, reid.image_size, workers=reid.loader_workers, pin_memory=pin,
                            augment=reid.augment)
     batches = epoch_batches(len(train), n_gen_epoch, reid.batch_size, gen_fraction=reid.gen_fraction, seed=seed,
-                            epoch=epoch, rank=ctx.rank, world_size=ctx.world_size)
+                            epoch=epoch, rank=ctx.rank, world_size=ctx.world_size)[:reid.max_steps]
     return train_loader(records, batches, reid.image_size, workers=reid.loader_workers, pin_memory=pin,
                         augment=reid.augment)
 

@@ -55,6 +55,7 @@ class Context:
     in_process: bool
 
 
+LOGICAL_GPUS_ENV = "MPRL_LOGICAL_GPUS"  # "1": GPUs that nodes advertise may be logical (tests, the rehearsal)
 _LOCAL: contextvars.ContextVar[RunSpec | None] = contextvars.ContextVar("mprl_local_run", default=None)
 
 
@@ -106,13 +107,58 @@ def context() -> Context:
     """Rank, world size and device of the calling worker."""
     spec = _LOCAL.get()
     if spec is not None:
-        use_cuda = spec.use_gpu and torch.cuda.is_available()
-        return Context(0, 1, torch.device("cuda" if use_cuda else "cpu"), True)
+        return Context(0, 1, device_for(spec.use_gpu), True)
     import ray.train
     import ray.train.torch
 
     ctx = ray.train.get_context()
-    return Context(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(), False)
+    device = ray.train.torch.get_device()
+    if device.type != "cuda":
+        device = device_for(bool(_granted_gpus()))
+    return Context(ctx.get_world_rank(), ctx.get_world_size(), device, False)
+
+
+def device_for(use_gpu: bool) -> torch.device:
+    """``cuda`` for a worker that was given a GPU, else ``cpu``.
+
+    A worker given a GPU (``use_gpu``, or GPUs granted by Ray) that sees no CUDA device raises an error naming
+    its node, instead of silently training on the CPU for hours. With ``MPRL_LOGICAL_GPUS=1`` (set by
+    ``cluster.logical_gpus``, for test clusters whose nodes advertise logical GPUs) it runs on the CPU.
+    """
+    if not (use_gpu or _granted_gpus()):
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if os.environ.get(LOGICAL_GPUS_ENV) == "1":
+        return torch.device("cpu")
+    raise RuntimeError(f"{node_label()} was given a GPU but torch sees no CUDA device (torch "
+                       f"{torch.__version__}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); "
+                       f"check the node's driver and torch build, or set cluster.logical_gpus=true when the "
+                       f"cluster's GPUs are logical on purpose (tests)")
+
+
+def _granted_gpus() -> list:
+    try:
+        import ray
+
+        return list(ray.get_gpu_ids()) if ray.is_initialized() else []
+    except Exception:  # noqa: BLE001 - outside a Ray worker
+        return []
+
+
+def node_label() -> str:
+    """``node <ip> (<node id prefix>)`` inside Ray, else the host name: where this process runs."""
+    import socket
+
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ctx = ray.get_runtime_context()
+            return f"node {ray.util.get_node_ip_address()} ({ctx.get_node_id()[:12]})"
+    except Exception:  # noqa: BLE001
+        pass
+    return f"host {socket.gethostname()}"
 
 
 def wrap_model(model: torch.nn.Module, *, find_unused_parameters: bool = False) -> torch.nn.Module:

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from datasets.generated import GeneratedStore
+from trainables import runtime
 from trainables.config import ReidConfig
 from trainables.labels import predict_static_ranks
 from trainables.reid import load_trained
@@ -24,7 +23,7 @@ def write_static_labels(baseline_run: str | Path, store: GeneratedStore, name: s
     Returns the number of labelled images. ``meta`` is saved with the ranks (plus ``num_classes``).
     """
     model, state = load_trained(baseline_run)
-    device = torch.device("cuda" if reid.use_gpu and torch.cuda.is_available() else "cpu")
+    device = runtime.device_for(reid.use_gpu)
     loader = test_loader(store.records(), reid.image_size, batch_size=2 * reid.batch_size,
                          workers=reid.loader_workers, augment=reid.augment)  # as the baseline was evaluated
     ranks = predict_static_ranks(model.to(device), loader, logits_fn=lambda m, x: m.classify(x), device=device)

@@ -1,0 +1,123 @@
+"""The stage DAG on Ray: every stage that is not cached runs as a Ray task, chained to its inputs by ObjectRefs.
+
+The driver only plans and watches: :meth:`StageGraph.start` looks up each stage's cache and submits the rest
+(Ray runs a task once the tasks it takes refs from are done, so the GAN and the baselines start at once, the
+generation after the GAN, sMpRL after its baseline and the generation). :meth:`StageGraph.poll` collects finished
+stages without blocking (the trial searcher calls it before each suggestion, so a trial starts as soon as its own
+inputs exist) and hands each to ``on_done`` (the MLflow stage run). A failed stage's message is written to
+``error.txt`` in its folder, where the trials that needed it read it.
+
+Tune's searcher lives in the driver and is pickled with the experiment (``Tuner.restore``), so it finds the
+graph of the running sweep by name (:func:`active`), never by holding it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from datasets.files import atomic_write_bytes
+from orchestrator.cluster import ray_options
+from orchestrator.pipeline import ERROR, Paths, Plan, StageNode, StageResult, cached, execute
+
+_ACTIVE: dict[str, "StageGraph"] = {}  # sweep name -> its graph (this driver process only)
+
+
+def active(sweep: str) -> "StageGraph":
+    try:
+        return _ACTIVE[sweep]
+    except KeyError:
+        raise RuntimeError(f"no stage graph is running for sweep {sweep}") from None
+
+
+class StageGraph:
+    """Runs a :class:`~orchestrator.pipeline.Plan`'s stages as Ray tasks; see the module docstring."""
+
+    def __init__(self, plan: Plan, paths: Paths, sweep: str,
+                 on_done: Callable[[StageNode, StageResult | None, str | None], None] | None = None) -> None:
+        self.plan, self.paths, self.sweep, self.on_done = plan, paths, sweep, on_done
+        self.results: dict[str, StageResult] = {}
+        self.errors: dict[str, str] = {}
+        self._refs: dict[str, object] = {}  # node name -> ObjectRef of its task
+        self.started = time.perf_counter()
+        self.finished_at: dict[str, float] = {}  # node name -> seconds after start when it finished
+
+    def start(self) -> "StageGraph":
+        """Reuse cached stages, submit the others (in topological order); returns at once."""
+        import ray
+
+        task = ray.remote(max_retries=1)(execute)  # a retry only for a lost worker/node, not for an error
+        for name, node in self.plan.nodes.items():
+            hit = cached(self.paths, node)
+            if hit is not None:
+                self._finish(node, hit, None)
+                continue
+            args = [self.results.get(d) or self._refs[d] for d in node.deps]
+            print(f"[pipeline] {name}: submitted ({_fmt(node.resources)})", flush=True)
+            self._refs[name] = task.options(name=f"stage:{name}", **ray_options(node.resources)).remote(
+                self.paths, node, *args)
+        _ACTIVE[self.sweep] = self
+        return self
+
+    def poll(self, timeout: float | None = 0) -> None:
+        """Collect the stages that finished (waiting up to ``timeout`` s for the first one; None = for all)."""
+        import ray
+
+        if not self._refs:
+            return
+        refs = list(self._refs.values())
+        ready, _ = ray.wait(refs, num_returns=len(refs) if timeout is None else 1, timeout=timeout)
+        if timeout is not None and ready:  # then take every other one that is also done
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        order = list(self.plan.nodes)
+        by_ref = {ref: name for name, ref in self._refs.items()}
+        for name in sorted((by_ref[r] for r in ready), key=order.index):  # inputs before their dependants
+            ref, node = self._refs.pop(name), self.plan.nodes[name]
+            try:
+                self._finish(node, ray.get(ref), None)
+            except Exception as err:  # noqa: BLE001 - a stage's failure fails its dependants, not the sweep
+                failed = [d for d in node.deps if d in self.errors]
+                self._finish(node, None, f"input stage {failed[0]} failed" if failed else _message(err))
+
+    def wait(self) -> None:
+        """Block until every submitted stage has finished or failed."""
+        while self._refs:
+            self.poll(timeout=None)
+
+    def finished(self, name: str) -> bool:
+        """True once the stage has a result or an error."""
+        return name in self.results or name in self.errors
+
+    def close(self) -> None:
+        """Cancel stages still running (an interrupted sweep) and forget the graph."""
+        import ray
+
+        for ref in self._refs.values():
+            ray.cancel(ref, force=True)
+        _ACTIVE.pop(self.sweep, None)
+
+    def _finish(self, node: StageNode, result: StageResult | None, error: str | None) -> None:
+        self.finished_at[node.name] = round(time.perf_counter() - self.started, 1)
+        if result is not None:
+            self.results[node.name] = result
+            (self.paths.stages / node.name / ERROR).unlink(missing_ok=True)
+        else:
+            self.errors[node.name] = error
+            folder = self.paths.stages / node.name
+            folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(folder / ERROR, (error + "\n").encode())
+            print(f"[pipeline] {node.name} FAILED: {error}", flush=True)
+        if self.on_done:
+            self.on_done(node, result, error)
+
+
+def _fmt(resources: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in resources.items() if v)
+
+
+def _message(err: BaseException) -> str:
+    """The stage's own exception, not Ray's wrapped traceback header (a dependant's error names its input)."""
+    cause = getattr(err, "cause", None)
+    inner = cause if isinstance(cause, BaseException) else err
+    text = f"{type(inner).__name__}: {inner}"
+    return text.splitlines()[0][:2000] if "RayTaskError" in type(err).__name__ and cause is None else text[:2000]

@@ -1,0 +1,21 @@
+"""The scale rehearsal (bench.rehearsal) end to end: Market-1501's counts on a loopback cluster shaped like
+clusters/gpu.yaml; it fails (exit 1) when a stage or trial ran on the head or in the driver, or when the critical
+path exceeds its bound."""
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+
+def test_rehearsal_places_nothing_on_the_head_and_meets_its_critical_path_bound(tmp_path, capsys):
+    from bench import rehearsal
+
+    code = rehearsal.main(["--keep", str(tmp_path / "storage")])
+    out = capsys.readouterr().out
+    assert code == 0, out[-6000:]
+    assert "rehearsal: passed" in out
+    for name in ("dataset-", "gan-", "generate-", "baseline-", "smprl-"):
+        assert f"stage       {name}" in out  # every stage was built, in a worker
+    trials = [line for line in out.splitlines() if line.startswith("trial ")]
+    assert len(trials) == 11  # 8 methods, 3 of them also in the reference code's rank order
+    assert all("HEAD" not in line for line in out.splitlines() if line.startswith(("trial", "stage", "generation")))
