@@ -274,14 +274,25 @@ def worker_env(cfg: Any) -> dict[str, str]:
                                                                     WORKER_GROUP_START_TIMEOUT_S)}
     if cfg.cluster.logical_gpus:
         env[LOGICAL_GPUS_ENV] = "1"
-    return env
+    return {k: v for k, v in env.items() if k not in _job_env_keys()}
+
+
+def _job_env_keys() -> set[str]:
+    """Env vars the ``ray job submit`` runtime env sets already (ray.init refuses the same key twice)."""
+    import json
+
+    try:
+        job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
+        return set((job.get("runtime_env") or {}).get("env_vars") or {})
+    except (ValueError, AttributeError):
+        return set()
 
 
 def compute_resources(cpus: float, gpus: float, cluster_resources: Mapping[str, float]) -> dict[str, float]:
     """Resources of a task that computes: ``cpus``/``gpus``, plus a sliver of the worker-node resource where the
     cluster advertises it (never the head)."""
     out = {"CPU": float(cpus), "GPU": float(gpus)}
-    if cluster_resources.get(WORKER_RESOURCE, 0) > 0:
+    if cluster_resources.get(WORKER_RESOURCE, 0) > 0 or scales_on_demand(cluster_resources):
         out[WORKER_RESOURCE] = WORKER_SHARE
     return out
 
@@ -314,10 +325,13 @@ def stage_resources(cfg: Any, stage: str) -> dict[str, float]:
 
 
 def generation_helpers(cfg: Any) -> int:
-    """Generation workers besides the stage's own: one per other GPU of the cluster (0 on CPU)."""
-    import ray
-
-    return max(0, int(ray.cluster_resources().get("GPU", 0)) - 1) if cfg.gan.use_gpu else 0
+    """Generation workers besides the stage's own: one per other GPU (0 on CPU). On a cluster that adds GPU nodes
+    on demand, as many as ``sweep.max_concurrent`` allows (the GPUs it will have), not the GPUs up now."""
+    if not cfg.gan.use_gpu:
+        return 0
+    have = _cluster_resources()
+    gpus = cfg.sweep.max_concurrent if scales_on_demand(have) else int(have.get("GPU", 0))
+    return max(0, gpus - 1)
 
 
 def _free_port() -> int:

@@ -20,7 +20,9 @@ from datasets.files import atomic_write_bytes
 from orchestrator.cluster import ray_options
 from orchestrator.pipeline import ERROR, Paths, Plan, StageNode, StageResult, cached, execute
 
-_ACTIVE: dict[str, "StageGraph"] = {}  # sweep name -> its graph (this driver process only)
+# sweep name -> its graph, in this driver process. The one piece of module state: Tune pickles the searcher with the
+# experiment (Tuner.restore rebuilds it), so the searcher finds the live graph by name instead of holding it.
+_ACTIVE: dict[str, "StageGraph"] = {}
 
 
 def active(sweep: str) -> "StageGraph":
@@ -39,7 +41,7 @@ class StageGraph:
         self.results: dict[str, StageResult] = {}
         self.errors: dict[str, str] = {}
         self._refs: dict[str, object] = {}  # node name -> ObjectRef of its task
-        self.started = time.perf_counter()
+        self.started, self._started_unix = time.perf_counter(), time.time()
         self.finished_at: dict[str, float] = {}  # node name -> seconds after start when it finished
 
     def start(self) -> "StageGraph":
@@ -53,6 +55,7 @@ class StageGraph:
                 self._finish(node, hit, None)
                 continue
             args = [self.results.get(d) or self._refs[d] for d in node.deps]
+            (self.paths.stages / name / ERROR).unlink(missing_ok=True)  # a resumed sweep retries a failed stage
             print(f"[pipeline] {name}: submitted ({_fmt(node.resources)})", flush=True)
             self._refs[name] = task.options(name=f"stage:{name}", **ray_options(node.resources)).remote(
                 self.paths, node, *args)
@@ -74,10 +77,15 @@ class StageGraph:
         for name in sorted((by_ref[r] for r in ready), key=order.index):  # inputs before their dependants
             ref, node = self._refs.pop(name), self.plan.nodes[name]
             try:
-                self._finish(node, ray.get(ref), None)
+                result = ray.get(ref)
             except Exception as err:  # noqa: BLE001 - a stage's failure fails its dependants, not the sweep
                 failed = [d for d in node.deps if d in self.errors]
                 self._finish(node, None, f"input stage {failed[0]} failed" if failed else _message(err))
+                for other, dep_node in self.plan.nodes.items():  # do not let dependants wait for resources
+                    if name in dep_node.deps and other in self._refs:
+                        ray.cancel(self._refs[other])
+            else:
+                self._finish(node, result, None)
 
     def wait(self) -> None:
         """Block until every submitted stage has finished or failed."""
@@ -86,6 +94,8 @@ class StageGraph:
 
     def finished(self, name: str) -> bool:
         """True once the stage has a result or an error."""
+        if name not in self.plan.nodes:  # a trial would wait forever for it
+            raise RuntimeError(f"stage {name} is not part of this sweep's plan")
         return name in self.results or name in self.errors
 
     def close(self) -> None:
@@ -97,7 +107,8 @@ class StageGraph:
         _ACTIVE.pop(self.sweep, None)
 
     def _finish(self, node: StageNode, result: StageResult | None, error: str | None) -> None:
-        self.finished_at[node.name] = round(time.perf_counter() - self.started, 1)
+        ended = result.ended if result is not None and result.ended else time.time()  # the task's own clock
+        self.finished_at[node.name] = round(ended - self._started_unix, 1)
         if result is not None:
             self.results[node.name] = result
             (self.paths.stages / node.name / ERROR).unlink(missing_ok=True)
@@ -108,7 +119,10 @@ class StageGraph:
             atomic_write_bytes(folder / ERROR, (error + "\n").encode())
             print(f"[pipeline] {node.name} FAILED: {error}", flush=True)
         if self.on_done:
-            self.on_done(node, result, error)
+            try:
+                self.on_done(node, result, error)
+            except Exception as err:  # noqa: BLE001 - a logging failure must not fail the stage or stop Tune
+                print(f"[pipeline] could not log {node.name} to MLflow: {type(err).__name__}: {err}", flush=True)
 
 
 def _fmt(resources: dict[str, float]) -> str:

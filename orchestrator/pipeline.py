@@ -75,6 +75,7 @@ class StageResult(Generic[T]):
     seconds: float = 0.0
     where: str = ""  # node and process that built it (empty when cached)
     cpu_seconds: float = 0.0  # CPU time of the process that built it
+    ended: float = 0.0  # time.time() when its task ended (0 when cached)
 
 
 @dataclass(frozen=True)
@@ -262,6 +263,19 @@ def require_finished(folder: str | Path) -> Path:
     return done
 
 
+def wait_finished(folder: str | Path, timeout_s: float = 48 * 3600, poll_s: float = 5.0) -> Path:
+    """Wait until the stage in ``folder`` has finished or failed, then :func:`require_finished`.
+
+    Tune hands a trial its inputs only once they are done; a trial Tune requeues on ``--resume`` may start while
+    its (resubmitted) input stage still runs, and waits here instead of failing.
+    """
+    deadline = time.monotonic() + timeout_s
+    folder = Path(folder)
+    while not ((folder / DONE).is_file() or (folder / ERROR).is_file()) and time.monotonic() < deadline:
+        time.sleep(poll_s)
+    return require_finished(folder)
+
+
 def read_output(folder: str | Path, kind: type[T]) -> T:
     """The recorded output of a finished stage folder (see :func:`require_finished`)."""
     done = require_finished(folder)
@@ -289,7 +303,7 @@ def execute(paths: Paths, node: StageNode, *deps: StageResult) -> StageResult:
     cpu = time.process_time()
     res = run_stage(paths, node.stage, node.key, node.kind, lambda folder: node.build(folder, *deps), node.check)
     return dataclasses.replace(res, where=f"{node_label()} pid {os.getpid()}",
-                               cpu_seconds=round(time.process_time() - cpu, 1))
+                               cpu_seconds=round(time.process_time() - cpu, 1), ended=time.time())
 
 
 # ------------------------------------------------------------------------------------------ stages
@@ -389,9 +403,9 @@ def generate_node(cfg: Config, gan: StageNode, n: int, resources: dict[str, floa
     def check(folder: Path, out: GeneratedOut) -> list[str]:
         try:
             store = GeneratedStore(out.store)
-        except (FileNotFoundError, ValueError) as err:
-            return [str(err)]
-        return store.verify() if store.complete else ["store is incomplete"]
+            return store.verify() if store.complete else ["store is incomplete"]
+        except Exception as err:  # noqa: BLE001 - a damaged table or shard: rebuild, never fail the sweep here
+            return [f"{type(err).__name__}: {err}"]
 
     key = stage_key(cfg, "dataset", "gan", extra={"n": n})
     return StageNode("generate", key, GeneratedOut, (gan.name,), resources, build, check)

@@ -70,7 +70,8 @@ def run_sweep(cfg: Config, *, resume: bool = False, log_models: bool = True) -> 
     try:
         trials = build_trials(cfg)
         plan = pipeline.plan_stages(cfg, paths, [(t.method, t.num_gan, t.seed) for t in trials])
-        graph = dag.StageGraph(plan, paths, name, on_done=lambda *a: _log_stage(run, paths, *a)).start()
+        graph = dag.StageGraph(plan, paths, name, on_done=lambda *a: _log_stage(run, paths, *a))
+        graph.start()
         rows = _run_trials(cfg, trials, plan, run, resume=resume, log_models=log_models)
         graph.wait()
         critical = time.perf_counter() - graph.started  # first stage submitted -> last stage and trial done

@@ -18,7 +18,7 @@ from ray.tune.search import Searcher
 
 from orchestrator import cluster, tracking
 from orchestrator.config import Config, flat_dict, replace
-from orchestrator.pipeline import BaselineOut, read_output, require_finished
+from orchestrator.pipeline import BaselineOut, read_output, wait_finished
 from orchestrator.trials import EPOCH_METRICS, TrialContext, TrialSpec, cost
 from trainables.reid import METRICS
 
@@ -45,7 +45,7 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     _tag_placement(client, run_id)
     try:
         for folder in ctx.needs.get(trial.key, ()):  # a failed input stage fails the trial with its message
-            require_finished(folder)
+            wait_finished(folder)
         if trial.method == "baseline" and trial.seed in ctx.baselines:  # this seed's baseline stage
             result = _reuse_baseline(read_output(ctx.baselines[trial.seed], BaselineOut), client, run_id)
         else:
@@ -199,6 +199,7 @@ class ReadySearcher(Searcher):
         super().__init__()
         self.sweep, self.needs = sweep, needs
         self.pending = [t.key for t in sorted(trials, key=cost, reverse=True)]  # stable: ties keep grid order
+        self._armed = False  # Tune's SIGINT handler was seen (see _interrupted)
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         return True  # the trial list is the search space; ASHA reads its own metric
@@ -214,7 +215,22 @@ class ReadySearcher(Searcher):
             if all(graph.finished(Path(folder).name) for folder in self.needs[key]):
                 self.pending.remove(key)
                 return {"trial": key}
+        if self._interrupted():
+            raise KeyboardInterrupt("sweep interrupted while its trials waited for their input stages")
         return None  # Tune asks again on its next step
+
+    def _interrupted(self) -> bool:
+        """True after Ctrl+C / SIGTERM. With nothing running, Tune waits for the next trial in a loop (up to 600 s)
+        that does not check its own interrupt flag; its SIGINT handler restores the previous one when it fires."""
+        import signal
+
+        if getattr(signal.getsignal(signal.SIGINT), "__name__", "") == "signal_interrupt_tune_run":
+            self._armed = True
+            return False
+        return getattr(self, "_armed", False)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_armed": False}
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         pass

@@ -8,6 +8,7 @@ Every ``clusters/*.yaml`` is validated offline: launcher files against the insta
 from __future__ import annotations
 
 import copy
+import json
 import re
 import socket
 import subprocess
@@ -386,3 +387,18 @@ def test_cli_names_an_unreachable_address_within_seconds(tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and f"127.0.0.1:{port}" in res.stderr, res.stderr[-2000:]
     assert time.perf_counter() - start < 60  # interpreter + ray/mlflow imports; ray.init would hang minutes
+
+
+def test_worker_env_raises_the_start_timeout_and_leaves_job_keys_alone(monkeypatch):
+    from orchestrator.config import load_config
+    from trainables.runtime import LOGICAL_GPUS_ENV
+
+    monkeypatch.delenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", raising=False)
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    cfg = load_config("rehearsal")
+    assert cluster.worker_env(cfg) == {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "900", LOGICAL_GPUS_ENV: "1"}
+    assert LOGICAL_GPUS_ENV not in cluster.worker_env(load_config("smoke"))  # real GPUs must be real
+    # under `ray job submit --runtime-env-json`, ray.init refuses a key the job's runtime env sets already
+    job = {"runtime_env": {"env_vars": {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "1800"}}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
+    assert cluster.worker_env(cfg) == {LOGICAL_GPUS_ENV: "1"}

@@ -21,10 +21,14 @@ class Out:
     name: str
 
 
-def _node(log, stage: str, deps=(), *, sleep: float = 0.0, fail: bool = False) -> StageNode:
+def _node(log, stage: str, deps=(), *, meet: str = "", fail: bool = False) -> StageNode:
+    """A toy stage; with ``meet``, it waits (up to 60 s) until stage ``meet`` has started too: two stages that
+    meet can only both finish if they run at the same time."""
     def build(folder, *inputs):
         start = time.time()
-        time.sleep(sleep)
+        (log / f"{stage}.started").touch()
+        while meet and not (log / f"{meet}.started").exists() and time.time() - start < 60:
+            time.sleep(0.2)
         if fail:
             raise ValueError(f"{stage} broke")
         record = {"pid": os.getpid(), "start": start, "end": time.time(), "inputs": [i.out.name for i in inputs]}
@@ -41,7 +45,7 @@ def _plan(*nodes: StageNode) -> Plan:
 def test_stages_run_in_workers_at_once_and_chained(tmp_path, local_ray):
     log = tmp_path / "log"
     log.mkdir()
-    plan = _plan(_node(log, "data"), _node(log, "gan", ["data"], sleep=8), _node(log, "base", ["data"], sleep=8),
+    plan = _plan(_node(log, "data"), _node(log, "gan", ["data"], meet="base"), _node(log, "base", ["data"], meet="gan"),
                  _node(log, "gen", ["gan"]), _node(log, "smprl", ["base", "gen"]))
     seen = []
     graph = dag.StageGraph(plan, Paths(tmp_path), "s1", on_done=lambda n, r, e: seen.append(n.name)).start()
