@@ -1,4 +1,6 @@
-"""The cached stages before the sweep: dataset -> DCGAN -> generation -> baseline re-ID -> sMpRL labels.
+"""Stage outputs, the stage cache, and the DAG's records (:class:`StageNode`, :class:`Plan`, :func:`execute`).
+
+The stages themselves are in :mod:`orchestrator.stages`; :mod:`orchestrator.dag` runs them as Ray tasks.
 
 Each stage's output lives in ``<storage>/stages/<stage>-<key>/``, where ``key`` hashes exactly the config fields
 the stage depends on (so a sweep over label hyperparameters trains no GAN). A stage counts as done only when
@@ -17,10 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Generic, TypeVar
 
-from datasets.files import atomic_write_bytes, file_sha256
-from datasets.generated import GeneratedStore
-from orchestrator.cluster import runs_in_process
-from orchestrator.config import Config, DatasetConfig, config_hash, to_dict
+from datasets.files import atomic_write_bytes
+from orchestrator.config import Config, to_dict
 
 DONE = "done.json"
 ERROR = "error.txt"  # why a stage failed (written by the driver; trials that need the stage quote it)
@@ -220,39 +220,6 @@ class Plan:
         return (self.dataset, self.generate)
 
 
-def plan_stages(cfg: Config, paths: Paths, needs: list[tuple[str, int, int]]) -> Plan:
-    """The stages the trials ``needs`` = [(method, #GAN, seed)] read, each with its key and resources.
-
-    No stage runs here. Per seed a baseline (a baseline trial reuses it; sMpRL labels come from it, or from
-    ``reid.seed``'s with ``sweep.single_baseline``); one GAN and one generated pool of the largest #GAN.
-    """
-    from orchestrator.cluster import stage_resources
-
-    nodes: dict[str, StageNode] = {}
-
-    def add(node: StageNode) -> str:
-        nodes[node.name] = node
-        return node.name
-
-    dataset = add(dataset_node(cfg, paths, stage_resources(cfg, "cpu")))
-    root = str(dataset_path(cfg.dataset, paths.datasets))
-    gan = generate = store = None
-    n_max = max((n for m, n, _ in needs if m != "baseline_matched"), default=0)  # baseline_matched: real only
-    if n_max > 0:
-        gan = add(gan_node(cfg, dataset, stage_resources(cfg, "gan")))
-        gen = generate_node(cfg, nodes[gan], n_max, stage_resources(cfg, "generate"))
-        generate, store = add(gen), str(paths.stages / gen.name / "store")
-    smprl_seeds = sorted({seed for m, _, seed in needs if m == "smprl"})
-    label_seed = {s: cfg.reid.seed if cfg.sweep.single_baseline else s for s in smprl_seeds}
-    baselines = {seed: add(baseline_node(cfg, dataset, seed, stage_resources(cfg, "reid")))
-                 for seed in sorted({s for m, _, s in needs if m == "baseline"} | set(label_seed.values()))}
-    smprl, labels = {}, {}
-    for seed in smprl_seeds:  # with single_baseline every seed shares one (cached) label file
-        node = smprl_node(cfg, nodes[baselines[label_seed[seed]]], nodes[generate], stage_resources(cfg, "smprl"))
-        smprl[seed], labels[seed] = add(node), node.name
-    return Plan(nodes, dataset, root, gan, generate, store, baselines, smprl, labels)
-
-
 def require_finished(folder: str | Path) -> Path:
     """``folder/done.json``; FileNotFoundError naming the stage (and why it failed) when it has not finished."""
     done = Path(folder) / DONE
@@ -304,153 +271,3 @@ def execute(paths: Paths, node: StageNode, *deps: StageResult) -> StageResult:
     res = run_stage(paths, node.stage, node.key, node.kind, lambda folder: node.build(folder, *deps), node.check)
     return dataclasses.replace(res, where=f"{node_label()} pid {os.getpid()}",
                                cpu_seconds=round(time.process_time() - cpu, 1), ended=time.time())
-
-
-# ------------------------------------------------------------------------------------------ stages
-
-def dataset_path(dataset: DatasetConfig, cache: Path) -> Path:
-    """Where the dataset's images are: ``dataset.root``, or the synthetic folder under ``cache`` (not drawn here)."""
-    if dataset.root:
-        return Path(dataset.root).expanduser().resolve()
-    return cache / f"synthetic-{config_hash(dataset)}"
-
-
-def dataset_root(dataset: DatasetConfig, cache: Path) -> Path:
-    """The dataset root: ``dataset.root`` for real data; the synthetic set drawn (once) under ``cache``."""
-    from datasets import synthetic
-
-    root = dataset_path(dataset, cache)
-    if dataset.root:
-        check_dataset(dataset)  # a given root is only read, never written
-    elif dataset.name == "synthetic":
-        synthetic.generate(root, ids=dataset.synthetic_ids, images_per_id=dataset.synthetic_images_per_id,
-                           distractors=dataset.synthetic_distractors, junk=dataset.synthetic_junk,
-                           size=dataset.synthetic_size, seed=dataset.synthetic_seed, counts=dataset.synthetic_counts,
-                           progress=True)
-    return root
-
-
-def check_dataset(dataset: DatasetConfig) -> None:
-    """Before any cluster time: a real or given synthetic root must parse (names, layout); nothing is decoded."""
-    from datasets import synthetic
-    from datasets.market1501 import load
-
-    if dataset.name == "synthetic" and dataset.root:  # an existing synthetic tree is only read, never written
-        root = Path(dataset.root).expanduser()
-        if not (root / synthetic.MARKER).is_file():
-            raise ValueError(f"dataset.root={dataset.root} is not a synthetic dataset written by datasets.synthetic; "
-                             f"leave dataset.root unset to generate one under the storage path")
-    if dataset.root:
-        load(Path(dataset.root).expanduser())
-
-
-def dataset_node(cfg: Config, paths: Paths, resources: dict[str, float]) -> StageNode:
-    """The synthetic set is drawn; a real dataset has every image decoded once (a corrupt file fails here)."""
-    dataset, cache = cfg.dataset, paths.datasets
-
-    def build(folder: Path) -> DatasetOut:
-        from datasets.check import check_images
-        from datasets.market1501 import load
-
-        root = dataset_root(dataset, cache)
-        split = load(root)
-        if dataset.name != "synthetic":
-            check_images((*split.train, *split.query, *split.gallery))
-        return DatasetOut(str(root), split.summary())
-
-    def check(folder: Path, out: DatasetOut) -> list[str]:
-        return [] if Path(out.root).is_dir() else [f"{out.root} is missing"]
-
-    return StageNode("dataset", stage_key(cfg, "dataset"), DatasetOut, (), resources, build, check)
-
-
-def gan_node(cfg: Config, dataset: str, resources: dict[str, float]) -> StageNode:
-    """DCGAN training: in the stage's task (one worker), or a Ray Train worker group the task drives."""
-    in_process = cfg.sweep.in_process and cfg.gan.num_workers <= 1
-    gan = dataclasses.replace(cfg.gan, num_workers=0) if in_process else cfg.gan
-
-    def build(folder: Path, data: StageResult) -> GanOut:
-        from trainables.dcgan import train_gan
-
-        generator = train_gan(gan, data.out.root, folder, "train")
-        return GanOut(str(generator), gan.epochs, file_sha256(generator))
-
-    def check(folder: Path, out: GanOut) -> list[str]:
-        path = Path(out.generator)
-        if not path.is_file():
-            return [f"{path} is missing"]
-        return [] if file_sha256(path) == out.sha256 else [f"{path} does not match its recorded checksum"]
-
-    return StageNode("gan", stage_key(cfg, "dataset", "gan"), GanOut, (dataset,), resources, build, check,
-                     "**/samples.png")
-
-
-def generate_node(cfg: Config, gan: StageNode, n: int, resources: dict[str, float]) -> StageNode:
-    """Generation: this stage's worker renders shards and, on a GPU cluster, one helper per other GPU joins it."""
-    from orchestrator.cluster import generation_helpers, ray_options
-
-    seed, use_gpu, helpers, options = cfg.gan.seed, cfg.gan.use_gpu, generation_helpers(cfg), ray_options(resources)
-
-    def build(folder: Path, gan_res: StageResult) -> GeneratedOut:
-        from trainables.generation import generate
-        from trainables.runtime import device_for
-
-        out = generate(gan_res.out.generator, folder / "store", n, seed=seed, device=device_for(use_gpu),
-                       helpers=helpers, helper_resources=options)
-        (folder / "workers.json").write_text(json.dumps(out.workers, indent=1))
-        return GeneratedOut(str(out.store.root), out.store.n)
-
-    def check(folder: Path, out: GeneratedOut) -> list[str]:
-        try:
-            store = GeneratedStore(out.store)
-            return store.verify() if store.complete else ["store is incomplete"]
-        except Exception as err:  # noqa: BLE001 - a damaged table or shard: rebuild, never fail the sweep here
-            return [f"{type(err).__name__}: {err}"]
-
-    key = stage_key(cfg, "dataset", "gan", extra={"n": n})
-    return StageNode("generate", key, GeneratedOut, (gan.name,), resources, build, check)
-
-
-def baseline_key(cfg: Config, seed: int | None = None) -> str:
-    """The baseline stage's key: dataset, re-ID settings (with the seed) and real-label smoothing."""
-    if seed is not None:
-        cfg = dataclasses.replace(cfg, reid=dataclasses.replace(cfg.reid, seed=seed))
-    return stage_key(cfg, "dataset", "reid", "labels.real_smoothing")
-
-
-def baseline_node(cfg: Config, dataset: str, seed: int, resources: dict[str, float]) -> StageNode:
-    """Re-ID on real data only, with ``seed``: that seed's baseline trial and the model its sMpRL labels come from."""
-    labels = dataclasses.replace(cfg.labels, method="baseline", num_gan=0)
-    reid = dataclasses.replace(cfg.reid, seed=seed, num_workers=0 if runs_in_process(cfg) else cfg.reid.num_workers)
-
-    def build(folder: Path, data: StageResult) -> BaselineOut:
-        from trainables.reid import ReidInputs, run_spec, train_reid
-
-        res = train_reid(reid, labels, ReidInputs(data.out.root), run_spec(reid, folder, "train"))
-        return BaselineOut(str(folder / "train"), {k: v for k, v in res.items() if k != "cmc"}, res.get("cmc", []))
-
-    def check(folder: Path, out: BaselineOut) -> list[str]:
-        from trainables.runtime import latest_checkpoint
-
-        return [] if latest_checkpoint(out.run_dir) else ["no checkpoint"]
-
-    return StageNode("baseline", baseline_key(cfg, seed), BaselineOut, (dataset,), resources, build, check)
-
-
-def smprl_node(cfg: Config, baseline: StageNode, generated: StageNode, resources: dict[str, float]) -> StageNode:
-    """Static multi-pseudo labels: the baseline's class ranks for every generated image, stored as uint16."""
-    key = stage_key(cfg, extra={"baseline": baseline.key, "generate": generated.key})
-    name, reid = f"smprl-{key}", cfg.reid
-
-    def build(folder: Path, base: StageResult, gen: StageResult) -> SmprlOut:
-        from trainables.smprl import write_static_labels
-
-        store = GeneratedStore(gen.out.store)
-        n = write_static_labels(base.out.run_dir, store, name, reid, {"baseline": base.key})
-        return SmprlOut(name, str(store.root), n)
-
-    def check(folder: Path, out: SmprlOut) -> list[str]:
-        path = Path(out.store) / "labels" / f"{out.labels}.npz"
-        return [] if path.is_file() else [f"label file {path} missing"]
-
-    return StageNode("smprl", key, SmprlOut, (baseline.name, generated.name), resources, build, check)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator import cluster, dag, pipeline, tracking
+from orchestrator import cluster, dag, pipeline, stages, tracking
 from orchestrator.config import PRESETS, Config, choices_help, config_hash, dump_yaml, flat_dict, load_config
 from orchestrator.tables import format_table, pct
 from orchestrator.trials import TrialContext, TrialSpec, build_trials
@@ -54,7 +54,7 @@ def run_sweep(cfg: Config, *, resume: bool = False, log_models: bool = True) -> 
     uri = cfg.cluster.tracking_uri or tracking.default_tracking_uri(paths.storage)
     tracking.check_reachable(uri)
     cluster.check_address(cfg.cluster.address)  # a dead address fails in seconds, not after ray.init retries
-    pipeline.check_dataset(cfg.dataset)  # a bad dataset path or layout fails here, before Ray starts
+    stages.check_dataset(cfg.dataset)  # a bad dataset path or layout fails here, before Ray starts
     cluster.connect(cfg)
     cluster.preflight(cfg)  # multi-node: shared storage and an MLflow server, or a clear error
     cluster.check_resources(cfg)
@@ -69,7 +69,7 @@ def run_sweep(cfg: Config, *, resume: bool = False, log_models: bool = True) -> 
     graph = None
     try:
         trials = build_trials(cfg)
-        plan = pipeline.plan_stages(cfg, paths, [(t.method, t.num_gan, t.seed) for t in trials])
+        plan = stages.plan_stages(cfg, paths, [(t.method, t.num_gan, t.seed) for t in trials])
         graph = dag.StageGraph(plan, paths, name, on_done=lambda *a: _log_stage(run, paths, *a))
         graph.start()
         rows = _run_trials(cfg, trials, plan, run, resume=resume, log_models=log_models)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 from orchestrator.config import LABEL_METHODS, PRESETS, Config, choices_help, config_hash, load_config
-from orchestrator.pipeline import dataset_root
+from orchestrator.stages import dataset_root
 
 
 def gan_run_name(cfg: Config) -> str:

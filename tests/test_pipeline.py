@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config import load_config, replace
-from orchestrator.pipeline import DONE, Paths, baseline_key, run_stage, stage_key
+from orchestrator.pipeline import DONE, Paths, run_stage, stage_key
+from orchestrator.stages import baseline_key
 from orchestrator.trials import TrialSpec, build_trials
 
 

@@ -113,7 +113,7 @@ def test_bad_input_fails_fast_naming_the_field(tmp_path, args, message):
 
 
 def test_synthetic_root_outside_storage_is_not_written(tmp_path):
-    from orchestrator.pipeline import dataset_root
+    from orchestrator.stages import dataset_root
 
     cfg = load_config("smoke", overrides=[f"dataset.root={tmp_path / 'elsewhere'}"])
     with pytest.raises(ValueError, match="dataset.root"):
