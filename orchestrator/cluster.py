@@ -373,6 +373,10 @@ def check_resources(cfg: Any) -> None:
 
     have = ray.cluster_resources()
     if scales_on_demand(have):  # GPU workers join when trials ask for them
+        if not have.get(WORKER_RESOURCE):
+            print(f"[cluster] no node advertises {WORKER_RESOURCE} yet: stages and trials wait for worker nodes "
+                  f"that do (the clusters/*.yaml workers do; a head with {DRIVER_RESOURCE} computes nothing)",
+                  flush=True)
         if not cfg.sweep.max_concurrent:
             raise ValueError("sweep.max_concurrent must be set on a cluster that adds GPU workers on demand")
         return

@@ -1,7 +1,9 @@
-"""A real two-node Ray cluster and a real MLflow server on loopback, and the smoke sweep run against them.
+"""A real three-node Ray cluster and a real MLflow server on loopback, and the smoke sweep run against them.
 
-The nodes are two raylets of ``ray.cluster_utils.Cluster`` on this machine, with 1 CPU each: the two trials
-that run at once cannot share a node, so the trials must land on both. The nodes share the filesystem, which
+The nodes are raylets of ``ray.cluster_utils.Cluster`` on this machine, with 1 CPU each, shaped like
+``clusters/*.yaml``: a head that advertises ``tune_driver`` and two workers that advertise ``mprl_worker``. The
+two trials that run at once cannot share a node and nothing that computes may use the head, so the trials must
+land on both workers. The nodes share the filesystem, which
 the storage path declares the way a real cluster does (a ``.mprl-shared`` marker at the "mount"). The sweep
 is the CLI with ``--address`` and ``--tracking-uri``, as ``ray job submit`` would run it.
 
@@ -31,7 +33,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray]
 ROOT = Path(__file__).parents[1]
 @pytest.fixture
 def loopback_cluster(monkeypatch) -> Iterator[object]:
-    """Head (1 CPU, advertises tune_driver) + one worker node (1 CPU), both on 127.0.0.1."""
+    """Head (1 CPU, advertises tune_driver, like clusters/*.yaml) + two worker nodes (1 CPU, advertise
+    mprl_worker), all on 127.0.0.1."""
     import ray
     import ray._private.ray_constants
     from ray.cluster_utils import Cluster
@@ -46,7 +49,8 @@ def loopback_cluster(monkeypatch) -> Iterator[object]:
     c = Cluster(initialize_head=True, head_node_args={**small, "include_dashboard": False,
                                                       "resources": {cluster.DRIVER_RESOURCE: 1}})
     try:
-        c.add_node(**small, resources={"second_node": 1})
+        for _ in range(2):
+            c.add_node(**small, resources={cluster.WORKER_RESOURCE: 1000})
         c.wait_for_nodes()
         yield c
     finally:
@@ -60,7 +64,7 @@ def _preflight_against(c, cfg) -> None:
 
     ray.init(address=c.address)
     try:
-        assert cluster.num_nodes() == 2
+        assert cluster.num_nodes() == 3
         assert {n["NodeManagerAddress"] for n in cluster.alive_nodes()} == {"127.0.0.1"}
         assert cluster.driver_resources({"CPU": 1}, ray.cluster_resources())[cluster.DRIVER_RESOURCE] > 0
         marker = Path(cfg.cluster.storage_path).parent / cluster.SHARED_MARKER
@@ -74,13 +78,6 @@ def _preflight_against(c, cfg) -> None:
             cluster.preflight(replace(cfg, **{"cluster.tracking_uri": None}))
     finally:
         ray.shutdown()
-
-
-def _trial_nodes(c) -> set[str]:
-    """Node ids of the Tune trial actors, from the GCS actor table (dead actors stay listed)."""
-    actors = c.global_state.actor_table(None).values()
-    return {a["Address"]["NodeID"] for a in actors
-            if "run_trial" in a["ActorClassName"] or a["ActorClassName"] == "ImplicitFunc"}
 
 
 def test_smoke_sweep_on_two_nodes_with_an_mlflow_server(tmp_path, loopback_cluster):
@@ -104,15 +101,22 @@ def test_smoke_sweep_on_two_nodes_with_an_mlflow_server(tmp_path, loopback_clust
                                   "--set", "sweep.max_concurrent=2"],  # required where workers join on demand
                                  cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=out,
                                  stderr=subprocess.STDOUT, timeout=480)
-        print(f"sweep on 2 nodes: {time.perf_counter() - start:.0f} s")
+        print(f"sweep on 2 worker nodes: {time.perf_counter() - start:.0f} s")
         assert res.returncode == 0, log.read_text()[-4000:]
 
-        heads = {c.head_node.node_id} | {n.node_id for n in c.worker_nodes}
-        assert len(heads) == 2
-        assert _trial_nodes(c) == heads, "the trials did not run on both nodes"
-
+        workers = {n.node_id for n in c.worker_nodes}
+        assert len(workers) == 2
         client = MlflowClient(url)
         exp = client.get_experiment_by_name(cfg.cluster.experiment)
+        places = [t.data.tags["mprl.where"] for t in client.search_runs(
+            [exp.experiment_id], f"tags.`{tracking.TAG_KIND}` = 'trial'")]  # "node <ip> (<id[:12]>) pid <pid>"
+        trial_nodes = {w for w in workers for p in places if f"({w[:12]})" in p}
+        assert len(places) == 3 and all(any(f"({w[:12]})" in p for w in workers) for p in places), places
+        stages = client.search_runs([exp.experiment_id], f"tags.`{tracking.TAG_KIND}` = 'stage'")
+        built = [s.data.tags["mprl.where"] for s in stages if s.data.tags["mprl.cached"] == "false"]
+        assert len(built) == 4 and all(any(f"({w[:12]})" in p for w in workers) for p in built), built  # dataset, gan, generate, baseline
+        stage_nodes = {w for w in workers for p in built if f"({w[:12]})" in p}
+        assert stage_nodes | trial_nodes == workers, "the stages and trials did not use both worker nodes"
         assert exp.artifact_location.startswith("mlflow-artifacts:")  # proxied by the server
         sweeps = client.search_runs([exp.experiment_id], f"tags.`{tracking.TAG_KIND}` = 'sweep'")
         assert len(sweeps) == 1 and sweeps[0].info.status == "FINISHED"
