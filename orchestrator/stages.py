@@ -80,7 +80,8 @@ def dataset_root(dataset: DatasetConfig, cache: Path) -> Path:
     if dataset.root:
         check_dataset(dataset)  # a given root is only read, never written
     elif dataset.name == "synthetic":
-        synthetic.generate(root, ids=dataset.synthetic_ids, images_per_id=dataset.synthetic_images_per_id,
+        synthetic.generate(root, ids=dataset.synthetic_ids, test_ids=dataset.synthetic_test_ids,
+                           images_per_id=dataset.synthetic_images_per_id,
                            distractors=dataset.synthetic_distractors, junk=dataset.synthetic_junk,
                            size=dataset.synthetic_size, seed=dataset.synthetic_seed, counts=dataset.synthetic_counts,
                            progress=True)

@@ -83,6 +83,8 @@ def test_yaml_file_then_overrides(tmp_path):
     ("dataset.name=market", "dataset.name"),
     ("sweep.methods=[lsro, nope]", "sweep.methods"),
     ("labels.switch_epoch=2", "labels.switch_epoch"),
+    ("reid.optimizer=rmsprop", "reid.optimizer"),
+    ("dataset.synthetic_test_ids=1", "dataset.synthetic_test_ids"),
 ])
 def test_bad_values_name_the_key(override, field):
     with pytest.raises(ValueError) as err:

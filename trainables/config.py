@@ -29,6 +29,7 @@ REID_MODELS = ("ident", "twostream")  # trainables/models.py
 LABEL_METHODS = ("baseline", "allinone", "pseudo", "lsro", "smprl", "dmprl1", "dmprl2", "baseline_matched")
 LABEL_ORDERS = ("paper", "reference_code")
 BEFORE_SWITCH = ("ignore", "exclude")
+OPTIMIZERS = ("sgd", "adam")  # trainables/reid.py build_training
 AUGMENTS = ("pad_crop", "paper", "reference_code")  # datasets/torch_data.py build_transform
 PRETRAINED = ("imagenet", "random")  # trainables/models.py (or a path to a local torchvision state dict)
 DISTANCES = ("cosine", "euclidean")  # trainables/distance.py
@@ -61,7 +62,8 @@ class DatasetConfig:
 
     name: str = "synthetic"
     root: str | None = None  # required for real datasets; for synthetic, None = <storage>/datasets/synthetic-<hash>
-    synthetic_ids: int = 24  # identities per split (train and test each)
+    synthetic_ids: int = 24  # training identities (and test identities unless synthetic_test_ids is set)
+    synthetic_test_ids: int | None = None  # test identities (queries: one per camera an identity appears in)
     synthetic_images_per_id: int = 10  # mean images per identity
     synthetic_distractors: int = 40  # pid 0 gallery images
     synthetic_junk: int = 30  # pid -1 gallery images
@@ -79,6 +81,8 @@ class DatasetConfig:
             raise ValueError(f"dataset.root is required for dataset.name={self.name!r} (a local folder path)")
         if not 2 <= self.synthetic_ids <= 5000:
             raise ValueError(f"dataset.synthetic_ids={self.synthetic_ids} must be in [2, 5000]")
+        if self.synthetic_test_ids is not None and not 2 <= self.synthetic_test_ids <= 5000:
+            raise ValueError(f"dataset.synthetic_test_ids={self.synthetic_test_ids} must be in [2, 5000]")
         if self.synthetic_images_per_id < 2:
             raise ValueError(f"dataset.synthetic_images_per_id={self.synthetic_images_per_id} must be >= 2")
         check_positive("dataset.synthetic_distractors", self.synthetic_distractors, allow_zero=True)
@@ -140,6 +144,12 @@ class ReidConfig:
     lr_step: float = 0.8  # lr x lr_gamma after this fraction of training (epoch 40 of 50)
     lr_step_epoch: int | None = None  # the same as an absolute epoch (the paper's "epoch 40"); overrides lr_step
     lr_gamma: float = 0.1
+    # linear warm-up (fast-reid style), per optimizer step: lr rises from warmup_factor x lr at the first step to
+    # lr after warmup_epochs epochs (0 = none: the paper); the step decay applies on top
+    warmup_epochs: int = 0
+    warmup_factor: float = 0.1
+    # sgd: (Nesterov) momentum, the paper | adam: AMSGrad Adam with L2 weight decay (torchreid's softmax baseline)
+    optimizer: str = "sgd"
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float | None = None  # None = per label method (1e-4; 5e-4 for dmprl1/dmprl2)
@@ -166,6 +176,7 @@ class ReidConfig:
         check_choice("reid.distance", self.distance, DISTANCES)
         check_choice("reid.ap", self.ap, AP_MODES)
         check_choice("reid.augment", self.augment, AUGMENTS)
+        check_choice("reid.optimizer", self.optimizer, OPTIMIZERS)
         if self.pretrained is not None and self.pretrained not in PRETRAINED and not self.pretrained.strip():
             raise ValueError("reid.pretrained must be imagenet, random, a file path, or null")
         if self.backbone == "tiny" and self.pretrained == "imagenet":
@@ -180,6 +191,9 @@ class ReidConfig:
         for key in ("epochs", "batch_size", "lr", "new_lr_mult", "lr_gamma"):
             check_positive(f"reid.{key}", getattr(self, key))
         check_fraction("reid.lr_step", self.lr_step)
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise ValueError(f"reid.warmup_epochs={self.warmup_epochs} must be in 0..reid.epochs-1 ({self.epochs - 1})")
+        check_fraction("reid.warmup_factor", self.warmup_factor)
         check_fraction("reid.momentum", self.momentum, closed_right=False)
         if self.weight_decay is not None:
             check_positive("reid.weight_decay", self.weight_decay, allow_zero=True)

@@ -13,7 +13,7 @@ import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -84,11 +84,17 @@ def reid_loop(config: dict) -> dict[str, Any]:
         # Reseed per epoch: a run resumed from the epoch-(e-1) checkpoint replays epoch e exactly.
         seed_everything(reid.seed, ctx.rank, epoch)
         loader = _epoch_loader(reid, split.train, records, len(gen), spec, epoch, ctx)
-        hook = (lambda step, e=epoch: plan.maybe_fail(config["run_dir"], config["run_name"], ctx.rank, e, step)) \
-            if plan else None
+        warm = warmup_hook(optimizer, reid, epoch, len(loader))
+
+        def hook(step: int, e: int = epoch, warm=warm) -> None:
+            if plan:
+                plan.maybe_fail(config["run_dir"], config["run_name"], ctx.rank, e, step)
+            if warm:
+                warm(step)
+
         metrics = train_one_epoch(model, loader, optimizer, step_fn, epoch=epoch, device=ctx.device,
-                                  channels_last=channels_last, on_step=hook)
-        scheduler.step()
+                                  channels_last=channels_last, on_step=hook if plan or warm else None)
+        scheduler.step()  # per epoch: the lr of the next epoch's first step
         metrics.update(epoch=epoch, lr=optimizer.param_groups[0]["lr"])
         if ctx.rank == 0 and val is not None and _validates(reid, epoch):
             res = evaluate_model(runtime.unwrap(model), val, reid, ctx.device)
@@ -143,20 +149,58 @@ def build_model(reid: ReidConfig, num_outputs: int, *, device_type: str = "cpu")
 
 
 def build_training(reid: ReidConfig, spec: LabelSpec, wd: float, ctx: runtime.Context):
-    """Model (on the worker's device, DDP-wrapped on a group), SGD with two lr groups, step decay."""
+    """Model (on the worker's device, DDP-wrapped on a group), SGD or Adam with two lr groups, step decay."""
     if ctx.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
     model = build_model(reid, num_outputs(spec), device_type=ctx.device.type)
     groups = model.param_groups(reid.lr, new_lr_mult=reid.new_lr_mult, weight_decay=wd)
     model = runtime.wrap_model(model, find_unused_parameters=reid.model == "twostream")
-    optimizer = torch.optim.SGD(groups, lr=reid.lr, momentum=reid.momentum, nesterov=reid.nesterov)
+    optimizer = make_optimizer(reid, groups)
     return model, optimizer, lr_schedule(optimizer, reid)
 
 
-def lr_schedule(optimizer: torch.optim.Optimizer, reid: ReidConfig) -> torch.optim.lr_scheduler.StepLR:
-    """One step decay: lr x ``lr_gamma`` from epoch ``lr_step_epoch`` (else ``lr_step`` x epochs) on."""
+def make_optimizer(reid: ReidConfig, groups: list[dict]) -> torch.optim.Optimizer:
+    """``reid.optimizer`` over the lr groups: SGD with (Nesterov) momentum, or AMSGrad Adam with L2 decay."""
+    if reid.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=reid.lr, amsgrad=True)
+    return torch.optim.SGD(groups, lr=reid.lr, momentum=reid.momentum, nesterov=reid.nesterov)
+
+
+def lr_factor(reid: ReidConfig, progress: float) -> float:
+    """The lr multiplier after ``progress`` epochs of training (fractional within an epoch).
+
+    Linear warm-up from ``warmup_factor`` to 1 over the first ``warmup_epochs`` (fast-reid's WarmupLR, in
+    epochs), times ``lr_gamma`` per ``lr_step_epoch`` (else ``lr_step`` x epochs) epochs done (torch StepLR).
+    """
     step = reid.lr_step_epoch or max(1, round(reid.lr_step * reid.epochs))
-    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=step, gamma=reid.lr_gamma)
+    decay = reid.lr_gamma ** (int(progress) // step)
+    if progress >= reid.warmup_epochs:
+        return decay
+    return decay * (reid.warmup_factor + (1 - reid.warmup_factor) * progress / reid.warmup_epochs)
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, reid: ReidConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """Stepped once per epoch: lr x :func:`lr_factor` at the epoch's start (one step decay; the warm-up's start
+    of each epoch). Within warm-up epochs :func:`warmup_hook` sets it per optimizer step."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: lr_factor(reid, epoch))
+
+
+def warmup_hook(optimizer: torch.optim.Optimizer, reid: ReidConfig, epoch: int,
+                steps: int) -> Callable[[int], None] | None:
+    """Before optimizer step ``k`` of the ``steps`` of a warm-up epoch: lr = initial lr x lr_factor(epoch + k/steps).
+
+    Stateless (the epoch's scheduler step overwrites it), so a run resumed from a checkpoint replays it exactly.
+    None outside the warm-up.
+    """
+    if epoch >= reid.warmup_epochs or steps < 1:
+        return None
+
+    def warm(step: int) -> None:
+        factor = lr_factor(reid, epoch + step / steps)
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * factor
+
+    return warm
 
 
 def _resume(model, optimizer, scheduler) -> tuple[int, dict]:
@@ -166,7 +210,8 @@ def _resume(model, optimizer, scheduler) -> tuple[int, dict]:
         return 0, {}
     runtime.unwrap(model).load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    # a pure function of the epoch; checkpoints written by the earlier StepLR lack the lambdas' entry
+    scheduler.load_state_dict({"lr_lambdas": [None] * len(optimizer.param_groups), **state["scheduler"]})
     log.info("resuming re-ID training after epoch %d", state["epoch"])
     return state["epoch"] + 1, dict(state.get("final", {}))
 
