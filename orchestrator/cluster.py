@@ -219,18 +219,24 @@ def check_marker_on_nodes(marker: Path, nodes: list[dict[str, Any]], timeout_s: 
 
 
 def preflight(cfg: Any) -> None:
-    """After ``ray.init``: the storage/tracking checks against the live cluster.
+    """After ``ray.init``: the storage/tracking checks against the live cluster, then, on a cluster (more than one
+    node, or one given by ``cluster.address``), every path the workers use checked from every alive node
+    (:mod:`orchestrator.nodes`). The storage path must exist (the sweep creates it first).
 
     A cluster whose head advertises ``tune_driver`` (the files in ``clusters/``) adds GPU workers on demand,
     so it counts as multi-node even while only the head is up.
     """
     import ray
 
+    from orchestrator import nodes as node_checks
+
     nodes = alive_nodes()
     expected = max(len(nodes), 2) if scales_on_demand(ray.cluster_resources()) else len(nodes)
     check_storage_and_tracking(cfg, expected, node_ips=[n["NodeManagerAddress"] for n in nodes])
     if len(nodes) > 1:
         check_marker_on_nodes(find_marker(cfg.cluster.storage_path), nodes)
+    if len(nodes) > 1 or cfg.cluster.address:
+        node_checks.check_paths_on_nodes(cfg, nodes)
 
 
 # ------------------------------------------------------------------------------------ resources

@@ -56,9 +56,9 @@ def run_sweep(cfg: Config, *, resume: bool = False, log_models: bool = True) -> 
     cluster.check_address(cfg.cluster.address)  # a dead address fails in seconds, not after ray.init retries
     stages.check_dataset(cfg.dataset)  # a bad dataset path or layout fails here, before Ray starts
     cluster.connect(cfg)
-    cluster.preflight(cfg)  # multi-node: shared storage and an MLflow server, or a clear error
-    cluster.check_resources(cfg)
     paths.storage.mkdir(parents=True, exist_ok=True)
+    cluster.preflight(cfg)  # multi-node: shared storage, an MLflow server, every path usable on every node
+    cluster.check_resources(cfg)
     client, exp_id = tracking.setup(uri, cfg.cluster.experiment, paths.storage)
     name = sweep_name(cfg, paths, resume)
     parent, _ = tracking.get_or_create_run(client, exp_id, "sweep", name, name)
@@ -117,8 +117,7 @@ def _log_stage(run: tracking.SweepRun, paths: pipeline.Paths, node: pipeline.Sta
                                 tags={"mprl.cached": str(bool(stage and stage.cached)).lower(),
                                       "mprl.stage_path": str(folder)})
     if stage is None:
-        run.client.set_tag(run_id, "mprl.error", error[:5000])
-        tracking.set_status(run.client, run_id, "FAILED")
+        tracking.fail(run.client, run_id, error)
         return
     if created or run.client.get_run(run_id).info.status != "FINISHED":
         fields = vars(stage.out)
@@ -145,10 +144,10 @@ def _run_trials(cfg: Config, trials: list[TrialSpec], plan: pipeline.Plan, run: 
                 resume: bool, log_models: bool) -> list[dict[str, Any]]:
     """Create every trial's MLflow run up front, run the trials, and read their final status back."""
     paths, name = pipeline.Paths(Path(cfg.cluster.storage_path)), run.name
-    run_ids = {t.key: run.child("trial", f"{name}/{t.key}", t.key, status="SCHEDULED",
+    run_ids = {t.key: run.child("trial", tracking.trial_key(name, t.key), t.key, status="SCHEDULED",
                                 tags={"mprl.method": t.method})[0] for t in trials}
     folder = lambda n: str(paths.stages / n)  # noqa: E731
-    ctx = TrialContext(cfg, run.tracking_uri, run_ids, ReidInputs(plan.data_root, plan.store),
+    ctx = TrialContext(cfg, name, ReidInputs(plan.data_root, plan.store),
                        str(paths.trials / name), _links(plan.dataset, plan.gan, plan.generate),
                        baselines={seed: folder(n) for seed, n in plan.baselines.items()},
                        smprl_labels=dict(plan.smprl_labels),
@@ -156,20 +155,28 @@ def _run_trials(cfg: Config, trials: list[TrialSpec], plan: pipeline.Plan, run: 
                                    for seed in {*plan.baselines, *plan.smprl}},
                        needs={t.key: tuple(map(folder, plan.needs(t.method, t.seed))) for t in trials},
                        log_models=log_models)
-    rows = tune_trials(cfg, trials, ctx, paths.tune / name, resume)
-    status = {t.key: run.client.get_run(run_ids[t.key]).info.status for t in trials}
-    for row in rows:
-        data = run.client.get_run(run_ids[row["trial"]]).data
-        tags = data.tags
-        row["status"], row["stopped_after"], row["where"] = status[row["trial"]], tags.get(TAG_STOPPED_AFTER), \
-            tags.get("mprl.where")
-        row["seconds"] = data.metrics.get(TAG_WORKER_SECONDS, row.get("seconds"))
-        if row["status"] == "FAILED":  # the trial's own message, not Ray's wrapped traceback header
-            row["error"] = tags.get("mprl.error") or row.get("error") or "failed"
+    rows = tune_trials(cfg, trials, ctx, paths.tune / name, resume, run.tracking_uri)
+    status = {row["trial"]: _read_back(run, run_ids[row["trial"]], row) for row in rows}
     if any(v in ("RUNNING", "SCHEDULED") for v in status.values()):
         print("\n" + results_table(rows), flush=True)
         raise KeyboardInterrupt(f"sweep {name} interrupted")
     return rows
+
+
+def _read_back(run: tracking.SweepRun, run_id: str, row: dict[str, Any]) -> str:
+    """Fill ``row`` from the trial's MLflow run; a trial Tune gave up on whose run no one ended is marked FAILED
+    with Tune's error here (the last line of defence: a failure never reads as "interrupted")."""
+    got = run.client.get_run(run_id)
+    if got.info.status in ("RUNNING", "SCHEDULED") and row.get("error") not in (None, "not run"):
+        tracking.fail(run.client, run_id, row["error"])
+        got = run.client.get_run(run_id)
+    tags = got.data.tags
+    row["status"], row["stopped_after"], row["where"] = got.info.status, tags.get(TAG_STOPPED_AFTER), \
+        tags.get("mprl.where")
+    row["seconds"] = got.data.metrics.get(TAG_WORKER_SECONDS, row.get("seconds"))
+    if row["status"] == "FAILED":  # the trial's own message, not Ray's wrapped traceback header
+        row["error"] = tags.get(tracking.TAG_ERROR) or row.get("error") or "failed"
+    return row["status"]
 
 
 # ------------------------------------------------------------------------------------------ output

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 TAG_KIND = "mprl.kind"  # sweep | stage | trial
 TAG_KEY = "mprl.key"  # sweep instance / stage key / trial key
 TAG_PARENT = "mlflow.parentRunId"
+TAG_ERROR = "mprl.error"  # why a stage or trial run FAILED
 MAX_PARAM = 6000  # MLflow's limit on a param value's length
 
 
@@ -81,6 +82,31 @@ def find_run(client: MlflowClient, exp_id: str, kind: str, key: str, parent: str
         filt += f" and tags.`{TAG_PARENT}` = '{parent}'"
     runs = client.search_runs([exp_id], filt, max_results=1, order_by=["attributes.start_time DESC"])
     return runs[0].info.run_id if runs else None
+
+
+def trial_key(sweep: str, trial: str) -> str:
+    """The ``mprl.key`` tag of a trial's run: the sweep's name and the trial's key, nothing address-like."""
+    return f"{sweep}/{trial}"
+
+
+def find_trial(client: MlflowClient, experiment: str, sweep: str, trial: str) -> str:
+    """The run id of ``trial`` of ``sweep``, looked up by its tags in the experiment named ``experiment``.
+
+    Trials and the driver's Tune callback find their runs this way, in whatever store the running (or resuming)
+    sweep points at, so nothing in Tune's saved state names a run id or a tracking URI.
+    """
+    exp = client.get_experiment_by_name(experiment)
+    found = exp and find_run(client, exp.experiment_id, "trial", trial_key(sweep, trial))
+    if not found:
+        raise LookupError(f"no MLflow run tagged {TAG_KEY}={trial_key(sweep, trial)!r} in experiment {experiment!r} "
+                          f"at {client.tracking_uri}; the sweep creates it before its trials start")
+    return found
+
+
+def fail(client: MlflowClient, run_id: str, reason: str) -> None:
+    """End a run FAILED with ``mprl.error`` = the reason (the table and the report show it)."""
+    client.set_tag(run_id, TAG_ERROR, reason[:5000])
+    set_status(client, run_id, "FAILED")
 
 
 def get_or_create_run(client: MlflowClient, exp_id: str, kind: str, key: str, name: str) -> tuple[str, bool]:

@@ -47,11 +47,15 @@ class TrialSpec:
 
 @dataclass(frozen=True)
 class TrialContext:
-    """What every trial of a sweep shares, passed with ``tune.with_parameters`` (not part of the search space)."""
+    """What every trial of a sweep shares, passed with ``tune.with_parameters`` (not part of the search space).
+
+    It names the sweep, not its MLflow runs or store: a trial finds its run by tags (``tracking.find_trial``) in
+    the store of the sweep that runs or resumes it (a resumed sweep may point at a new MLflow after losing its
+    head node).
+    """
 
     cfg: Config
-    tracking_uri: str
-    run_ids: dict[str, str]  # trial key -> MLflow run id
+    sweep: str  # the sweep's name: with the trial's key, its run's ``mprl.key`` tag
     inputs: ReidInputs  # the dataset and the generated store; the sMpRL label file is per seed (below)
     trials_dir: str
     links: dict[str, str]  # MLflow tags naming the stages every trial used (dataset, GAN, generation)

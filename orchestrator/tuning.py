@@ -27,19 +27,26 @@ FINAL_METRICS = (*METRICS, "mINP")
 
 # ------------------------------------------------------------------------------------ the Tune trial
 
-def run_trial(config: dict, ctx: TrialContext) -> None:
-    """Tune function: train (or reuse the baseline stage), then log final metrics, CMC plot and model."""
+def run_trial(config: dict, ctx: TrialContext, tracking_uri: str) -> None:
+    """Tune function: train (or reuse the baseline stage), then log final metrics, CMC plot and model.
+
+    ``tracking_uri`` comes from the sweep that runs *or resumes* the trial (Tune's saved state holds no address);
+    the trial's run is found by its tags there. A run already FINISHED (its trial ended after Tune last saved
+    its state) is reported to Tune again and not retrained.
+    """
     import time
 
     import mlflow
     from mlflow.tracking import MlflowClient
 
     start = time.perf_counter()
-    mlflow.set_tracking_uri(ctx.tracking_uri)  # tracking.log_model logs through the fluent API
+    mlflow.set_tracking_uri(tracking_uri)  # tracking.log_model logs through the fluent API
     trial = TrialSpec.from_key(config["trial"])
     cfg = replace(ctx.cfg, **trial.overrides())
-    client = MlflowClient(ctx.tracking_uri)
-    run_id = ctx.run_ids[trial.key]
+    client = MlflowClient(tracking_uri)
+    run_id = tracking.find_trial(client, cfg.cluster.experiment, ctx.sweep, trial.key)
+    if _already_finished(client, run_id):
+        return
     tracking.set_status(client, run_id, "RUNNING")
     tracking.log_params(client, run_id, {**flat_dict(cfg), "trial": trial.key})
     _tag_placement(client, run_id)
@@ -57,15 +64,36 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
         # leave the MLflow run alone (the driver's EpochLogger.on_trial_complete records a scheduler's stop; an
         # interrupted sweep leaves the run RUNNING and the driver marks it KILLED).
         if err.code not in (None, 0):
-            client.set_tag(run_id, "mprl.error", f"SystemExit: {err.code}"[:5000])
-            tracking.set_status(client, run_id, "FAILED")
+            tracking.fail(client, run_id, f"SystemExit: {err.code}")
         raise
     except BaseException as err:
         if client.get_run(run_id).data.tags.get("mprl.early_stopped") == "true":
             raise  # the scheduler stopped it (the driver recorded that); tearing its Train run down is not a failure
-        client.set_tag(run_id, "mprl.error", f"{type(err).__name__}: {err}"[:5000])
-        tracking.set_status(client, run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        if isinstance(err, KeyboardInterrupt):
+            tracking.set_status(client, run_id, "KILLED")
+        else:  # FAILED now; a retry (sweep.max_failures) sets it RUNNING again
+            tracking.fail(client, run_id, f"{type(err).__name__}: {err}")
         raise
+
+
+ALREADY_FINISHED = "mprl_already_finished"  # in the Tune result of a trial whose MLflow run was FINISHED
+
+
+def _already_finished(client, run_id: str) -> bool:
+    """True for a FINISHED run: its final metrics go to Tune again (the table reads them), nothing trains.
+    Otherwise an earlier attempt's error is kept as ``mprl.previous_error``, so a retry that succeeds is clean."""
+    import ray.tune
+
+    run = client.get_run(run_id)
+    if run.info.status == "FINISHED":
+        final = {k[len("final_"):]: v for k, v in run.data.metrics.items() if k.startswith("final_")}
+        ray.tune.report({**final, ALREADY_FINISHED: True})
+        return True
+    previous = run.data.tags.get(tracking.TAG_ERROR)
+    if previous:
+        client.set_tag(run_id, "mprl.previous_error", previous)
+        client.delete_tag(run_id, tracking.TAG_ERROR)
+    return False
 
 
 def _tag_placement(client, run_id: str) -> None:
@@ -138,8 +166,8 @@ def _log_model(client, run_id: str, cfg: Config, run_dir: Path) -> None:
 
 # ------------------------------------------------------------------------------------ the Tuner
 
-def tune_trials(cfg: Config, trials: list[TrialSpec], ctx: TrialContext, experiment: Path,
-                resume: bool) -> list[dict[str, Any]]:
+def tune_trials(cfg: Config, trials: list[TrialSpec], ctx: TrialContext, experiment: Path, resume: bool,
+                tracking_uri: str) -> list[dict[str, Any]]:
     """Run the trials on Ray Tune (or resume the interrupted ``experiment``); one result row per trial.
 
     The stages of the sweep's :class:`~orchestrator.dag.StageGraph` (registered under ``experiment.name``) run
@@ -147,7 +175,9 @@ def tune_trials(cfg: Config, trials: list[TrialSpec], ctx: TrialContext, experim
     """
     import ray.tune
 
-    trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, ctx=ctx), cluster.trial_resources(cfg))
+    # the trainable, with its parameters, is built anew by every run and resume (Tuner.restore takes it again)
+    trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, ctx=ctx, tracking_uri=tracking_uri),
+                                        cluster.trial_resources(cfg))
     if resume and ray.tune.Tuner.can_restore(str(experiment)):
         print(f"[sweep] resuming {experiment}", flush=True)
         tuner = ray.tune.Tuner.restore(str(experiment), trainable, resume_errored=True)
@@ -157,7 +187,7 @@ def tune_trials(cfg: Config, trials: list[TrialSpec], ctx: TrialContext, experim
                                run_config=ray.tune.RunConfig(
                                    name=experiment.name, storage_path=str(experiment.parent), verbose=1,
                                    failure_config=ray.tune.FailureConfig(max_failures=cfg.sweep.max_failures),
-                                   callbacks=[EpochLogger(ctx.tracking_uri, ctx.run_ids)]))
+                                   callbacks=[EpochLogger(ctx.sweep, cfg.cluster.experiment)]))
     grid = tuner.fit()  # a first SIGINT makes Tune stop gracefully and return; the MLflow status tells
     return results_rows(grid, trials)
 
@@ -254,33 +284,69 @@ TAG_WORKER_SECONDS = "worker_seconds"  # a metric of each finished trial run
 
 class EpochLogger(Callback):
     """Driver-side Tune callback: every reported epoch goes to the trial's MLflow run as a step; a trial the
-    scheduler stops early is marked FINISHED with ``mprl.early_stopped=true`` (and no ``final_*`` metrics)."""
+    scheduler stops early is marked FINISHED with ``mprl.early_stopped=true`` (and no ``final_*`` metrics); a trial
+    that errored for good (its retries spent; a dead worker, node or OOM kill included) is marked FAILED with
+    the reason, unless the trial recorded its own.
 
-    def __init__(self, tracking_uri: str, run_ids: dict[str, str]) -> None:
-        self.tracking_uri, self.run_ids = tracking_uri, run_ids
-        self._client = None
+    Tune pickles its callbacks with the experiment and reuses them on ``Tuner.restore``, so this holds only the
+    sweep's and the experiment's names: runs are found by tags in the driver's current MLflow store
+    (``mlflow.get_tracking_uri()``, which the sweep sets), the new one after a resume with another URI.
+    """
 
-    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+    def __init__(self, sweep: str, experiment: str) -> None:
+        self.sweep, self.experiment = sweep, experiment
+        self._client, self._runs = None, {}
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_client": None, "_runs": {}}
+
+    def _run(self, trial) -> tuple[Any, str]:
+        import mlflow
         from mlflow.tracking import MlflowClient
 
-        self._client = self._client or MlflowClient(self.tracking_uri)
-        run_id = self.run_ids[trial.config["trial"]]
+        uri = mlflow.get_tracking_uri()
+        if self._client is None or self._client.tracking_uri != uri:
+            self._client, self._runs = MlflowClient(uri), {}
+        key = trial.config["trial"]
+        if key not in self._runs:
+            self._runs[key] = tracking.find_trial(self._client, self.experiment, self.sweep, key)
+        return self._client, self._runs[key]
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        if result.get(ALREADY_FINISHED):
+            return
+        client, run_id = self._run(trial)
         step = int(result.get("epoch", result.get("training_iteration", 0)))
-        tracking.log_metrics(self._client, run_id, {k: result[k] for k in EPOCH_METRICS if k in result}, step=step)
+        tracking.log_metrics(client, run_id, {k: result[k] for k in EPOCH_METRICS if k in result}, step=step)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         """Called on the driver when a trial ends without error, before its actor stops: run_trial returned (its
         run is FINISHED already) or the scheduler stopped it while training (its run is still RUNNING). An
         interrupted sweep does not come here."""
-        from mlflow.tracking import MlflowClient
-
-        self._client = self._client or MlflowClient(self.tracking_uri)
-        run_id = self.run_ids[trial.config["trial"]]
-        if self._client.get_run(run_id).info.status != "RUNNING":
+        client, run_id = self._run(trial)
+        if client.get_run(run_id).info.status != "RUNNING":
             return
-        self._client.set_tag(run_id, "mprl.early_stopped", "true")
-        self._client.set_tag(run_id, TAG_STOPPED_AFTER, str(int((trial.last_result or {}).get("epoch", -1)) + 1))
-        tracking.set_status(self._client, run_id, "FINISHED")
+        client.set_tag(run_id, "mprl.early_stopped", "true")
+        client.set_tag(run_id, TAG_STOPPED_AFTER, str(int((trial.last_result or {}).get("epoch", -1)) + 1))
+        tracking.set_status(client, run_id, "FINISHED")
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        """The trial failed and Tune will not retry it: its run ends FAILED, with the trial's own message when
+        run_trial recorded one, else with what Tune saw (a dead actor: node lost, OOM kill, ``os._exit``)."""
+        client, run_id = self._run(trial)
+        run = client.get_run(run_id)
+        if run.info.status == "FINISHED" or (run.info.status == "FAILED" and tracking.TAG_ERROR in run.data.tags):
+            return
+        tracking.fail(client, run_id, failure_reason(trial))
+
+
+def failure_reason(trial) -> str:
+    """One line for the table: the exception type and its first line, and how many attempts were made."""
+    err = trial.get_pickled_error() or trial.get_error() or "unknown error"
+    text = err if isinstance(err, str) else f"{type(err).__name__}: {err}"
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    first = next((line for line in lines if "Error" in line or "died" in line), lines[0] if lines else "unknown")
+    return f"{first[:400]} (attempts: {trial.num_failures})"
 
 
 def results_rows(grid, trials: list[TrialSpec]) -> list[dict[str, Any]]:

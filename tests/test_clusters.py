@@ -259,8 +259,8 @@ def kuberay_problems(docs: list[dict]) -> list[str]:
         storage = _arg(entry, "cluster.storage_path") or ""
         if not any(storage.startswith(mp.rstrip("/") + "/") for mp in mounts):
             problems.append(f"Ray pod {i} does not mount cluster.storage_path={storage}")
-    head = rc["headGroupSpec"]["template"]["spec"]["containers"][0]
-    if f"/{cluster.SHARED_MARKER}" not in str(head.get("lifecycle", {})):
+    head = rc["headGroupSpec"]["template"]["spec"]
+    if f"/{cluster.SHARED_MARKER}" not in str(head.get("initContainers", [])):
         problems.append("the head does not mark the shared volume")
     return problems + _mlflow_problems(docs, entry)
 
@@ -402,3 +402,4 @@ def test_worker_env_raises_the_start_timeout_and_leaves_job_keys_alone(monkeypat
     job = {"runtime_env": {"env_vars": {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "1800"}}}
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
     assert cluster.worker_env(cfg) == {LOGICAL_GPUS_ENV: "1"}
+

@@ -272,7 +272,8 @@ class FailurePlan:
     """Make one rank fail once at (epoch, step): the test hook for worker-failure recovery.
 
     Spec string: ``"rank=1,epoch=1,step=2,mode=exit[,match=lsro]"``. ``mode``: ``exit`` (``os._exit``: a dead
-    worker process), ``raise`` (an exception, once) or ``always`` (raise on every attempt: a permanent failure).
+    worker process), ``raise`` (an exception, once), ``always`` (raise on every attempt: a permanent failure) or
+    ``always_exit`` (``os._exit`` on every attempt: a process that keeps dying, like an OOM kill).
     ``match`` limits it to runs whose name contains that text. "Once" is remembered by a marker file in the run
     folder, so the retried worker goes on.
     """
@@ -291,15 +292,17 @@ class FailurePlan:
                        fields.pop("mode", "raise"), fields.pop("match", ""))
         except (KeyError, ValueError) as err:
             raise ValueError(f"{FAILURE_ENV}={spec!r} must look like rank=1,epoch=1,step=2,mode=exit ({err})") from None
-        if fields or plan.mode not in ("exit", "raise", "always"):
+        if fields or plan.mode not in ("exit", "raise", "always", "always_exit"):
             raise ValueError(f"{FAILURE_ENV}={spec!r}: unknown keys {sorted(fields)} or mode {plan.mode!r} "
-                             f"(exit | raise | always)")
+                             f"(exit | raise | always | always_exit)")
         return plan
 
     def maybe_fail(self, run_dir: str, run_name: str, rank: int, epoch: int, step: int) -> None:
         if (rank, epoch, step) != (self.rank, self.epoch, self.step) or self.match not in run_name:
             return
         marker = Path(run_dir) / ".failure_injected"
+        if self.mode == "always_exit":
+            os._exit(17)
         if self.mode == "always":
             raise RuntimeError(f"injected permanent failure at rank {rank}, epoch {epoch}, step {step}")
         if marker.exists():

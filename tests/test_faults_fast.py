@@ -1,0 +1,128 @@
+"""Fast checks of the fault handling: runs found by tags, failures recorded with a reason, paths checked per node."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+from types import SimpleNamespace
+
+import pytest
+
+from orchestrator import nodes, tracking
+from orchestrator.config import load_config
+from orchestrator.trials import TrialContext
+from orchestrator.tuning import EpochLogger, failure_reason
+
+# ------------------------------------------------------------------------------ runs found by tags
+
+@pytest.fixture
+def store(tmp_path):
+    """A sqlite MLflow store with a sweep run and one trial run, created the way the sweep creates them."""
+    import mlflow
+
+    uri = tracking.default_tracking_uri(tmp_path)
+    client, exp_id = tracking.setup(uri, "mprl", tmp_path)
+    parent, _ = tracking.get_or_create_run(client, exp_id, "sweep", "sweep-abc-1", "sweep-abc-1")
+    run = tracking.SweepRun(client, exp_id, "sweep-abc-1", parent, uri)
+    trial, _ = run.child("trial", tracking.trial_key("sweep-abc-1", "lsro-n16-paper-kall-s0"), "lsro", status="RUNNING")
+    yield SimpleNamespace(uri=uri, client=client, trial=trial)
+    mlflow.set_tracking_uri(None)
+
+
+def _trial(error=None, failures=2):
+    return SimpleNamespace(config={"trial": "lsro-n16-paper-kall-s0"}, num_failures=failures, last_result={},
+                           get_pickled_error=lambda: error, get_error=lambda: None)
+
+
+def test_nothing_address_like_travels_with_trials_or_tune_state(store):
+    fields = {f.name for f in dataclasses.fields(TrialContext)}
+    assert not fields & {"tracking_uri", "run_ids"}
+    logger = EpochLogger("sweep-abc-1", "mprl")
+    logger.on_trial_result(0, [], _trial(), {"loss": 1.5, "epoch": 0})  # warms its client and run cache
+    state = pickle.dumps(logger)  # what Tune saves with the experiment and reuses on restore
+    assert store.uri.encode() not in state and store.trial.encode() not in state
+    assert tracking.find_trial(store.client, "mprl", "sweep-abc-1", "lsro-n16-paper-kall-s0") == store.trial
+    with pytest.raises(LookupError, match="sweep-abc-1/dmprl2"):
+        tracking.find_trial(store.client, "mprl", "sweep-abc-1", "dmprl2-n16-paper-kall-s0")
+
+
+def test_epoch_logger_follows_the_current_tracking_store(store, tmp_path):
+    import mlflow
+
+    logger = EpochLogger("sweep-abc-1", "mprl")
+    logger.on_trial_result(0, [], _trial(), {"loss": 1.5, "epoch": 0})
+    other = tracking.default_tracking_uri(tmp_path / "elsewhere")
+    mlflow.set_tracking_uri(other)  # a resumed sweep on a new store: the old one is not written
+    with pytest.raises(LookupError):
+        logger.on_trial_result(0, [], _trial(), {"loss": 1.0, "epoch": 1})
+    assert [m.value for m in store.client.get_metric_history(store.trial, "loss")] == [1.5]
+
+
+def test_a_trial_that_died_is_marked_failed_with_the_reason(store):
+    died = RuntimeError("The actor died unexpectedly before finishing this task.\n\tclass_name: ImplicitFunc")
+    EpochLogger("sweep-abc-1", "mprl").on_trial_error(0, [], _trial(died))
+    run = store.client.get_run(store.trial)
+    assert run.info.status == "FAILED"
+    assert run.data.tags[tracking.TAG_ERROR] == ("RuntimeError: The actor died unexpectedly before finishing this "
+                                                 "task. (attempts: 2)")
+
+
+def test_the_trials_own_failure_message_is_kept(store):
+    tracking.fail(store.client, store.trial, "ValueError: bad labels")
+    EpochLogger("sweep-abc-1", "mprl").on_trial_error(0, [], _trial(RuntimeError("wrapped")))
+    assert store.client.get_run(store.trial).data.tags[tracking.TAG_ERROR] == "ValueError: bad labels"
+
+
+def test_failure_reason_from_a_text_trace():
+    trial = SimpleNamespace(num_failures=1, get_pickled_error=lambda: None,
+                            get_error=lambda: "Traceback (most recent call last):\n  File x\nray.exceptions."
+                                              "OutOfMemoryError: Task was killed due to the node running low")
+    assert failure_reason(trial).startswith("ray.exceptions.OutOfMemoryError: Task was killed")
+
+
+# ------------------------------------------------------------------------------ paths on every node
+
+@pytest.mark.parametrize("uri", ["s3://bucket/mprl", "gs://b/x", "file:///mnt/shared"])
+def test_a_storage_uri_is_refused_at_config_time(uri):
+    with pytest.raises(ValueError, match=r"cluster.storage_path=.*is a URI.*POSIX files"):
+        load_config("smoke", overrides=[f"cluster.storage_path={uri}"])
+
+
+def test_path_problems_name_the_field_and_path(tmp_path):
+    (tmp_path / "file").write_text("x")
+    ok = {nodes.STORAGE_FIELD: str(tmp_path), nodes.DATASET_FIELD: str(tmp_path)}
+    assert nodes.path_problems(ok) == {}
+    bad = nodes.path_problems({nodes.STORAGE_FIELD: str(tmp_path / "file"),
+                               nodes.DATASET_FIELD: str(tmp_path / "missing")})
+    assert bad == {nodes.STORAGE_FIELD: f"cluster.storage_path={tmp_path / 'file'} is not a folder there",
+                   nodes.DATASET_FIELD: f"dataset.root={tmp_path / 'missing'} does not exist there"}
+    if os.geteuid() != 0:  # root may write anywhere
+        (tmp_path / "ro").mkdir(mode=0o500)
+        assert "is not writable" in nodes.path_problems({nodes.STORAGE_FIELD: str(tmp_path / "ro")})[
+            nodes.STORAGE_FIELD]
+
+
+def test_worker_paths_and_the_message(tmp_path):
+    cfg = load_config("smoke", overrides=[f"cluster.storage_path={tmp_path}", "dataset.name=market1501",
+                                          "dataset.root=/data/market", "reid.pretrained=random"])
+    assert nodes.worker_paths(cfg) == {nodes.STORAGE_FIELD: str(tmp_path), nodes.DATASET_FIELD: "/data/market"}
+    synthetic = load_config("smoke", overrides=[f"cluster.storage_path={tmp_path}"])
+    assert "dataset.root" not in nodes.worker_paths(synthetic)
+    msg = nodes.problems_message({"10.0.0.1 (abc)": {}, "10.0.0.2 (def)": {"dataset.root": "dataset.root=/d does "
+                                                                                            "not exist there"}})
+    assert "on node 10.0.0.2 (def): dataset.root=/d does not exist there" in msg and "10.0.0.1" not in msg
+    assert nodes.problems_message({"10.0.0.1 (abc)": {}}) is None
+
+
+@pytest.mark.ray
+def test_paths_are_checked_from_a_ray_task_on_each_node(tmp_path, local_ray):
+    import ray
+
+    cfg = load_config("smoke", overrides=[f"cluster.storage_path={tmp_path}"])
+    alive = [n for n in ray.nodes() if n["Alive"]]
+    nodes.check_paths_on_nodes(cfg, alive)
+    missing = dataclasses.replace(cfg, dataset=dataclasses.replace(cfg.dataset, root=str(tmp_path / "head-only")))
+    with pytest.raises(ValueError, match=rf"on node {alive[0]['NodeManagerAddress']} .*dataset.root=.*head-only "
+                                         r"does not exist there"):
+        nodes.check_paths_on_nodes(missing, alive)
