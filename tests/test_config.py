@@ -53,6 +53,13 @@ def test_presets_differ_in_scale():
     assert smoke.dataset.synthetic_ids < cpu.dataset.synthetic_ids
 
 
+def test_the_default_sweep_compares_over_seeds():
+    cpu = load_config()
+    assert cpu.preset == "cpu" and len(cpu.sweep.seeds) >= 3  # one seed is no finding (issue 17)
+    assert cpu.dataset.synthetic_test_ids >= 150  # ~4 queries per test identity: 600+ queries
+    assert cpu.reid.weight_decay is not None  # one decay for every method: no per-method confound
+
+
 def test_overrides_are_typed():
     cfg = load_config("smoke", overrides=["reid.epochs=3", "labels.keep=5", "reid.image_size=[32, 16]",
                                           "reid.embed_dim=null", "sweep.methods=[lsro, smprl]", "reid.lr=1e-3"])
@@ -124,7 +131,7 @@ def test_round_trip_through_dict_and_yaml():
     import yaml
     assert from_dict(yaml.safe_load(dump_yaml(cfg))) == cfg
     flat = flat_dict(cfg)
-    assert flat["labels.keep"] == 3 and flat["reid.image_size"] == [128, 64]
+    assert flat["labels.keep"] == 3 and flat["reid.image_size"] == [64, 32]
 
 
 def test_config_is_frozen():
