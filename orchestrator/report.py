@@ -161,6 +161,13 @@ def _setting_block(setting: str, gs: list[dict]) -> str:
     return head + "\n" + format_table(cols, body, align="lrlrrrrrlrrlrr")
 
 
+def sweep_statistics(tracking_uri: str, experiment: str, storage: Path, parent: str) -> str:
+    """The statistics block of one sweep (what the sweep prints after its per-trial table)."""
+    client, exp_id = tracking.setup(tracking_uri, experiment, storage)
+    groups = summarise(collect(client, exp_id, parent))
+    return format_report(groups) if groups else "no finished trials: no statistics"
+
+
 def plot_gains(groups: list[dict[str, Any]], path: Path) -> Path:
     """Bar chart: paired rank-1 gain over the baseline per method/#GAN with its 95% interval, beside the paper's."""
     import matplotlib

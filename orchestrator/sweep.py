@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator import cluster, dag, pipeline, stages, tracking
+from orchestrator import cluster, dag, pipeline, report, stages, tracking
 from orchestrator.config import PRESETS, Config, choices_help, config_hash, dump_yaml, flat_dict, load_config
 from orchestrator.tables import format_table, pct
 from orchestrator.trials import TrialContext, TrialSpec, build_trials
@@ -240,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 130
     print("\n" + results_table(out.rows))
+    print("\nover seeds (python -m orchestrator.report: the same, with a chart):\n")
+    print(report.sweep_statistics(out.tracking_uri, cfg.cluster.experiment, Path(cfg.cluster.storage_path),
+                                  out.parent_run_id))
     print(f"\nsweep {out.name} finished in {out.seconds / 60:.1f} min")
     print(timing_summary(out))
     ui = (f"mlflow ui --backend-store-uri {out.tracking_uri}" if out.tracking_uri.startswith("sqlite")
