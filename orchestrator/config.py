@@ -24,6 +24,7 @@ from trainables.config import (  # noqa: F401
     DISTANCES,
     LABEL_METHODS,
     LABEL_ORDERS,
+    OPTIMIZERS,
     PRETRAINED,
     REID_MODELS,
     DatasetConfig,
@@ -216,7 +217,8 @@ def choices_help() -> str:
     """The presets and the choice-valued keys, for ``--help`` of every entry point."""
     lines = [f"presets: {', '.join(PRESETS)} (see README)", "choices (--set key=value):"]
     for key, options in (("dataset.name", DATASETS), ("reid.model", REID_MODELS), ("reid.backbone", BACKBONES),
-                         ("reid.augment", AUGMENTS), ("reid.pretrained", (*PRETRAINED, "PATH", "null")),
+                         ("reid.augment", AUGMENTS), ("reid.optimizer", OPTIMIZERS),
+                         ("reid.pretrained", (*PRETRAINED, "PATH", "null")),
                          ("labels.method / sweep.methods", LABEL_METHODS),
                          ("labels.order / sweep.orders", LABEL_ORDERS), ("reid.distance", DISTANCES),
                          ("reid.ap", AP_MODES), ("sweep.search", SEARCHES)):

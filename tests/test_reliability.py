@@ -15,7 +15,7 @@ ROOT = Path(__file__).parents[1]
 
 
 def _cfg(tiny_cfg, *extra):
-    return tiny_cfg("reid.epochs=3", "labels.method=lsro", "labels.num_gan=16", *extra)
+    return tiny_cfg("reid.epochs=3", "labels.method=lsro", "labels.num_gan=16", "reid.checkpoint_every=1", *extra)
 
 
 def _train(cfg, inputs, parent, name, max_failures=0, **kw):
@@ -73,6 +73,8 @@ def test_sweep_retries_transient_and_reports_permanent_failures(tmp_path):
     assert sorted(t.info.run_name.split("-")[0] for t in trials) == ["baseline", "dmprl2", "lsro"]  # one run each
     assert all(t.info.status == "FINISHED" for t in trials)
     assert list((tmp_path / "trials").glob("*/lsro*/.failure_injected"))
+    stats = res.stdout[res.stdout.index("over seeds"):]  # the statistics block follows the per-trial table
+    assert "Δr1 vs baseline" in stats and "one seed: no test" in stats
 
     # a permanent failure: reported in the table with its error, the other trials complete
     env[runtime.FAILURE_ENV] = "rank=0,epoch=0,step=0,mode=always,match=dmprl2"
