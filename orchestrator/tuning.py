@@ -23,6 +23,7 @@ from orchestrator.trials import EPOCH_METRICS, TrialContext, TrialSpec, cost
 from trainables.reid import METRICS
 
 FINAL_METRICS = (*METRICS, "mINP")
+CHECKPOINT_METRICS = ("checkpoint_mb", "checkpoint_write_s", "checkpoint_stall_s")  # at the epochs that wrote one
 
 
 # ------------------------------------------------------------------------------------ the Tune trial
@@ -187,6 +188,9 @@ def tune_trials(cfg: Config, trials: list[TrialSpec], ctx: TrialContext, experim
                                run_config=ray.tune.RunConfig(
                                    name=experiment.name, storage_path=str(experiment.parent), verbose=1,
                                    failure_config=ray.tune.FailureConfig(max_failures=cfg.sweep.max_failures),
+                                   # in-process trials report a manifest per finished checkpoint (the run folder
+                                   # keeps the state, trainables/checkpoints.py): the latest restores a retry
+                                   checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=1),
                                    callbacks=[EpochLogger(ctx.sweep, cfg.cluster.experiment)]))
     grid = tuner.fit()  # a first SIGINT makes Tune stop gracefully and return; the MLflow status tells
     return results_rows(grid, trials)
@@ -317,7 +321,8 @@ class EpochLogger(Callback):
             return
         client, run_id = self._run(trial)
         step = int(result.get("epoch", result.get("training_iteration", 0)))
-        tracking.log_metrics(client, run_id, {k: result[k] for k in EPOCH_METRICS if k in result}, step=step)
+        logged = {k: result[k] for k in (*EPOCH_METRICS, *CHECKPOINT_METRICS) if k in result}
+        tracking.log_metrics(client, run_id, logged, step=step)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         """Called on the driver when a trial ends without error, before its actor stops: run_trial returned (its

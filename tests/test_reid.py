@@ -104,7 +104,7 @@ def test_in_process_run_checkpoints_and_resumes(method, model, tmp_path, tiny_ro
     assert more["epoch"] == 1
     _, state = load_trained(tmp_path / "runs" / "r")
     assert state["epoch"] == 1  # continued from the checkpoint, one more epoch only
-    assert len(list((tmp_path / "runs" / "r").glob("checkpoint_*"))) == 2
+    assert len(list((tmp_path / "runs" / "r").glob("checkpoint_*"))) == 1  # the latest kept
 
 
 def test_missing_inputs_are_clear(tmp_path, tiny_root, tiny_store, tiny_cfg):
@@ -152,9 +152,14 @@ def test_compute_matched_baseline_trains_as_many_steps_on_real_images(tmp_path, 
     assert images_trained("matched") == n_real + 40  # the steps of an LSRO run with 40 generated images
 
 
-def test_validation_every_epoch_test_only_at_the_end(tmp_path, tiny_root, tiny_cfg):
+def test_validation_every_epoch_test_only_at_the_end(tmp_path, tiny_root, tiny_cfg, monkeypatch):
+    from trainables import runtime
+
+    epochs, report = [], runtime.report
+    monkeypatch.setattr(runtime, "report", lambda metrics, **kw: (epochs.append(dict(metrics)), report(metrics, **kw)))
     cfg = tiny_cfg("reid.epochs=2", "labels.method=baseline", "reid.val_ids=2", "reid.eval_every=1")
     res = _train(cfg, ReidInputs(str(tiny_root)), tmp_path / "runs", "v")
-    epochs = [json.loads(p.read_text()) for p in sorted((tmp_path / "runs" / "v").glob("checkpoint_*/metrics.json"))]
+    (ckpt,) = (tmp_path / "runs" / "v").glob("checkpoint_*")  # the last epoch's (checkpoint_every: the last)
+    assert json.loads((ckpt / "metrics.json").read_text())["rank1"] == epochs[-1]["rank1"]
     assert [("val_rank1" in m, "rank1" in m) for m in epochs] == [(True, False), (True, True)]
     assert res["rank1"] == epochs[-1]["rank1"] and res["num_classes"] == 4  # 6 training ids, 2 held out

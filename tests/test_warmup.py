@@ -1,5 +1,6 @@
 """The linear lr warm-up (reid.warmup_epochs): its per-step values, the step decay after it, and resume."""
 
+import dataclasses
 import json
 
 import pytest
@@ -80,11 +81,13 @@ def test_warmup_must_end_before_training_does(tmp_path):
 def test_a_run_interrupted_in_warmup_resumes_to_the_same_model(tmp_path, tiny_root, tiny_cfg):
     """In reid_loop: a failure in epoch 1 of 2 warm-up epochs, a resume from the epoch-0 checkpoint, and the
     same lr per epoch and the same final weights as a run without the failure."""
-    cfg = tiny_cfg("reid.epochs=3", "reid.warmup_epochs=2", "reid.lr_step_epoch=3", "labels.method=baseline")
+    cfg = tiny_cfg("reid.epochs=3", "reid.warmup_epochs=2", "reid.lr_step_epoch=3", "labels.method=baseline",
+                   "reid.checkpoint_every=1")
     inputs = ReidInputs(str(tiny_root))
 
-    def train(name, **kw):
-        return train_reid(cfg.reid, cfg.labels, inputs, run_spec(cfg.reid, tmp_path / "runs", name), **kw)
+    def train(name, **kw):  # every checkpoint kept, to compare each epoch's metrics
+        spec = dataclasses.replace(run_spec(cfg.reid, tmp_path / "runs", name), keep_checkpoints=3)
+        return train_reid(cfg.reid, cfg.labels, inputs, spec, **kw)
 
     train("whole", inject_failure="")
     with pytest.raises(RuntimeError, match="injected failure"):
@@ -95,7 +98,7 @@ def test_a_run_interrupted_in_warmup_resumes_to_the_same_model(tmp_path, tiny_ro
         return [json.loads(p.read_text()) for p in sorted((tmp_path / "runs" / name).glob("checkpoint_*/metrics.json"))]
 
     whole, cut = ({m["epoch"]: m for m in epochs(name)} for name in ("whole", "cut"))
-    assert set(whole) == set(cut) == {1, 2}  # the last two checkpoints are kept
+    assert set(whole) == set(cut) == {0, 1, 2}
     for e in (1, 2):  # epoch 1 (warm-up) and 2, trained after the resume: the same lr and the same losses
         assert (cut[e]["lr"], cut[e]["loss"]) == pytest.approx((whole[e]["lr"], whole[e]["loss"]))
     # the lr each epoch ends with (the next epoch's first): warm after 2 epochs, then decayed at lr_step_epoch

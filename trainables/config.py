@@ -158,6 +158,9 @@ class ReidConfig:
     num_workers: int = 1  # Ray Train workers (0 = in-process)
     use_gpu: bool = False
     loader_workers: int = 2  # DataLoader processes per Ray Train worker
+    # read images from the decoded uint8 cache and augment on the training device (one loader for the run);
+    # false: decode and augment each JPEG per epoch in the loader workers (the earlier path and random stream)
+    decoded_cache: bool = True
     max_steps: int | None = None  # cap on optimizer steps per epoch (the scale rehearsal); None = every batch
     amp: bool = True  # bf16 autocast (GPU only)
     channels_last: bool = True  # GPU only
@@ -165,6 +168,9 @@ class ReidConfig:
     # evaluation, ASHA and any "best" choice read; the test split is evaluated once, for the final model
     val_ids: int = 0
     eval_every: int = 0  # evaluate the validation split every N epochs (needs val_ids > 0; 0 = never)
+    # save a checkpoint (what a retried or resumed run restarts from) every N epochs and after the last one;
+    # written by a background thread, the latest kept
+    checkpoint_every: int = 5
     distance: str = "cosine"
     flip_test: bool = True
     ap: str = "standard"  # standard (torchreid) | market (the devkit; the paper's numbers)
@@ -202,9 +208,12 @@ class ReidConfig:
         if self.pos_fraction is not None and not 0 < self.pos_fraction < 1:
             raise ValueError(f"reid.pos_fraction={self.pos_fraction} must be in (0, 1)")
         check_positive("reid.loader_workers", self.loader_workers, allow_zero=True)
+        if not isinstance(self.decoded_cache, bool):
+            raise ValueError(f"reid.decoded_cache={self.decoded_cache!r} must be true or false")
         if self.max_steps is not None:
             check_positive("reid.max_steps", self.max_steps)
         check_positive("reid.eval_every", self.eval_every, allow_zero=True)
+        check_positive("reid.checkpoint_every", self.checkpoint_every)
         check_positive("reid.val_ids", self.val_ids, allow_zero=True)
         if self.eval_every and not self.val_ids:
             raise ValueError(f"reid.eval_every={self.eval_every} evaluates a validation split: set reid.val_ids > 0 "

@@ -2,32 +2,35 @@
 
 A loop is an ordinary function ``loop(config: dict) -> dict | None``. It asks :func:`context` for its rank,
 world size and device, :func:`load_state` for the latest checkpoint, and calls :func:`report` once per epoch on
-every rank (rank 0 passes the state to checkpoint). :func:`fit` runs it either
+every rank (rank 0 passes the state to checkpoint; :func:`checkpoints.due` picks the epochs kept: every
+``reid.checkpoint_every`` and the last). :func:`fit` runs it either
 
 * on a Ray Train ``TorchTrainer`` worker group (``num_workers >= 1``; DDP over gloo on CPU, NCCL on GPU; a
-  restarted run with the same ``name`` and ``storage_path`` resumes from the latest checkpoint), or
+  restarted run with the same ``name`` and ``storage_path`` resumes from the latest checkpoint, which Ray
+  uploads off the training thread), or
 * in this process (``num_workers == 0``): the same loop, no worker group (saves the ~25 s start-up of a Train
-  run on small machines). Checkpoints then go to ``storage_path/name/checkpoint_NNNNNN`` and resume works the
-  same way. Inside a Tune trial, metrics are forwarded to Tune in both modes.
+  run on small machines). Checkpoints go to ``storage_path/name/checkpoint_NNNNNN``, written by a background
+  thread (:class:`checkpoints.Writer`), and resume works the same way. Inside a Tune trial each finished
+  checkpoint is also reported to Tune (a manifest naming it), so a retried or resumed trial is restored from it.
+
+In both modes reports carry ``training_iteration`` = epochs done, so the count continues across retries.
 """
 
 from __future__ import annotations
 
 import contextvars
-import json
 import os
-import re
-import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-STATE_FILE = "state.pt"
-METRICS_FILE = "metrics.json"
-_LOCAL_NAME = re.compile(r"checkpoint_\d+")  # in-process checkpoint folders (Ray Train's carry a timestamp)
+from trainables import checkpoints
+from trainables.checkpoints import METRICS_FILE, STATE_FILE  # noqa: F401 (public names)
+from trainables.checkpoints import latest as latest_checkpoint  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -39,7 +42,7 @@ class RunSpec:
     num_workers: int = 0
     use_gpu: bool = False
     max_failures: int = 0
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 1  # the latest (Tune keeps one manifest per in-process trial, too)
     report_to_tune: bool = False
 
     @property
@@ -55,8 +58,14 @@ class Context:
     in_process: bool
 
 
+@dataclass(frozen=True)
+class _LocalRun:
+    spec: RunSpec
+    writer: checkpoints.Writer
+
+
 LOGICAL_GPUS_ENV = "MPRL_LOGICAL_GPUS"  # "1": GPUs that nodes advertise may be logical (tests, the rehearsal)
-_LOCAL: contextvars.ContextVar[RunSpec | None] = contextvars.ContextVar("mprl_local_run", default=None)
+_LOCAL: contextvars.ContextVar[_LocalRun | None] = contextvars.ContextVar("mprl_local_run", default=None)
 
 
 # ------------------------------------------------------------------------------------- driver side
@@ -64,12 +73,23 @@ _LOCAL: contextvars.ContextVar[RunSpec | None] = contextvars.ContextVar("mprl_lo
 def fit(loop: Callable[[dict], Any], config: dict, spec: RunSpec) -> Any:
     """Run ``loop(config)`` as described in the module docstring; returns rank 0's return value."""
     if spec.num_workers == 0:
-        token = _LOCAL.set(spec)
+        run = _LocalRun(spec, checkpoints.Writer(spec.run_dir))
+        token = _LOCAL.set(run)
         try:
             return loop(config)
         finally:
             _LOCAL.reset(token)
+            _close(run)
     return _fit_ray(loop, config, spec)
+
+
+def _close(run: _LocalRun) -> None:
+    """Join the write in flight (also when the loop failed: that checkpoint completes). Outside Tune it is the
+    run's latest; inside, Tune was not told of it, so the older one its manifest names stays."""
+    run.writer.join()
+    done = run.writer.take()
+    if done is not None and not run.spec.report_to_tune:
+        checkpoints.prune(run.spec.run_dir, done.path, run.spec.keep_checkpoints)
 
 
 def _fit_ray(loop: Callable[[dict], Any], config: dict, spec: RunSpec) -> Any:
@@ -105,9 +125,9 @@ def _ray_worker_entry(train_config: dict) -> Any:
 
 def context() -> Context:
     """Rank, world size and device of the calling worker."""
-    spec = _LOCAL.get()
-    if spec is not None:
-        return Context(0, 1, device_for(spec.use_gpu), True)
+    run = _LOCAL.get()
+    if run is not None:
+        return Context(0, 1, device_for(run.spec.use_gpu), True)
     import ray.train
     import ray.train.torch
 
@@ -178,88 +198,76 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def load_state() -> dict | None:
-    """The latest checkpoint's state dict (on CPU), or None on a fresh run."""
-    spec = _LOCAL.get()
-    if spec is not None:
-        latest = latest_checkpoint(spec.run_dir)
-        return None if latest is None else _load(latest / STATE_FILE)
+    """The latest checkpoint's state dict (on CPU), or None on a fresh run.
+
+    In-process: the run folder's newest complete checkpoint. In a Tune trial that is the one whose manifest Tune
+    restored on a retry or ``--resume``, or a newer one whose write finished after the last report (folders
+    newer than the reported one are never pruned).
+    """
+    run = _LOCAL.get()
+    if run is not None:
+        found = checkpoints.latest(run.spec.run_dir)
+        return None if found is None else checkpoints.load(found / STATE_FILE)
     import ray.train
 
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
         return None
     with ckpt.as_directory() as d:
-        return _load(Path(d) / STATE_FILE)
+        return checkpoints.load(Path(d) / STATE_FILE)
 
 
 def report(metrics: dict[str, float], state: dict | None = None, files: dict[str, Path] | None = None) -> None:
-    """Report this epoch's metrics; with ``state`` (rank 0 only) also save a checkpoint.
+    """Report this epoch's metrics; with ``state`` (rank 0 only) also save a checkpoint if the epoch is due.
 
     Every rank must call this the same number of times (it is a barrier on a worker group). ``files`` are
-    copied into the checkpoint folder next to the state (e.g. a sample grid PNG).
+    copied into the checkpoint folder next to the state (e.g. a sample grid PNG). A finished checkpoint adds
+    ``checkpoint_mb``, ``checkpoint_write_s`` and ``checkpoint_stall_s`` (time the training thread spent on it).
     """
-    spec = _LOCAL.get()
-    if spec is not None:
-        if state is not None:
-            _save_local(spec, metrics, state, files or {})
-        if spec.report_to_tune:
-            import ray.tune
-
-            ray.tune.report(metrics)
+    metrics = checkpoints.with_iteration(metrics)
+    due = state is not None and checkpoints.due(state)
+    run = _LOCAL.get()
+    if run is not None:
+        _report_local(run, metrics, state if due else None, files or {})
         return
     import ray.train
 
-    if state is None:
+    if not due:
         ray.train.report(metrics)
         return
-    with tempfile.TemporaryDirectory() as tmp:
-        _write_checkpoint(Path(tmp), metrics, state, files or {})
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    start, tmp = time.perf_counter(), Path(tempfile.mkdtemp(prefix="mprl_ckpt_"))
+    checkpoints.write_folder(tmp, metrics, state, files or {})
+    mb = sum(f.stat().st_size for f in tmp.iterdir()) / 2**20
+    written = {"checkpoint_mb": round(mb, 3), "checkpoint_write_s": round(time.perf_counter() - start, 4)}
+    # ASYNC: Ray uploads the folder on a thread and deletes it; the next report waits for that upload
+    ray.train.report({**metrics, **written}, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
+                     checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
 
 
-# ------------------------------------------------------------------------------------- checkpoints
-
-def _load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def _write_checkpoint(folder: Path, metrics: dict, state: dict, files: dict[str, Path]) -> None:
-    torch.save(state, folder / STATE_FILE)
-    (folder / METRICS_FILE).write_text(json.dumps(metrics, default=float))
-    for name, src in files.items():
-        shutil.copyfile(src, folder / name)
-
-
-def _save_local(spec: RunSpec, metrics: dict, state: dict, files: dict[str, Path]) -> None:
-    """Write into a temporary sibling and rename: a crash never leaves a checkpoint that looks complete."""
-    run_dir = spec.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    numbers = [int(p.name[len("checkpoint_"):]) for p in _checkpoints(run_dir) if _LOCAL_NAME.fullmatch(p.name)]
-    index = max(numbers) + 1 if numbers else 0
-    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=".tmp_checkpoint_"))
-    try:
-        _write_checkpoint(tmp, metrics, state, files)
-        os.replace(tmp, run_dir / f"checkpoint_{index:06d}")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    for old in _checkpoints(run_dir)[:-spec.keep_checkpoints]:
-        shutil.rmtree(old, ignore_errors=True)
+def _report_local(run: _LocalRun, metrics: dict, state: dict | None, files: dict[str, Path]) -> None:
+    """Start this epoch's checkpoint write (the last epoch's completes first); report the newest finished one."""
+    if state is not None:
+        run.writer.submit(state, metrics, files)
+        if checkpoints.is_final(state):
+            run.writer.join()
+    done = run.writer.take()
+    if done is not None:
+        metrics = {**metrics, **done.metrics()}
+    if run.spec.report_to_tune:
+        _tune_report(metrics, done)
+    if done is not None:  # after Tune holds its manifest: the older folders are no longer named anywhere
+        checkpoints.prune(run.spec.run_dir, done.path, run.spec.keep_checkpoints)
 
 
-def _checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoint folders, oldest first (in-process ``checkpoint_NNNNNN`` and Ray Train's
-    ``checkpoint_<timestamp>`` names do not sort together, so order by modification time, then name)."""
-    if not run_dir.is_dir():
-        return []
-    found = [p for p in run_dir.iterdir() if p.name.startswith("checkpoint_") and (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: (p.stat().st_mtime_ns, p.name))
+def _tune_report(metrics: dict, done: checkpoints.Written | None) -> None:
+    import ray.tune
 
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint folder of a run (in-process or Ray Train layout), or None."""
-    found = _checkpoints(Path(run_dir))
-    return found[-1] if found else None
+    if done is None:
+        ray.tune.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:  # Tune copies it into the trial's storage
+        checkpoints.write_manifest(Path(tmp), done, metrics)
+        ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(tmp))
 
 
 # ------------------------------------------------------------------------------------- fault injection
