@@ -149,6 +149,7 @@ class Bench:
     gen_share: float = 0.25  # share of each synthetic batch marked generated (label methods other than baseline)
     classes: int = 751  # Market-1501's training ids (synthetic data)
     data_root: str | None = None
+    plain_in_memory: bool = False  # the plain loop reads in-memory tensors whatever ``data`` is (end-to-end ratio)
     gan_size: tuple[int, int] = (64, 32)
     gan_width: int = 64
     gan_batch: int = 64
@@ -189,7 +190,19 @@ def _split(root: str):
 
 
 def num_classes(b: Bench) -> int:
-    return _split(b.data_root).num_train_ids if b.data == "images" else b.classes
+    return _split(b.data_root).num_train_ids if b.data != "synthetic" else b.classes
+
+
+@functools.lru_cache(maxsize=2)
+def _decoded_loader(b: Bench, rank: int, world: int):
+    """One persistent loader over the decoded cache (``DEFAULT_CACHE/decoded``), as ``reid_loop`` builds it."""
+    from datasets.decoded_cache import decoded_rows
+    from trainables.reid_data import decoded_train_loader
+
+    train = _split(b.data_root).train
+    rows = decoded_rows(train, b.size, DEFAULT_CACHE / "decoded", workers=b.loader_workers)
+    device = torch.device(b.device if b.device == "cpu" else f"cuda:{rank}")
+    return decoded_train_loader(train, rows, b.size, device=device, workers=b.loader_workers)
 
 
 @functools.lru_cache(maxsize=4)
@@ -213,7 +226,8 @@ def _tensors(b: Bench, what: str, rank: int, world: int) -> list[dict]:
 
 
 def epoch_data(b: Bench, what: str, steps: int, epoch: int, rank: int = 0, world: int = 1) -> Iterable[dict]:
-    """One epoch of ``steps`` batches for this rank: cycled tensors, or a DataLoader over the JPEGs."""
+    """One epoch of ``steps`` batches for this rank: cycled tensors, a DataLoader over the JPEGs (``images``), or
+    the run's persistent loader over the decoded cache (``cache``)."""
     if b.data == "synthetic":
         return Cycle(_tensors(b, what, rank, world), steps)
     from torch.utils.data import DataLoader
@@ -225,6 +239,8 @@ def epoch_data(b: Bench, what: str, steps: int, epoch: int, rank: int = 0, world
     train = _split(b.data_root).train
     batches = cycle_batches(len(train), b.batch if what == "reid" else b.gan_batch, steps, seed=b.seed + epoch,
                             rank=rank, world_size=world)
+    if what == "reid" and b.data == "cache":  # uint8 from the memory-mapped cache, augmented on the device
+        return _decoded_loader(b, rank, world).epoch(batches, b.seed, rank, epoch)
     if what == "reid":
         return train_loader(train, batches, b.size, workers=b.loader_workers, pin_memory=b.cuda)
     return DataLoader(ImageDataset(train, gan_transform(b.gan_size)), batch_sampler=ListBatchSampler(batches),

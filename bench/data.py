@@ -1,14 +1,16 @@
-"""Input pipeline alone: decode + augment images/s vs the decoded-image cache, vs what the train step consumes.
+"""Input pipeline alone: loader capacity from JPEGs vs from the decoded-image cache, vs what the train step consumes.
 
-Rows: the training DataLoader (``trainables.reid_data.train_loader``: ``ImageDataset`` + ``build_transform``,
-JPEG decode + bicubic resize + flip/pad/crop + normalise) and the same samples from
-``datasets.decoded_cache.CachedImageDataset`` (decoded and resized once; bit-identical samples, checked), each
-with 0/1/2 DataLoader workers over a synthetic Market-format dataset (128x64 JPEGs, like Market-1501).
-img/s is steady state (after the first batch); first_s is the first batch's latency (worker start-up, paid
-every epoch: ``train_loader`` has no persistent workers). The train step's consumption is the plain loop of
-``bench.train`` at the same size and batch on in-memory data (or ``--train-rate``, e.g. 2000 for the H100
-target). ``e2e_bound``: with 0 workers loading and training take turns, 1 / (1/load + 1/train); with workers,
-min(load, train) if spare cores exist.
+Rows: the JPEG DataLoader (``trainables.reid_data.train_loader``: ``ImageDataset`` + ``build_transform``, JPEG
+decode + bicubic resize + flip/pad/crop + normalise, per sample) and the training run's loader over the decoded
+cache (``decoded_train_loader``: one memory-mapped gather per batch, then flip/pad/crop + normalise on the device,
+here the CPU: :class:`trainables.augment.DeviceAugment`), and that loader's uint8 batches alone (what it hands a
+GPU, which augments them), each with the given DataLoader worker counts, over a synthetic Market-format dataset
+(128x64 JPEGs, like Market-1501). The first two end at the network's float input.
+img/s is steady state (after the first batch); per_core divides it by the processes that load (1 with 0 workers,
+else the workers); torch runs one thread (``--threads``), so 0 workers is one core. first_s is the first batch's
+latency. The train step's consumption is the plain loop of ``bench.train`` at the same size and batch on
+in-memory data (or ``--train-rate``, e.g. 5000 for the H100 target). ``e2e_bound``: with 0 workers loading and
+training take turns, 1 / (1/load + 1/train); with workers, min(load, train) if spare cores exist.
 
     python -m bench.data [--size 256 128] [--batch 64] [--batches 20] [--workers 0 1 2] [--train-rate R]
 """
@@ -26,45 +28,58 @@ import torch
 from torch.utils.data import DataLoader
 
 from bench.common import cycle_batches, format_table, machine, reproduce, spread, synthetic_dataset
-from datasets.decoded_cache import CachedImageDataset, build_cache
+from datasets.decoded_cache import DecodedDataset, DecodedRows, as_batch, decoded_rows
 from datasets.market1501 import load
 from datasets.records import Record
 from datasets.torch_data import ImageDataset, build_transform
-from trainables.reid_data import ListBatchSampler
+from trainables.augment import normalize
+from trainables.reid_data import ListBatchSampler, decoded_train_loader
 
 
-def loader_rate(dataset: Any, n: int, batch: int, batches: int, workers: int, seed: int) -> tuple[float, float]:
-    """(steady images/s after the first batch, first-batch seconds) of one pass of a DataLoader."""
+def loader_rate(dataset: Any, n: int, batch: int, batches: int, workers: int, seed: int,
+                device: str = "cpu") -> tuple[float, float]:
+    """(steady images/s after the first batch, first-batch seconds) of one pass of a loader.
+
+    ``dataset``: an ``ImageDataset`` (a JPEG DataLoader) or a ``DecodedDataset`` (uint8 batches: what the loader
+    does for a GPU, which augments them) or a ``(records, DecodedRows, size)`` tuple (the training run's
+    persistent loader over the cache, augmenting on the CPU).
+    """
     order = cycle_batches(n, batch, batches + 1, seed=seed)
-    loader = DataLoader(dataset, batch_sampler=ListBatchSampler(order), num_workers=workers)
+    if isinstance(dataset, tuple):
+        records, rows, size = dataset
+        loader = decoded_train_loader(records, rows, size, device=torch.device(device), workers=workers)
+        loader.epoch(order, seed)
+    else:
+        collate = {"collate_fn": as_batch} if isinstance(dataset, DecodedDataset) else {}
+        loader = DataLoader(dataset, batch_sampler=ListBatchSampler(order), num_workers=workers, **collate)
     t0 = time.perf_counter()
     it = iter(loader)
     next(it)
     t1 = time.perf_counter()
     images = sum(len(b["img"]) for b in it)
+    if device == "cuda":
+        torch.cuda.synchronize()  # the device augmentation of the last batches
     return images / (time.perf_counter() - t1), t1 - t0
 
 
 def pipeline_rows(name: str, dataset: Any, n: int, args: argparse.Namespace, train_rate: float) -> list[list]:
     rows = []
     for w in args.workers:
-        runs = [loader_rate(dataset, n, args.batch, args.batches, w, seed=r) for r in range(args.repeats)]
+        runs = [loader_rate(dataset, n, args.batch, args.batches, w, seed=r, device=args.device)
+                for r in range(args.repeats)]
         rate, lo_hi = spread([r for r, _ in runs])
         bound = 1 / (1 / rate + 1 / train_rate) if w == 0 else min(rate, train_rate)
-        rows.append([name, w, rate, lo_hi, spread([f for _, f in runs])[0], rate / train_rate, bound])
+        rows.append([name, w, rate, lo_hi, rate / max(1, w), spread([f for _, f in runs])[0], rate / train_rate,
+                     bound])
     return rows
 
 
-def same_samples(train: tuple[Record, ...], cached: CachedImageDataset, size: tuple[int, int], k: int = 8) -> bool:
-    """The cache yields exactly ImageDataset's samples under the same RNG state."""
-    plain = ImageDataset(train, build_transform(size, train=True))
-    for i in range(min(k, len(train))):
-        torch.manual_seed(i)
-        a = plain[i]["img"]
-        torch.manual_seed(i)
-        if not torch.equal(a, cached[i]["img"]):
-            return False
-    return True
+def same_samples(train: tuple[Record, ...], rows: DecodedRows, size: tuple[int, int], k: int = 8) -> bool:
+    """The cache gives the JPEG path's test-time tensors, to float rounding (the training crops are tested in
+    tests/test_data_path.py)."""
+    plain = ImageDataset(train[:k], build_transform(size, train=False))
+    cached = normalize(DecodedDataset(train, rows).__getitems__(list(range(min(k, len(train)))))["img"])
+    return all(torch.allclose(plain[i]["img"], cached[i], rtol=0, atol=2e-6) for i in range(len(cached)))
 
 
 def train_step_rate(args: argparse.Namespace) -> tuple[float, str]:
@@ -91,6 +106,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ids", type=int, default=64, help="training ids of that synthetic dataset (16 images each)")
     p.add_argument("--cache-dir", help="keep the decoded cache here (default: a temporary folder, removed)")
     p.add_argument("--cache-workers", type=int, default=0, help="processes that build the cache")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: 0 loader workers = one core)")
+    p.add_argument("--image-size", type=int, nargs=2, default=(128, 64), metavar=("H", "W"),
+                   help="the synthetic dataset's JPEG size (Market-1501: 128x64)")
     p.add_argument("--train-rate", type=float, help="train-step images/s to compare with (skips measuring it)")
     p.add_argument("--backbone", default="resnet50", choices=("resnet18", "resnet34", "resnet50"))
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -103,32 +121,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    torch.set_num_threads(args.threads)
     size = tuple(args.size)
-    train = load(args.root or synthetic_dataset(None, ids=args.ids, images_per_id=16)).train
+    root = args.root or synthetic_dataset(None, ids=args.ids, images_per_id=16, size=tuple(args.image_size))
+    train = load(root).train
     train_rate, how = train_step_rate(args)
     cache_dir = Path(args.cache_dir or tempfile.mkdtemp(prefix="mprl-bench-cache-"))
     try:
         t0 = time.perf_counter()
-        file = build_cache(train, size, cache_dir, workers=args.cache_workers)
-        build_s, cache_mib = time.perf_counter() - t0, file.stat().st_size / 2**20
-        cached = CachedImageDataset(train, file, size, train=True)
-        identical = same_samples(train, cached, size)
-        rows = pipeline_rows("decode+augment", ImageDataset(train, build_transform(size, train=True)), len(train),
-                             args, train_rate)
-        rows += pipeline_rows("decoded cache", cached, len(train), args, train_rate)
+        rows_ = decoded_rows(train, size, cache_dir, workers=args.cache_workers)
+        build_s, cache_mib = time.perf_counter() - t0, sum(Path(f).stat().st_size for f in rows_.files) / 2**20
+        identical = same_samples(train, rows_, size)
+        rows = pipeline_rows("JPEG decode+augment", ImageDataset(train, build_transform(size, train=True)),
+                             len(train), args, train_rate)
+        rows += pipeline_rows("decoded cache+augment", (train, rows_, size), len(train), args, train_rate)
+        rows += pipeline_rows("decoded cache, uint8", DecodedDataset(train, rows_), len(train), args, train_rate)
     finally:
         if not args.cache_dir:
             shutil.rmtree(cache_dir, ignore_errors=True)
-    print(f"{machine(args.device)}\n{len(train)} training images -> {size[0]}x{size[1]}, batch {args.batch}, "
-          f"{args.repeats} x {args.batches} timed batches per row (img/s: median, min-max)")
-    print(format_table(("pipeline", "workers", "img/s", "min-max", "first_s", "vs_train", "e2e_bound"), rows))
+    print(f"{machine(args.device)}\n{len(train)} training images ({args.image_size[0]}x{args.image_size[1]} JPEG) -> "
+          f"{size[0]}x{size[1]}, batch {args.batch}, {args.repeats} x {args.batches} timed batches per row, "
+          f"{torch.get_num_threads()} torch thread(s) (img/s: median, min-max)")
+    print(format_table(("pipeline", "workers", "img/s", "min-max", "per_core", "first_s", "vs_train", "e2e_bound"),
+                       rows))
     print(f"train step: {train_rate:.1f} img/s ({how})")
     print(f"decoded cache: built in {build_s:.1f} s ({len(train) / max(build_s, 1e-9):.0f} img/s, "
-          f"{cache_mib:.0f} MiB), samples identical to ImageDataset: {'yes' if identical else 'NO'}")
+          f"{cache_mib:.0f} MiB), test-time tensors equal to the JPEG path's (2e-6): {'yes' if identical else 'NO'}")
     for w in args.workers:
-        plain, cache = (r[2] for r in rows if r[1] == w)
-        print(f"{w} workers: cache {cache / plain:.1f}x decode; decode is "
-              f"{'the bottleneck' if plain < train_rate else 'not the bottleneck'} (train {train_rate:.0f} img/s)")
+        plain, cache, raw = (r[4] for r in rows if r[1] == w)
+        print(f"{w} workers: cache {cache / plain:.1f}x JPEG per core augmenting on the CPU, {raw / plain:.1f}x "
+              f"as uint8 batches for a device that augments; JPEG decode is "
+              f"{'the bottleneck' if plain * max(1, w) < train_rate else 'not the bottleneck'} "
+              f"(train {train_rate:.0f} img/s)")
     print(reproduce("bench.data", argv))
     return 0 if identical else 1
 

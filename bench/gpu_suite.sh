@@ -6,8 +6,9 @@
 #   bash bench/gpu_suite.sh            # on the GPU machine (about 6 minutes on one H200)
 #   GPU_SUITE_DRY=1 bash bench/gpu_suite.sh   # tiny sizes on the CPU: checks the script itself
 #
-# Rows: CUDA tests; ResNet-50 256x128 bf16 channels-last training in memory (pure compute) and end to end through
-# the JPEG DataLoader; DCGAN 128x128; Market-1501-scale evaluation (3,368 x 15,913) on the GPU; one epoch of the
+# Rows: CUDA tests; ResNet-50 256x128 bf16 channels-last training in memory (pure compute), end to end through
+# the JPEG DataLoader, and end to end through the decoded cache with device augmentation (ours/plain = that vs in
+# memory); loader capacity per core, JPEG vs cache; DCGAN 128x128; Market-1501-scale evaluation (3,368 x 15,913) on the GPU; one epoch of the
 # `paper` preset (ResNet-50, 224x224 paper crops, bf16) on a Market-scale synthetic dataset (751 training ids).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -55,6 +56,11 @@ step "ResNet-50 ${R50_SIZE} bf16, in memory" "$PY" -m bench.train --what reid --
 step "ResNet-50 ${R50_SIZE} bf16, JPEG DataLoader (${LOADERS} workers)" "$PY" -m bench.train --what reid \
   --backbone resnet50 --size $R50_SIZE --batch $R50_BATCH --device $DEV $AMP --data images --ids $IDS \
   --loader-workers $LOADERS --steps $STEPS --warmup $WARM --repeats $REP
+step "ResNet-50 ${R50_SIZE} bf16, decoded cache + device augmentation (${LOADERS} workers) vs in memory" "$PY" -m bench.train \
+  --what reid --backbone resnet50 --size $R50_SIZE --batch $R50_BATCH --device $DEV $AMP --data cache --plain-in-memory \
+  --ids $IDS --loader-workers $LOADERS --steps $STEPS --warmup $WARM --repeats $REP
+step "loader capacity, ${R50_SIZE}: JPEG vs decoded cache" "$PY" -m bench.data --size $R50_SIZE --workers 0 \
+  --batch $R50_BATCH --batches $STEPS --repeats $REP --device $DEV --train-rate 5000
 step "DCGAN" "$PY" -m bench.train --what gan $GAN --device $DEV --steps $STEPS --warmup $WARM --repeats $REP
 step "Market-scale evaluation, CPU path" "$PY" -m bench.evaluation $EVAL --repeats 3
 step "Market-scale evaluation on $DEV (distances + ranking)" "$PY" - "$DEV" "$DRY" <<'PYEOF'

@@ -16,7 +16,9 @@ inside the loop), wall_s the whole variant including Ray start-up, setup_s = wal
 The plain loop and ours in-process run interleaved, epoch by epoch (A B A B ...), so that drift and other load
 on the machine hit both alike; their ratio (the median of the epoch pairs' ratios) is the number to watch.
 ``--data synthetic`` feeds in-memory tensors (pure compute), ``--data images`` decodes the JPEGs of a synthetic
-Market-format dataset through the real DataLoader (end to end). The GPU target (H100, ResNet-50, 256x128):
+Market-format dataset through the JPEG DataLoader, ``--data cache`` reads them from the decoded-image cache through
+the training run's persistent loader with device augmentation (end to end); ``--plain-in-memory`` keeps the plain
+loop on in-memory tensors, so ours/plain is end to end vs in memory. The GPU target (H100, ResNet-50, 256x128):
 
     python -m bench.train --what reid --backbone resnet50 --size 256 128 --batch 128 --device cuda --amp \
         --channels-last --data synthetic --steps 50 --warmup 10 --repeats 5 --ray
@@ -28,7 +30,7 @@ import argparse
 import os
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any, Callable
 
 import torch
@@ -223,6 +225,8 @@ class Paired:
 
 def plain_runners(b: Bench, what: str) -> Paired:
     t0 = time.perf_counter()
+    if b.plain_in_memory:  # ours through the data path vs plain on in-memory tensors (the same classes)
+        b = replace(b, data="synthetic", classes=num_classes(b))
     runners: dict[str, Any] = {"plain": PlainReid(b) if what == "reid" else PlainGan(b)}
     if what == "gan" and b.cuda and (b.amp or b.channels_last):  # headroom: gan_loop has no AMP / channels_last
         runners["plain+amp/cl"] = PlainGan(b, amp=b.amp, channels_last=b.channels_last)
@@ -284,7 +288,7 @@ def measure(b: Bench, whats: list[str], ray_workers: tuple[int, ...]) -> tuple[l
 
 def describe(b: Bench, whats: list[str]) -> list[str]:
     lines = [machine(b.device)]
-    data = f"data {b.data}" + (f" ({b.data_root}, {b.loader_workers} loader workers)" if b.data == "images" else "")
+    data = f"data {b.data}" + (f" ({b.data_root}, {b.loader_workers} loader workers)" if b.data != "synthetic" else "")
     if "reid" in whats:
         lines.append(f"reid: {b.backbone} {b.size[0]}x{b.size[1]}, batch {b.batch}, {b.method}, {data}")
     if "gan" in whats:
@@ -320,7 +324,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Bench]:
     p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
     p.add_argument("--channels-last", action="store_true", help="channels_last model and input (CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile both models (plain and ours)")
-    p.add_argument("--data", choices=("synthetic", "images"), default="synthetic")
+    p.add_argument("--data", choices=("synthetic", "images", "cache"), default="synthetic")
+    p.add_argument("--plain-in-memory", action="store_true",
+                   help="the plain loop reads in-memory tensors: ours/plain is end to end vs in memory")
     p.add_argument("--loader-workers", type=int, default=0, help="DataLoader processes (--data images)")
     p.add_argument("--root", help="Market-format dataset for --data images (default: a cached synthetic one)")
     p.add_argument("--ids", type=int, default=64, help="training ids of that synthetic dataset (16 images each)")
@@ -339,11 +345,12 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Bench]:
     if a.ray and (a.batch % 2 or a.gan_batch % 2):
         p.error("--ray runs 2 workers: --batch and --gan-batch must be even")
     root = None
-    if a.data == "images":
+    if a.data in ("images", "cache"):
         root = str(a.root or synthetic_dataset(None, ids=a.ids, images_per_id=16))
     return a, Bench(a.backbone, tuple(a.size), a.batch, a.steps, a.warmup, a.repeats, a.device, a.amp,
                     a.channels_last, a.compile, a.data, a.loader_workers, a.method, a.gen_share, data_root=root,
-                    gan_size=tuple(a.gan_size), gan_width=a.gan_width, gan_batch=a.gan_batch)
+                    gan_size=tuple(a.gan_size), gan_width=a.gan_width, gan_batch=a.gan_batch,
+                    plain_in_memory=a.plain_in_memory)
 
 
 def main(argv: list[str] | None = None) -> int:

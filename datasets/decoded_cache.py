@@ -11,6 +11,12 @@ stored as a row of a generated-image shard, that row), so a changed dataset gets
 a temporary name and renamed (a reader never sees a partial cache). Memory-mapped, one copy in the page cache
 serves every DataLoader worker and every trial on a node. No torch in the file format; ``np.load(path,
 mmap_mode="r")`` reads it.
+
+Beside each cache file, ``<name>.keys.json`` lists its rows' images as ``[path, shard_row, bytes, mtime_ns]``
+(written before the rename). :func:`decoded_rows` reads those lists to find any record subset (a validation
+hold-out, the first ``n`` generated images, repeats) in the files of a cache folder, checks each image's stat
+against its row, and builds the missing ones into a new file: training and evaluation open no image file once a
+folder holds the images (the decode stage fills it; a single run fills it in-process).
 """
 
 from __future__ import annotations
@@ -32,17 +38,33 @@ from datasets.torch_data import IMAGENET_MEAN, IMAGENET_STD, check_augment, read
 
 CACHE_VERSION = 1
 CHUNK = 256  # images per write job
+KEYS = ".keys.json"  # suffix of the row list beside a cache file
+
+
+def _stats(records: Sequence[Record]) -> list[tuple[int, int]]:
+    """(bytes, mtime_ns) of each record's file; one stat per file (the rows of a shard share it)."""
+    seen: dict[str, tuple[int, int]] = {}
+    for r in records:
+        if r.path not in seen:
+            st = os.stat(r.path)
+            seen[r.path] = (st.st_size, st.st_mtime_ns)
+    return [seen[r.path] for r in records]
 
 
 def cache_path(cache_dir: str | Path, records: Sequence[Record], image_size: tuple[int, int]) -> Path:
     """Where the cache of ``records`` at ``image_size`` lives (the name changes when any image file does)."""
     h, w = image_size
     digest = hashlib.sha256(json.dumps({"version": CACHE_VERSION, "size": [h, w]}).encode())
-    for r in records:
-        st = os.stat(r.path)
+    for r, (size, mtime) in zip(records, _stats(records)):
         row = f"\0{r.shard_row}" if r.shard_row >= 0 else ""  # rows of one shard share its path and stat
-        digest.update(f"{r.path}\0{st.st_size}\0{st.st_mtime_ns}{row}\n".encode())
+        digest.update(f"{r.path}\0{size}\0{mtime}{row}\n".encode())
     return Path(cache_dir) / f"decoded-{h}x{w}-{len(records)}-{digest.hexdigest()[:16]}.npy"
+
+
+def keys_path(cache_file: str | Path) -> Path:
+    """The row list beside a cache file."""
+    cache_file = Path(cache_file)
+    return cache_file.with_name(cache_file.name.removesuffix(".npy") + KEYS)
 
 
 def decode(records: Sequence[Record], image_size: tuple[int, int]) -> np.ndarray:
@@ -69,6 +91,8 @@ def build_cache(records: Sequence[Record], image_size: tuple[int, int], cache_di
         raise ValueError("build_cache needs at least one record")
     path = cache_path(cache_dir, records, image_size)
     if path.is_file():
+        if not keys_path(path).is_file():  # written before the row lists existed
+            _write_keys(path, records)
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -82,11 +106,96 @@ def build_cache(records: Sequence[Record], image_size: tuple[int, int], cache_di
         else:
             for job in jobs:
                 _fill(job)
+        _write_keys(path, records)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def _write_keys(cache_file: Path, records: Sequence[Record]) -> None:
+    keys = [[r.path, r.shard_row, size, mtime] for r, (size, mtime) in zip(records, _stats(records))]
+    final = keys_path(cache_file)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps({"version": CACHE_VERSION, "keys": keys}))
+    os.replace(tmp, final)
+
+
+class DecodedRows:
+    """Where each of a record list's images is: ``files[file[i]]`` row ``row[i]`` (uint8 [H, W, 3]).
+
+    :meth:`take` gathers a batch with one fancy index per file; the memory maps open lazily in each process
+    (DataLoader workers) and are never pickled.
+    """
+
+    def __init__(self, files: Sequence[str], file: np.ndarray, row: np.ndarray, image_size: tuple[int, int]) -> None:
+        self.files, self.file, self.row = tuple(files), file, row  # file, row: int64 [N]
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+        self._arrays: list[np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return len(self.row)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_arrays": None}
+
+    def take(self, index: Sequence[int] | np.ndarray) -> np.ndarray:
+        """uint8 [B, H, W, 3]: the images of records ``index``."""
+        if self._arrays is None:
+            self._arrays = [np.load(f, mmap_mode="r") for f in self.files]
+        index = np.asarray(index, dtype=np.int64)
+        file, row = self.file[index], self.row[index]
+        out = np.empty((len(index), *self.image_size, 3), dtype=np.uint8)
+        for f in np.unique(file):
+            picked = file == f
+            out[picked] = self._arrays[f][row[picked]]
+        return out
+
+
+def _index(cache_dir: Path, image_size: tuple[int, int]) -> tuple[list[str], dict]:
+    """Cache files at ``image_size`` (newest first) and (path, shard_row) -> (file no, row, bytes, mtime_ns)."""
+    h, w = image_size
+    files: list[str] = []
+    index: dict[tuple[str, int], tuple[int, int, int, int]] = {}
+    found = sorted(cache_dir.glob(f"decoded-{h}x{w}-*{KEYS}"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    for keys_file in found:
+        npy = keys_file.with_name(keys_file.name.removesuffix(KEYS) + ".npy")
+        if not npy.is_file():
+            continue
+        files.append(str(npy))
+        for row, (path, shard_row, size, mtime) in enumerate(json.loads(keys_file.read_text())["keys"]):
+            index.setdefault((path, shard_row), (len(files) - 1, row, size, mtime))
+    return files, index
+
+
+def decoded_rows(records: Sequence[Record], image_size: tuple[int, int], cache_dir: str | Path, *,
+                 build: bool = True, workers: int = 0) -> DecodedRows:
+    """The rows of ``records`` at ``image_size`` in the cache files of ``cache_dir``.
+
+    An image whose file changed (bytes or mtime) or that no file holds is missing: with ``build`` the missing
+    ones are decoded into a new cache file (``workers`` processes), else FileNotFoundError.
+    """
+    if not records:
+        raise ValueError("decoded_rows needs at least one record")
+    cache_dir = Path(cache_dir)
+    files, index = _index(cache_dir, image_size) if cache_dir.is_dir() else ([], {})
+    where = np.full((len(records), 2), -1, dtype=np.int64)  # [N] (file no, row)
+    for i, (r, stat) in enumerate(zip(records, _stats(records))):
+        hit = index.get((r.path, r.shard_row))
+        if hit is not None and hit[2:] == stat:
+            where[i] = hit[:2]
+    missing = np.flatnonzero(where[:, 0] < 0)
+    if len(missing) and not build:
+        raise FileNotFoundError(f"decoded cache {cache_dir} lacks {len(missing)} of {len(records)} images at "
+                                f"{image_size[0]}x{image_size[1]} (first: {records[missing[0]].path})")
+    if len(missing):
+        files.append(str(build_cache([records[i] for i in missing], image_size, cache_dir, workers=workers)))
+        where[missing, 0], where[missing, 1] = len(files) - 1, np.arange(len(missing))
+    used = np.unique(where[:, 0])  # keep only the files these records read
+    remap = np.full(len(files), -1, dtype=np.int64)
+    remap[used] = np.arange(len(used))
+    return DecodedRows([files[f] for f in used], remap[where[:, 0]], where[:, 1], image_size)
 
 
 def tensor_transform(image_size: tuple[int, int], *, train: bool, pad: int = 10,
@@ -134,3 +243,51 @@ class CachedImageDataset(Dataset):
         r = self.records[i]
         return {"img": self.transform(img), "label": r.label, "pid": r.pid, "camid": r.camid,
                 "generated": r.generated, "gen_row": r.gen_row, "index": i}
+
+
+class DecodedDataset(Dataset):
+    """Records -> whole uint8 batches from a decoded cache (no transform: augmentation runs on the device).
+
+    ``__getitems__`` (what a DataLoader with a batch sampler calls) gathers a batch with one copy and returns
+    it already collated: ``{"img": uint8 [B, H, W, 3], "label", "pid", "camid", "generated", "gen_row",
+    "index"}``; pass ``collate_fn=as_batch``.
+    """
+
+    def __init__(self, records: Sequence[Record], rows: DecodedRows) -> None:
+        if len(rows) != len(records):
+            raise ValueError(f"{len(rows)} decoded rows for {len(records)} records")
+        self.records, self.rows = tuple(records), rows
+        self.meta = {k: torch.tensor([getattr(r, k) for r in records]) for k in ("label", "pid", "camid", "gen_row")}
+        self.meta["generated"] = torch.tensor([r.generated for r in records], dtype=torch.bool)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.__getitems__([i])
+
+    def __getitems__(self, index: Sequence[int]) -> dict:
+        idx = torch.as_tensor(index, dtype=torch.int64)
+        return {"img": torch.from_numpy(self.rows.take(idx.numpy())), **{k: v[idx] for k, v in self.meta.items()},
+                "index": idx}
+
+
+class DecodedPairs(Dataset):
+    """Two-stream batches: items are pair rows ``(idx1, idx2, same, verif_ok)``; keys of image i end in ``i``."""
+
+    def __init__(self, base: DecodedDataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitems__(self, pairs: Sequence[Sequence[int]]) -> dict:
+        p = torch.as_tensor(np.asarray(pairs, dtype=np.int64).reshape(-1, 4))  # [B, 4]
+        a, b = self.base.__getitems__(p[:, 0].tolist()), self.base.__getitems__(p[:, 1].tolist())
+        return {**{f"{k}1": v for k, v in a.items()}, **{f"{k}2": v for k, v in b.items()},
+                "same": p[:, 2], "verif": p[:, 3].bool()}
+
+
+def as_batch(batch: dict) -> dict:
+    """collate_fn of the decoded datasets: their ``__getitems__`` already returns a collated batch."""
+    return batch

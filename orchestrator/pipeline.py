@@ -52,6 +52,16 @@ class GeneratedOut:
 
 
 @dataclass(frozen=True)
+class DecodedOut:
+    """Decoded-image cache files (``datasets.decoded_cache``) a decode stage wrote or found in ``cache_dir``."""
+
+    cache_dir: str
+    files: list[str]
+    images: int
+    size: list[int]  # [H, W] held (the pipeline's pre-crop size for paper / reference_code)
+
+
+@dataclass(frozen=True)
 class BaselineOut:
     run_dir: str
     metrics: dict[str, float]
@@ -120,6 +130,11 @@ class Paths:
     @property
     def trials(self) -> Path:
         return self.storage / "trials"
+
+    @property
+    def decoded(self) -> Path:
+        """The decoded-image cache: content-named files, shared by every stage, trial and sweep on this storage."""
+        return self.storage / "decoded"
 
 
 # ------------------------------------------------------------------------------------ caching
@@ -208,16 +223,21 @@ class Plan:
     baselines: dict[int, str] = field(default_factory=dict)  # seed -> baseline node name
     smprl: dict[int, str] = field(default_factory=dict)  # seed -> sMpRL node name (labels of that seed)
     smprl_labels: dict[int, str] = field(default_factory=dict)  # seed -> its label file's name in the store
+    decoded: str | None = None  # the real images' decode stage (None: reid.decoded_cache is off)
+    decoded_gen: str | None = None  # the generated images' decode stage
+    cache_dir: str | None = None  # the decoded-image cache folder the trials read (ReidInputs.cache_dir)
 
     def needs(self, method: str, seed: int) -> tuple[str, ...]:
         """The stages a trial of ``method`` and ``seed`` reads (it starts once they are finished)."""
+        real = (self.dataset,) + ((self.decoded,) if self.decoded else ())
+        gen = (self.decoded_gen,) if self.decoded_gen else ()
         if method == "baseline":
             return (self.baselines[seed],)
         if method == "baseline_matched":
-            return (self.dataset,)
+            return real
         if method == "smprl":
-            return (self.dataset, self.smprl[seed])
-        return (self.dataset, self.generate)
+            return (*real, *gen, self.smprl[seed])
+        return (*real, self.generate, *gen)
 
 
 def require_finished(folder: str | Path) -> Path:

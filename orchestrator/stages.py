@@ -1,7 +1,10 @@
 """The stages of a sweep as :class:`~orchestrator.pipeline.StageNode` s, and the plan that chains them.
 
 dataset -> DCGAN -> generation; the baseline per seed beside the GAN; sMpRL labels after a baseline and the
-generation. Each node names the config fields its key hashes, the stage outputs it reads, the Ray resources its
+generation. With ``reid.decoded_cache``, dataset -> decode (real images) and generation -> decode_gen fill the
+decoded-image cache that baselines and trials read (no image file is opened while training).
+
+Each node names the config fields its key hashes, the stage outputs it reads, the Ray resources its
 task asks for, and a ``build`` that runs in that task (imports of training code happen there, not here).
 """
 
@@ -18,6 +21,7 @@ from orchestrator.config import Config, DatasetConfig, config_hash
 from orchestrator.pipeline import (
     BaselineOut,
     DatasetOut,
+    DecodedOut,
     GanOut,
     GeneratedOut,
     Paths,
@@ -45,22 +49,26 @@ def plan_stages(cfg: Config, paths: Paths, needs: list[tuple[str, int, int]]) ->
 
     dataset = add(dataset_node(cfg, paths, stage_resources(cfg, "cpu")))
     root = str(dataset_path(cfg.dataset, paths.datasets))
-    gan = generate = store = None
+    cache = str(paths.decoded) if cfg.reid.decoded_cache else None
+    decoded = add(decode_node(cfg, nodes[dataset], cache, stage_resources(cfg, "cpu"))) if cache else None
+    gan = generate = store = decoded_gen = None
     n_max = max((n for m, n, _ in needs if m != "baseline_matched"), default=0)  # baseline_matched: real only
     if n_max > 0:
         gan = add(gan_node(cfg, dataset, stage_resources(cfg, "gan")))
         gen = generate_node(cfg, nodes[gan], n_max, stage_resources(cfg, "generate"))
         generate, store = add(gen), str(paths.stages / gen.name / "store")
+        if cache:
+            decoded_gen = add(decode_node(cfg, gen, cache, stage_resources(cfg, "cpu")))
     smprl_seeds = sorted({seed for m, _, seed in needs if m == "smprl"})
     label_seed = {s: cfg.reid.seed if cfg.sweep.single_baseline else s for s in smprl_seeds}
-    baselines = {seed: add(baseline_node(cfg, dataset, seed, stage_resources(cfg, "reid")))
+    real = (dataset, decoded) if decoded else (dataset,)
+    baselines = {seed: add(baseline_node(cfg, real, seed, stage_resources(cfg, "reid"), cache))
                  for seed in sorted({s for m, _, s in needs if m == "baseline"} | set(label_seed.values()))}
     smprl, labels = {}, {}
     for seed in smprl_seeds:  # with single_baseline every seed shares one (cached) label file
         node = smprl_node(cfg, nodes[baselines[label_seed[seed]]], nodes[generate], stage_resources(cfg, "smprl"))
         smprl[seed], labels[seed] = add(node), node.name
-    return Plan(nodes, dataset, root, gan, generate, store, baselines, smprl, labels)
-
+    return Plan(nodes, dataset, root, gan, generate, store, baselines, smprl, labels, decoded, decoded_gen, cache)
 
 
 # ------------------------------------------------------------------------------------------ stages
@@ -176,15 +184,19 @@ def baseline_key(cfg: Config, seed: int | None = None) -> str:
     return stage_key(cfg, "dataset", "reid", "labels.real_smoothing")
 
 
-def baseline_node(cfg: Config, dataset: str, seed: int, resources: dict[str, float]) -> StageNode:
-    """Re-ID on real data only, with ``seed``: that seed's baseline trial and the model its sMpRL labels come from."""
+def baseline_node(cfg: Config, inputs: tuple[str, ...], seed: int, resources: dict[str, float],
+                  cache_dir: str | None = None) -> StageNode:
+    """Re-ID on real data only, with ``seed``: that seed's baseline trial and the model its sMpRL labels come from.
+
+    ``inputs``: the dataset stage, then the decode stage when the run reads the decoded cache in ``cache_dir``.
+    """
     labels = dataclasses.replace(cfg.labels, method="baseline", num_gan=0)
     reid = dataclasses.replace(cfg.reid, seed=seed, num_workers=0 if runs_in_process(cfg) else cfg.reid.num_workers)
 
-    def build(folder: Path, data: StageResult) -> BaselineOut:
+    def build(folder: Path, data: StageResult, *decoded: StageResult) -> BaselineOut:
         from trainables.reid import ReidInputs, run_spec, train_reid
 
-        res = train_reid(reid, labels, ReidInputs(data.out.root), run_spec(reid, folder, "train"))
+        res = train_reid(reid, labels, ReidInputs(data.out.root, cache_dir=cache_dir), run_spec(reid, folder, "train"))
         return BaselineOut(str(folder / "train"), {k: v for k, v in res.items() if k != "cmc"}, res.get("cmc", []))
 
     def check(folder: Path, out: BaselineOut) -> list[str]:
@@ -192,7 +204,41 @@ def baseline_node(cfg: Config, dataset: str, seed: int, resources: dict[str, flo
 
         return [] if latest_checkpoint(out.run_dir) else ["no checkpoint"]
 
-    return StageNode("baseline", baseline_key(cfg, seed), BaselineOut, (dataset,), resources, build, check)
+    return StageNode("baseline", baseline_key(cfg, seed), BaselineOut, inputs, resources, build, check)
+
+
+def decode_node(cfg: Config, source: StageNode, cache_dir: str, resources: dict[str, float]) -> StageNode:
+    """The decoded-image cache of ``source``'s images (the dataset's train/query/gallery, or the generated pool) at
+    the size the re-ID pipeline reads (``reid.image_size``, or its pre-crop size for paper / reference_code).
+
+    The files are content-named in the shared ``cache_dir`` (a changed image gets a new file); the stage records
+    which ones it wrote or found, and its check wants them all present.
+    """
+    from trainables.augment import cache_size
+
+    size = cache_size(cfg.reid.image_size, cfg.reid.augment)
+    workers = max(1, int(resources.get("CPU", 1)))
+    stage = "decode" if source.stage == "dataset" else "decode_gen"
+
+    def build(folder: Path, src: StageResult) -> DecodedOut:
+        from datasets.decoded_cache import decoded_rows
+        from datasets.market1501 import load
+
+        if stage == "decode":
+            split = load(src.out.root)
+            parts = [p for p in (split.train, split.query, split.gallery) if p]
+        else:
+            parts = [GeneratedStore(src.out.store).records()]
+        files = sorted({f for p in parts for f in decoded_rows(p, size, cache_dir, workers=workers).files})
+        return DecodedOut(cache_dir, files, sum(map(len, parts)), list(size))
+
+    def check(folder: Path, out: DecodedOut) -> list[str]:
+        from datasets.decoded_cache import keys_path
+
+        return [f"{f} is missing" for f in out.files if not (Path(f).is_file() and keys_path(f).is_file())]
+
+    key = stage_key(cfg, extra={"source": source.key, "size": list(size)})
+    return StageNode(stage, key, DecodedOut, (source.name,), resources, build, check)
 
 
 def smprl_node(cfg: Config, baseline: StageNode, generated: StageNode, resources: dict[str, float]) -> StageNode:

@@ -147,7 +147,7 @@ def _run_trials(cfg: Config, trials: list[TrialSpec], plan: pipeline.Plan, run: 
     run_ids = {t.key: run.child("trial", tracking.trial_key(name, t.key), t.key, status="SCHEDULED",
                                 tags={"mprl.method": t.method})[0] for t in trials}
     folder = lambda n: str(paths.stages / n)  # noqa: E731
-    ctx = TrialContext(cfg, name, ReidInputs(plan.data_root, plan.store),
+    ctx = TrialContext(cfg, name, ReidInputs(plan.data_root, plan.store, cache_dir=plan.cache_dir),
                        str(paths.trials / name), _links(plan.dataset, plan.gan, plan.generate),
                        baselines={seed: folder(n) for seed, n in plan.baselines.items()},
                        smprl_labels=dict(plan.smprl_labels),

@@ -129,7 +129,8 @@ def test_data_bench_prints_pipeline_table(capsys, tiny_root):
             "--workers", "0", "--train-rate", "100"]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "decode+augment" in out and "decoded cache" in out and "samples identical to ImageDataset: yes" in out
+    assert "JPEG decode+augment" in out and "decoded cache+augment" in out and "per_core" in out
+    assert "test-time tensors equal to the JPEG path's (2e-6): yes" in out
     assert "train step: 100.0 img/s (given (--train-rate))" in out and "reproduce: python -m bench.data" in out
 
 

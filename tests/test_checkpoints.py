@@ -130,8 +130,10 @@ def test_tune_restores_an_in_process_trial_from_its_checkpoint(tmp_path, local_r
     first, retry = [json.loads(line) for line in (tmp_path / "runs" / "attempts.jsonl").read_text().splitlines()]
     assert first is None and retry in (1, 3)
     frame = result.metrics_dataframe
-    assert list(frame["epoch"]) == [0, 1, 2, 3, 4, 5]  # the retry trained epochs 4 and 5 only
-    assert list(frame["training_iteration"]) == [1, 2, 3, 4, 5, 6]
+    epochs = list(frame["epoch"])
+    # the retry trained epochs 4 and 5 only (the first attempt's epoch-3 result may be lost with its actor)
+    assert epochs[:3] == [0, 1, 2] and epochs[-2:] == [4, 5] and epochs[3:-2] in ([], [3])
+    assert list(frame["training_iteration"]) == [e + 1 for e in epochs]  # continued across the retry
     assert result.metrics["iterations_since_restore"] == 2
     trial_dir = Path(result.path)
     manifests = sorted(trial_dir.glob("checkpoint_*"))

@@ -368,16 +368,15 @@ def _summarise(ngood: np.ndarray, first: np.ndarray, last: np.ndarray, ap_sum: n
 # ----------------------------------------------------------------------------------------------------
 
 
-def evaluate_model(model: torch.nn.Module, split: Split, reid: ReidConfig, device: torch.device) -> dict[str, Any]:
+def evaluate_model(model: torch.nn.Module, split: Split, reid: ReidConfig, device: torch.device, *,
+                   cache_dir: str | None = None) -> dict[str, Any]:
     """rank-1/5/10, mAP, mINP (fractions), the CMC curve and the skipped-query count of `model`'s embeddings.
 
-    Reads reid.image_size, batch_size (x2: no gradients), loader_workers, flip_test, distance and ap.
+    Reads reid.image_size, batch_size (x2: no gradients), loader_workers, flip_test, distance and ap. With
+    `cache_dir` the images come from the decoded-image cache there (missing ones decoded into it first) and are
+    normalised on `device`; without, from their files.
     """
-    from trainables.reid_data import test_loader  # lazy: the image pipeline (torchvision, PIL) only when used
-
-    pin = device.type == "cuda"
-    kw = dict(batch_size=2 * reid.batch_size, workers=reid.loader_workers, pin_memory=pin, augment=reid.augment)
-    q, g = test_loader(split.query, reid.image_size, **kw), test_loader(split.gallery, reid.image_size, **kw)
+    q, g = (_test_loader(records, reid, device, cache_dir) for records in (split.query, split.gallery))
     qf, q_pids, q_camids = extract_features(model, q, flip=reid.flip_test, normalize=True, device=device)
     gf, g_pids, g_camids = extract_features(model, g, flip=reid.flip_test, normalize=True, device=device)
     dist = compute_distance(qf, gf, metric=reid.distance)
@@ -386,3 +385,19 @@ def evaluate_model(model: torch.nn.Module, split: Split, reid: ReidConfig, devic
     return {"rank1": cmc[0], "rank5": cmc[min(4, len(cmc) - 1)], "rank10": cmc[min(9, len(cmc) - 1)],
             "mAP": float(res.mAP), "mINP": float(res.mINP), "cmc": cmc,
             "skipped_queries": int(res.num_skipped_queries)}
+
+
+def _test_loader(records, reid: ReidConfig, device: torch.device, cache_dir: str | None):
+    """Test-time batches of `records`: from the decoded cache in `cache_dir`, else decoded from the files."""
+    from trainables import reid_data  # lazy: the image pipeline (torchvision, PIL) only when used
+
+    if cache_dir is None:
+        return reid_data.test_loader(records, reid.image_size, batch_size=2 * reid.batch_size,
+                                     workers=reid.loader_workers, pin_memory=device.type == "cuda",
+                                     augment=reid.augment)
+    from datasets.decoded_cache import decoded_rows
+    from trainables.augment import cache_size
+
+    rows = decoded_rows(records, cache_size(reid.image_size, reid.augment), cache_dir, workers=reid.loader_workers)
+    return reid_data.decoded_test_loader(records, rows, batch_size=2 * reid.batch_size, device=device,
+                                         workers=reid.loader_workers, augment=reid.augment)

@@ -18,17 +18,27 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from datasets.decoded_cache import decoded_rows
 from datasets.generated import GeneratedStore
 from datasets.market1501 import load
 from datasets.records import Record, hold_out
 from trainables import runtime
+from trainables.augment import cache_size
 from trainables.config import LabelsConfig, ReidConfig, build, to_dict
 from trainables.engine import ident_step, pair_step, train_one_epoch
 from trainables.evaluation import evaluate_model
 from trainables.labels import LabelSpec, num_outputs, samples_generated, switch_epoch_for
 from trainables.models import build_reid_model
 from trainables.pairs import pos_fraction_for_epoch
-from trainables.reid_data import epoch_batches, epoch_pairs, pair_loader, train_loader
+from trainables.reid_data import (
+    EpochLoader,
+    decoded_train_loader,
+    epoch_batches,
+    epoch_pairs,
+    pair_loader,
+    pair_rows,
+    train_loader,
+)
 from trainables.seeding import seed_everything
 
 log = logging.getLogger(__name__)
@@ -42,6 +52,9 @@ class ReidInputs:
     data_root: str
     store_root: str | None = None
     smprl_labels: str | None = None  # name of the label file in the store (sMpRL only)
+    # the decoded-image cache folder (the decode stages' output); None: ``decoded`` beside the run's folder,
+    # filled in-process on first use
+    cache_dir: str | None = None
 
 
 def label_spec(reid: ReidConfig, labels: LabelsConfig, num_classes: int) -> LabelSpec:
@@ -80,10 +93,13 @@ def reid_loop(config: dict) -> dict[str, Any]:
     make_step = pair_step if reid.model == "twostream" else ident_step
     step_fn = make_step(spec, static, lambda: torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=amp))
     plan = runtime.FailurePlan.parse(config["inject_failure"]) if config.get("inject_failure") else None
+    cache_dir = _cache_dir(reid, inputs, config["run_dir"])
+    evaluated = (split.query, split.gallery, *((val.query, val.gallery) if val else ()))
+    persistent = _decoded_loader(reid, records, evaluated, cache_dir, ctx) if cache_dir else None  # every epoch's
     for epoch in range(start_epoch, reid.epochs):
         # Reseed per epoch: a run resumed from the epoch-(e-1) checkpoint replays epoch e exactly.
         seed_everything(reid.seed, ctx.rank, epoch)
-        loader = _epoch_loader(reid, split.train, records, len(gen), spec, epoch, ctx)
+        loader = _epoch_loader(reid, split.train, records, len(gen), spec, epoch, ctx, persistent)
         warm = warmup_hook(optimizer, reid, epoch, len(loader))
 
         def hook(step: int, e: int = epoch, warm=warm) -> None:
@@ -97,10 +113,10 @@ def reid_loop(config: dict) -> dict[str, Any]:
         scheduler.step()  # per epoch: the lr of the next epoch's first step
         metrics.update(epoch=epoch, lr=optimizer.param_groups[0]["lr"])
         if ctx.rank == 0 and val is not None and _validates(reid, epoch):
-            res = evaluate_model(runtime.unwrap(model), val, reid, ctx.device)
+            res = evaluate_model(runtime.unwrap(model), val, reid, ctx.device, cache_dir=cache_dir)
             metrics.update({f"val_{k}": res[k] for k in ("rank1", "mAP")})
         if ctx.rank == 0 and epoch == reid.epochs - 1:  # the test split: the final model only
-            final = evaluate_model(runtime.unwrap(model), split, reid, ctx.device)
+            final = evaluate_model(runtime.unwrap(model), split, reid, ctx.device, cache_dir=cache_dir)
             metrics.update({k: final[k] for k in (*METRICS, "mINP")})
         _log_epoch(ctx.rank, epoch, reid.epochs, metrics)
         state = None
@@ -216,8 +232,29 @@ def _resume(model, optimizer, scheduler) -> tuple[int, dict]:
     return state["epoch"] + 1, dict(state.get("final", {}))
 
 
+def _cache_dir(reid: ReidConfig, inputs: ReidInputs, run_dir: str) -> str | None:
+    """Where the decoded-image cache is (None: ``reid.decoded_cache`` is off, images are read from their files)."""
+    if not reid.decoded_cache:
+        return None
+    return inputs.cache_dir or str(Path(run_dir).parent / "decoded")
+
+
+def _decoded_loader(reid: ReidConfig, records: tuple[Record, ...], evaluated: tuple[tuple[Record, ...], ...],
+                    cache_dir: str, ctx: runtime.Context) -> EpochLoader:
+    """The run's one training loader over the decoded cache. Images it lacks are decoded into it first, on rank 0
+    also those of the ``evaluated`` record lists: no image file is opened after this."""
+    size = cache_size(reid.image_size, reid.augment)
+    rows = decoded_rows(records, size, cache_dir, workers=reid.loader_workers)
+    for part in evaluated if ctx.rank == 0 else ():
+        if part:
+            decoded_rows(part, size, cache_dir, workers=reid.loader_workers)
+    return decoded_train_loader(records, rows, reid.image_size, device=ctx.device, workers=reid.loader_workers,
+                                augment=reid.augment, pairs=reid.model == "twostream")
+
+
 def _epoch_loader(reid: ReidConfig, train: tuple[Record, ...], records: tuple[Record, ...], n_gen: int,
-                  spec: LabelSpec, epoch: int, ctx: runtime.Context):
+                  spec: LabelSpec, epoch: int, ctx: runtime.Context, persistent: EpochLoader | None = None):
+    """This epoch's batches: on ``persistent`` (the decoded cache) or a new JPEG DataLoader."""
     n_gen_epoch = n_gen if samples_generated(spec, epoch) else 0
     pin = ctx.device.type == "cuda"
     seed = reid.seed * 1000
@@ -230,10 +267,14 @@ def _epoch_loader(reid: ReidConfig, train: tuple[Record, ...], records: tuple[Re
         pairs = epoch_pairs(labels, n_gen_epoch, pos_fraction=pos, seed=seed, epoch=epoch)
         batches = epoch_batches(len(pairs), 0, pair_batch, gen_fraction=None, seed=seed + 1,
                                 epoch=epoch, rank=ctx.rank, world_size=ctx.world_size)[:reid.max_steps]
+        if persistent is not None:
+            return persistent.epoch(pair_rows(pairs, batches), reid.seed, ctx.rank, epoch)
         return pair_loader(records, pairs, batches, reid.image_size, workers=reid.loader_workers, pin_memory=pin,
                            augment=reid.augment)
     batches = epoch_batches(len(train), n_gen_epoch, reid.batch_size, gen_fraction=reid.gen_fraction, seed=seed,
                             epoch=epoch, rank=ctx.rank, world_size=ctx.world_size)[:reid.max_steps]
+    if persistent is not None:
+        return persistent.epoch(batches, reid.seed, ctx.rank, epoch)
     return train_loader(records, batches, reid.image_size, workers=reid.loader_workers, pin_memory=pin,
                         augment=reid.augment)
 

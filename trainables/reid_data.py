@@ -3,17 +3,26 @@
 Every batch is drawn globally (``batch_size`` images across all workers) and then sliced per rank, so each
 worker runs the same number of steps (DDP needs that) and the union of the workers' batches does not depend
 on the number of workers. Indices refer to one concatenated record list: real images first, then generated.
+
+Two input paths. From the decoded-image cache (the default, ``reid.decoded_cache``): one :class:`EpochLoader`
+for the whole run (one DataLoader, persistent workers) reads uint8 batches from the memory-mapped cache, and
+:class:`trainables.augment.DeviceAugment` moves them once and augments them on the training device. From the
+JPEG files (``train_loader``, ``pair_loader``, ``test_loader``): a DataLoader per epoch decodes and augments each
+image in its workers (``datasets.torch_data.build_transform``).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, Dataset
 
+from datasets.decoded_cache import DecodedDataset, DecodedPairs, DecodedRows, as_batch
 from datasets.records import Record
 from datasets.torch_data import ImageDataset, build_transform
+from trainables.augment import DeviceAugment
 from trainables.pairs import sample_pairs
 
 
@@ -117,3 +126,54 @@ def pair_loader(records: Sequence[Record], pairs: np.ndarray, pair_batches: list
     base = ImageDataset(records, build_transform(image_size, train=True, augment=augment))
     return DataLoader(PairDataset(base, pairs), batch_sampler=ListBatchSampler(pair_batches),
                       num_workers=workers, pin_memory=pin_memory)
+
+
+# ------------------------------------------------------------------------------------ the decoded-cache path
+
+class EpochLoader:
+    """One DataLoader for a whole run over a decoded cache; yields batches on the device, ready for the step.
+
+    :meth:`epoch` gives the next pass its batches (indices, or pair rows for two-stream) and seeds the device
+    augmentation; the workers (``persistent_workers``) and the memory maps stay open across epochs.
+    """
+
+    def __init__(self, dataset: Dataset, prepare: DeviceAugment, *, workers: int, pin_memory: bool = False) -> None:
+        self.sampler, self.prepare = ListBatchSampler([]), prepare
+        self.loader = DataLoader(dataset, batch_sampler=self.sampler, num_workers=workers, pin_memory=pin_memory,
+                                 persistent_workers=workers > 0, collate_fn=as_batch)
+
+    def epoch(self, batches: Sequence[Sequence], *seed: int) -> "EpochLoader":
+        """Set this pass's batches and seed its augmentation draws with ``seed`` (e.g. seed, rank, epoch)."""
+        self.sampler.batches = batches
+        self.prepare.reseed(*seed)
+        return self
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[dict]:
+        for batch in self.loader:
+            yield self.prepare(batch)
+
+
+def decoded_train_loader(records: Sequence[Record], rows: DecodedRows, image_size: tuple[int, int], *,
+                         device: torch.device, workers: int, augment: str = "pad_crop",
+                         pairs: bool = False) -> EpochLoader:
+    """Training batches from the cache, augmented on ``device``; ``pairs``: two-stream batches of pair rows."""
+    base = DecodedDataset(records, rows)
+    dataset = DecodedPairs(base) if pairs else base
+    prepare = DeviceAugment(augment, image_size, device, train=True)
+    return EpochLoader(dataset, prepare, workers=workers, pin_memory=device.type == "cuda")
+
+
+def decoded_test_loader(records: Sequence[Record], rows: DecodedRows, *, batch_size: int, device: torch.device,
+                        workers: int, augment: str = "pad_crop") -> EpochLoader:
+    """Images in order from the cache (the test-time size of ``augment``), normalised on ``device``."""
+    prepare = DeviceAugment(augment, rows.image_size, device, train=False)
+    loader = EpochLoader(DecodedDataset(records, rows), prepare, workers=workers, pin_memory=device.type == "cuda")
+    return loader.epoch([list(range(i, min(i + batch_size, len(records)))) for i in range(0, len(records), batch_size)])
+
+
+def pair_rows(pairs: np.ndarray, pair_batches: list[list[int]]) -> list[list[tuple[int, ...]]]:
+    """Batches of pair indices -> batches of the pair rows themselves (what :class:`DecodedPairs` reads)."""
+    return [[tuple(int(v) for v in pairs[i]) for i in b] for b in pair_batches]
