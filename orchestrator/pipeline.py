@@ -97,10 +97,11 @@ class Stages:
     generate: StageResult[GeneratedOut] | None = None
     baselines: dict[int, StageResult[BaselineOut]] = field(default_factory=dict)  # seed -> its baseline
     smprl: dict[int, StageResult[SmprlOut]] = field(default_factory=dict)  # seed -> its static labels
+    decoded: tuple[StageResult, ...] = ()  # the decoded-image cache stages (real, generated)
 
     def all(self) -> list[StageResult]:
-        return [s for s in (self.dataset, self.gan, self.generate) if s] + [*self.baselines.values(),
-                                                                            *self.smprl.values()]
+        return [s for s in (self.dataset, *self.decoded, self.gan, self.generate) if s] + [
+            *self.baselines.values(), *self.smprl.values()]
 
     def seconds(self) -> dict[str, float]:
         """Build seconds of each stage built (not cached) by this sweep, by stage name (summed over seeds)."""

@@ -106,7 +106,8 @@ def _stages(plan: pipeline.Plan, graph: dag.StageGraph) -> pipeline.Stages:
     got = graph.results.get
     return pipeline.Stages(got(plan.dataset), plan.gan and got(plan.gan), plan.generate and got(plan.generate),
                            {s: got(n) for s, n in plan.baselines.items() if got(n)},
-                           {s: got(n) for s, n in plan.smprl.items() if got(n)})
+                           {s: got(n) for s, n in plan.smprl.items() if got(n)},
+                           tuple(got(n) for n in (plan.decoded, plan.decoded_gen) if n and got(n)))
 
 
 def _log_stage(run: tracking.SweepRun, paths: pipeline.Paths, node: pipeline.StageNode,
