@@ -54,7 +54,7 @@ def plan_stages(cfg: Config, paths: Paths, needs: list[tuple[str, int, int]]) ->
     gan = generate = store = decoded_gen = None
     n_max = max((n for m, n, _ in needs if m != "baseline_matched"), default=0)  # baseline_matched: real only
     if n_max > 0:
-        gan = add(gan_node(cfg, dataset, stage_resources(cfg, "gan")))
+        gan = add(gan_node(cfg, dataset, stage_resources(cfg, "gan"), str(paths.decoded)))
         gen = generate_node(cfg, nodes[gan], n_max, stage_resources(cfg, "generate"))
         generate, store = add(gen), str(paths.stages / gen.name / "store")
         if cache:
@@ -130,7 +130,7 @@ def dataset_node(cfg: Config, paths: Paths, resources: dict[str, float]) -> Stag
     return StageNode("dataset", stage_key(cfg, "dataset"), DatasetOut, (), resources, build, check)
 
 
-def gan_node(cfg: Config, dataset: str, resources: dict[str, float]) -> StageNode:
+def gan_node(cfg: Config, dataset: str, resources: dict[str, float], cache_dir: str | None = None) -> StageNode:
     """DCGAN training: in the stage's task (one worker), or a Ray Train worker group the task drives."""
     in_process = cfg.sweep.in_process and cfg.gan.num_workers <= 1
     gan = dataclasses.replace(cfg.gan, num_workers=0) if in_process else cfg.gan
@@ -138,7 +138,7 @@ def gan_node(cfg: Config, dataset: str, resources: dict[str, float]) -> StageNod
     def build(folder: Path, data: StageResult) -> GanOut:
         from trainables.dcgan import train_gan
 
-        generator = train_gan(gan, data.out.root, folder, "train")
+        generator = train_gan(gan, data.out.root, folder, "train", cache_dir=cache_dir)  # images decoded once
         return GanOut(str(generator), gan.epochs, file_sha256(generator))
 
     def check(folder: Path, out: GanOut) -> list[str]:

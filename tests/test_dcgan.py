@@ -294,3 +294,50 @@ def test_unplaceable_helpers_are_not_waited_for(local_ray, tmp_path: Path) -> No
     t0 = time.perf_counter()
     res = generate(_export(tmp_path), tmp_path / "s", 25, chunk_size=2, helpers=2, helper_resources={"num_cpus": 64})
     assert res.store.complete and list(res.workers.values()) == [13] and time.perf_counter() - t0 < 30
+
+
+def test_gan_images_are_the_transform_of_the_cache_rows() -> None:
+    from trainables.dcgan import gan_images
+
+    img = torch.randint(0, 256, (400, 4, 3, 3), dtype=torch.uint8)
+    torch.manual_seed(0)
+    x = gan_images(img, torch.device("cpu"))
+    ref = img.permute(0, 3, 1, 2).float() / 127.5 - 1  # ToTensor + Normalize(0.5, 0.5)
+    flipped = (x - ref.flip(-1)).abs().amax((1, 2, 3)) < 1e-5
+    same = (x - ref).abs().amax((1, 2, 3)) < 1e-5
+    assert bool((flipped | same).all()) and x.min() >= -1 and x.max() <= 1
+    assert 0.4 < flipped[~same].float().sum() / len(x) < 0.6  # each image flipped with probability 1/2
+
+
+def test_train_gan_reads_the_decoded_cache_and_opens_no_image_after_it(tiny_root: Path, tmp_path: Path) -> None:
+    """train_gan decodes the training images once into ``<parent>/decoded`` at gan.image_size; its epochs open no
+    image file."""
+    import sys
+
+    from trainables import dcgan
+
+    opened, state = [], {"on": False}
+
+    def hook(event, args):
+        if event == "open" and state["on"] and isinstance(args[0], (str, bytes, os.PathLike)):
+            opened.append(os.fsdecode(args[0]))
+
+    sys.addaudithook(hook)  # cannot be removed: switched off at the end
+    real = dcgan.train_epoch
+
+    def counting(*a, **kw):
+        state["on"] = True
+        try:
+            return real(*a, **kw)
+        finally:
+            state["on"] = False
+
+    cfg = _cfg("gan.epochs=2")
+    try:
+        dcgan.train_epoch = counting
+        train_gan(cfg.gan, tiny_root, tmp_path, "gan")
+    finally:
+        dcgan.train_epoch, state["on"] = real, False
+    assert list((tmp_path / "decoded").glob("decoded-32x16-*.npy"))
+    assert not [p for p in opened if p.endswith((".jpg", ".png"))], opened[:5]  # only the cache's memmap is read
+    assert any("/decoded/decoded-32x16-" in p for p in opened)

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Sampler
 from torchvision import transforms as T
 from torchvision.utils import save_image
 
+from datasets.decoded_cache import DecodedDataset, as_batch, decoded_rows
 from datasets.market1501 import load as load_split
 from datasets.torch_data import ImageDataset
 from trainables import runtime
@@ -102,7 +103,7 @@ def train_epoch(G: torch.nn.Module, D: torch.nn.Module, opt_g: torch.optim.Optim
     for step, batch in enumerate(loader):
         if max_steps is not None and step >= max_steps:  # every rank stops at the same step (equal shards)
             break
-        vals = train_step(G, D, opt_g, opt_d, batch["img"].to(device, non_blocking=True), latent_dim).cpu()
+        vals = train_step(G, D, opt_g, opt_d, gan_images(batch["img"], device), latent_dim).cpu()
         if not torch.isfinite(vals).all():
             raise FloatingPointError(f"DCGAN loss is not finite at epoch {epoch}, step {step}: "
                                      f"loss_d={vals[0].item()}, loss_g={vals[1].item()}")
@@ -129,7 +130,7 @@ def gan_loop(config: dict) -> dict[str, Any]:
     if state is not None:
         opt_g.load_state_dict(state["opt_g"])
         opt_d.load_state_dict(state["opt_d"])
-    loader = _loader(config["data_root"], gan, ctx)
+    loader = _loader(config["data_root"], gan, ctx, config.get("cache_dir"))
     fixed_z = sample_latent(GRID * GRID, gan.latent_dim, torch.Generator().manual_seed(gan.seed), ctx.device)
     start = 0 if state is None else state["epoch"] + 1
     previous = (state or {}).get("metrics", {})  # returned as is when there is nothing left to train
@@ -155,7 +156,9 @@ def _check_resumable(state: dict, gan: GanConfig) -> None:
                              f"{getattr(gan, key)!r}; use another run name (or storage path) for this config")
 
 
-def _loader(data_root: str, gan: GanConfig, ctx: runtime.Context) -> DataLoader:
+def _loader(data_root: str, gan: GanConfig, ctx: runtime.Context, cache_dir: str | None) -> DataLoader:
+    """Batches of the training images: uint8 [B, H, W, 3] rows of the decoded cache (``cache_dir``: each image
+    decoded and resized once, no file opened per epoch), or transformed JPEGs when ``cache_dir`` is None."""
     train = load_split(data_root).train
     if len(train) < gan.batch_size:
         raise ValueError(f"gan.batch_size={gan.batch_size} exceeds the {len(train)} training images of {data_root}")
@@ -163,8 +166,24 @@ def _loader(data_root: str, gan: GanConfig, ctx: runtime.Context) -> DataLoader:
     cuda = ctx.device.type == "cuda"
     workers = GPU_LOADER_WORKERS if cuda else 0
     torch.backends.cudnn.benchmark = cuda  # fixed input sizes
-    return DataLoader(ImageDataset(train, gan_transform(gan.image_size)), batch_size=sampler.local, sampler=sampler,
-                      drop_last=True, num_workers=workers, pin_memory=cuda, persistent_workers=workers > 0)
+    if cache_dir is None:
+        dataset, collate = ImageDataset(train, gan_transform(gan.image_size)), None
+    else:
+        dataset, collate = DecodedDataset(train, decoded_rows(train, gan.image_size, cache_dir)), as_batch
+    return DataLoader(dataset, batch_size=sampler.local, sampler=sampler, drop_last=True, num_workers=workers,
+                      pin_memory=cuda, persistent_workers=workers > 0, collate_fn=collate)
+
+
+def gan_images(img: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch as the DCGAN's input: float [B, 3, H, W] in [-1, 1], each image flipped with probability 1/2
+    (torch's RNG, as ``gan_transform``). uint8 [B, H, W, 3] cache rows are converted on ``device``; float batches
+    (the JPEG path, transformed already) pass through."""
+    img = img.to(device, non_blocking=True)
+    if img.dtype != torch.uint8:
+        return img
+    x = img.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+    flip = (torch.rand(len(x)) < 0.5).to(device)
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
 def _epoch_metrics(sums: torch.Tensor, steps: int, seconds: float, batch_size: int,
@@ -211,10 +230,12 @@ def _log_epoch(rank: int, epochs: int, m: dict) -> None:
 # ------------------------------------------------------------------------------------- driver
 
 def train_gan(gan: GanConfig, data_root: str | Path, run_dir_parent: str | Path, name: str, *,
-              report_to_tune: bool = False, max_failures: int = 1) -> Path:
+              report_to_tune: bool = False, max_failures: int = 1, cache_dir: str | Path | None = None) -> Path:
     """Train (or resume) the DCGAN run ``<run_dir_parent>/<name>`` and export ``generator.pt`` there.
 
-    An existing export that records ``gan.epochs`` epochs is returned without training.
+    The training images are read from the decoded-image cache ``cache_dir`` (default ``<run_dir_parent>/decoded``;
+    images it lacks are decoded into it first). An existing export that records ``gan.epochs`` epochs is returned
+    without training.
     """
     parent = Path(run_dir_parent).expanduser().resolve()
     run_dir, out = parent / name, parent / name / GENERATOR_FILE
@@ -226,7 +247,8 @@ def train_gan(gan: GanConfig, data_root: str | Path, run_dir_parent: str | Path,
     spec = runtime.RunSpec(name=name, storage_path=str(parent), num_workers=gan.num_workers,
                            use_gpu=gan.use_gpu, max_failures=max_failures if gan.num_workers else 0,
                            report_to_tune=report_to_tune)
-    runtime.fit(gan_loop, {"gan": to_dict(gan), "data_root": str(root)}, spec)
+    cache = str(Path(cache_dir) if cache_dir else parent / "decoded")
+    runtime.fit(gan_loop, {"gan": to_dict(gan), "data_root": str(root), "cache_dir": cache}, spec)
     ckpt = runtime.latest_checkpoint(run_dir)
     if ckpt is None:
         raise RuntimeError(f"GAN run {run_dir} finished without a checkpoint")
