@@ -353,6 +353,16 @@ def trial_resources(cfg: Any) -> dict[str, float]:
     return driver_resources({"CPU": 1}, _cluster_resources())
 
 
+CLUSTER_RETRIES = 3  # sweep.max_failures on a cluster unless set: spot capacity is reclaimed, nodes are lost
+
+
+def trial_retries(cfg: Any) -> int:
+    """``sweep.max_failures``, else 3 on a cluster (``cluster.address`` set) and 1 on one machine."""
+    if cfg.sweep.max_failures is not None:
+        return cfg.sweep.max_failures
+    return CLUSTER_RETRIES if cfg.cluster.address else 1
+
+
 def max_concurrent(cfg: Any) -> int:
     """Trials that fit the cluster at once (``sweep.max_concurrent`` when set)."""
     if cfg.sweep.max_concurrent:

@@ -63,7 +63,9 @@ class SweepConfig:
     # sMpRL labels of every seed from the baseline of reid.seed (the paper's protocol: one baseline); false: each
     # seed's labels from its own seed's baseline. Baseline trials always train per seed.
     single_baseline: bool = False
-    max_failures: int = 1
+    # retries of a failed trial (Tune) and of a Train worker group; None: 3 on a cluster (cluster.address set:
+    # spot nodes are reclaimed, nodes are lost), 1 on one machine
+    max_failures: int | None = None
 
     def __post_init__(self) -> None:
         for m in self.methods:
@@ -88,7 +90,8 @@ class SweepConfig:
                              f"select trials; use val_rank1 or val_mAP (with reid.val_ids > 0)")
         check_positive("sweep.num_samples", self.num_samples)
         check_positive("sweep.max_concurrent", self.max_concurrent, allow_zero=True)
-        check_positive("sweep.max_failures", self.max_failures, allow_zero=True)
+        if self.max_failures is not None:
+            check_positive("sweep.max_failures", self.max_failures, allow_zero=True)
 
 
 @dataclass(frozen=True)

@@ -110,7 +110,8 @@ def _train(cfg: Config, ctx: TrialContext, trial: TrialSpec) -> dict[str, Any]:
     from trainables.reid import run_spec, train_reid
 
     reid = dataclasses.replace(cfg.reid, num_workers=0) if cluster.runs_in_process(cfg) else cfg.reid
-    run = run_spec(reid, ctx.trials_dir, trial.key, report_to_tune=True, max_failures=cfg.sweep.max_failures)
+    run = run_spec(reid, ctx.trials_dir, trial.key, report_to_tune=True,
+                   max_failures=cluster.trial_retries(cfg))
     inputs = dataclasses.replace(ctx.inputs, smprl_labels=ctx.smprl_labels.get(trial.seed))
     return train_reid(reid, cfg.labels, inputs, run)
 
@@ -187,7 +188,7 @@ def tune_trials(cfg: Config, trials: list[TrialSpec], ctx: TrialContext, experim
         tuner = ray.tune.Tuner(trainable, tune_config=_tune_config(cfg, searcher, len(trials)),
                                run_config=ray.tune.RunConfig(
                                    name=experiment.name, storage_path=str(experiment.parent), verbose=1,
-                                   failure_config=ray.tune.FailureConfig(max_failures=cfg.sweep.max_failures),
+                                   failure_config=ray.tune.FailureConfig(max_failures=cluster.trial_retries(cfg)),
                                    # in-process trials report a manifest per finished checkpoint (the run folder
                                    # keeps the state, trainables/checkpoints.py): the latest restores a retry
                                    checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=1),

@@ -126,3 +126,12 @@ def test_paths_are_checked_from_a_ray_task_on_each_node(tmp_path, local_ray):
     with pytest.raises(ValueError, match=rf"on node {alive[0]['NodeManagerAddress']} .*dataset.root=.*head-only "
                                          r"does not exist there"):
         nodes.check_paths_on_nodes(missing, alive)
+
+
+def test_trials_retry_more_on_a_cluster_unless_told():
+    from orchestrator.cluster import CLUSTER_RETRIES, trial_retries
+    from orchestrator.config import load_config
+
+    assert trial_retries(load_config("smoke")) == 1  # one machine: a failure is a bug, not a lost node
+    assert trial_retries(load_config("smoke", overrides=["cluster.address=auto"])) == CLUSTER_RETRIES == 3
+    assert trial_retries(load_config("smoke", overrides=["cluster.address=auto", "sweep.max_failures=0"])) == 0
