@@ -87,7 +87,7 @@ def test_smoke_sweep_on_two_nodes_with_an_mlflow_server(tmp_path, loopback_clust
 
     c = loopback_cluster
     storage = tmp_path / "shared" / "mprl"
-    storage.parent.mkdir()
+    storage.mkdir(parents=True)  # run_sweep creates it before its preflight
     with mlflow_server(tmp_path / "mlflow") as url:
         cfg = load_config("smoke", overrides=[f"cluster.storage_path={storage}", f"cluster.address={c.address}",
                                               f"cluster.tracking_uri={url}"])
@@ -114,8 +114,8 @@ def test_smoke_sweep_on_two_nodes_with_an_mlflow_server(tmp_path, loopback_clust
         assert len(places) == 3 and all(any(f"({w[:12]})" in p for w in workers) for p in places), places
         stages = client.search_runs([exp.experiment_id], f"tags.`{tracking.TAG_KIND}` = 'stage'")
         built = [s.data.tags["mprl.where"] for s in stages if s.data.tags["mprl.cached"] == "false"]
-        # dataset, gan, generate, baseline (the smoke sweep has no sMpRL), none on the head
-        assert len(built) == 4 and all(any(f"({w[:12]})" in p for w in workers) for p in built), built
+        # dataset, decode, gan, generate, decode_gen, baseline (the smoke sweep has no sMpRL), none on the head
+        assert len(built) == 6 and all(any(f"({w[:12]})" in p for w in workers) for p in built), built
         stage_nodes = {w for w in workers for p in built if f"({w[:12]})" in p}
         assert stage_nodes | trial_nodes == workers, "the stages and trials did not use both worker nodes"
         assert exp.artifact_location.startswith("mlflow-artifacts:")  # proxied by the server

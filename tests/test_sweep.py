@@ -53,8 +53,9 @@ def test_smoke_sweep_end_to_end_and_cache_reuse(tmp_path, local_ray):
     assert second.rows[0]["error"] is None and second.stages.gan.cached and second.stages.baselines[0].cached
     stages = _runs(client, exp_id, "stage")
     built = [s for s in stages if s.data.tags["mprl.cached"] == "false"]
-    assert sorted(s.info.run_name for s in built) == ["stage:baseline", "stage:dataset", "stage:gan",
-                                                      "stage:generate", "stage:smprl"]
+    assert sorted(s.info.run_name for s in built) == ["stage:baseline", "stage:dataset", "stage:decode",
+                                                      "stage:decode_gen", "stage:gan", "stage:generate",
+                                                      "stage:smprl"]
     assert sum(s.info.run_name == "stage:gan" for s in stages) == 2  # logged by both sweeps, trained once
     # the driver only orchestrates: every built stage and every trial ran in another process (a Ray worker)
     places = [s.data.tags["mprl.where"] for s in built] + [t.data.tags["mprl.where"] for t in trials]
