@@ -5,7 +5,9 @@ project (it only reads the folder). Run it with a separate venv that has torchre
 packs KaiyangZhou/deep-person-reid as ``torchreid.reid``; its cython ranker is not shipped, so the
 evaluation is torchreid's pure-python Market ranker, same numbers)::
 
-    /work/tr-venv/bin/python bench/torchreid_baseline.py --root DIR [--epochs 12 --height 64 --width 32]
+    python3 -m venv ../tr-venv && ../tr-venv/bin/pip install torch==2.14.1 torchvision==0.29.1 \
+        torchreid==0.2.5 scipy opencv-python-headless gdown tensorboard
+    ../tr-venv/bin/python bench/torchreid_baseline.py --root DIR [--epochs 12 --height 64 --width 32]
 
 The recipe is torchreid's configs/im_r50_softmax_256x128_amsgrad.yaml over scripts/default_config.py,
 run through scripts/main.py, with these deliberate differences:
