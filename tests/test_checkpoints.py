@@ -131,8 +131,9 @@ def test_tune_restores_an_in_process_trial_from_its_checkpoint(tmp_path, local_r
     assert first is None and retry in (1, 3)
     frame = result.metrics_dataframe
     epochs = list(frame["epoch"])
-    # the retry trained epochs 4 and 5 only (the first attempt's epoch-3 result may be lost with its actor)
-    assert epochs[:3] == [0, 1, 2] and epochs[-2:] == [4, 5] and epochs[3:-2] in ([], [3])
+    # the retry trained epochs 4 and 5 only (results of the first attempt still queued when it failed, epochs 2
+    # and 3, may be lost with its actor: measured in CI)
+    assert epochs[:2] == [0, 1] and epochs[-2:] == [4, 5] and epochs[2:-2] in ([], [2], [2, 3])
     assert list(frame["training_iteration"]) == [e + 1 for e in epochs]  # continued across the retry
     assert result.metrics["iterations_since_restore"] == 2
     trial_dir = Path(result.path)
