@@ -28,19 +28,20 @@ CHECKPOINT_METRICS = ("checkpoint_mb", "checkpoint_write_s", "checkpoint_stall_s
 
 # ------------------------------------------------------------------------------------ the Tune trial
 
-def run_trial(config: dict, ctx: TrialContext, tracking_uri: str) -> None:
+def run_trial(config: dict, ctx: TrialContext, tracking_uri: str, started: float | None = None) -> None:
     """Tune function: train (or reuse the baseline stage), then log final metrics, CMC plot and model.
 
     ``tracking_uri`` comes from the sweep that runs *or resumes* the trial (Tune's saved state holds no address);
     the trial's run is found by its tags there. A run already FINISHED (its trial ended after Tune last saved
-    its state) is reported to Tune again and not retrained.
+    its state) is reported to Tune again and not retrained. ``started``: ``time.perf_counter()`` when the worker
+    began the trial (before the imports its actor's first trial pays, :mod:`orchestrator.trial_actor`).
     """
     import time
 
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    start = time.perf_counter()
+    start = time.perf_counter() if started is None else started
     mlflow.set_tracking_uri(tracking_uri)  # tracking.log_model logs through the fluent API
     trial = TrialSpec.from_key(config["trial"])
     cfg = replace(ctx.cfg, **trial.overrides())
@@ -147,7 +148,8 @@ def _finish(client, run_id: str, cfg: Config, trial: TrialSpec, result: dict, ct
         if not run_dir.exists():
             run_dir = Path(read_output(ctx.baselines[trial.seed], BaselineOut).run_dir)
         _log_model(client, run_id, cfg, run_dir)
-    # the trial's whole time in its worker (training, evaluation, logging): what the rehearsal counts as compute
+    # the trial's whole time in its worker (imports, training, evaluation, logging): what the rehearsal counts as
+    # compute
     tracking.log_metrics(client, run_id, {TAG_WORKER_SECONDS: round(time.perf_counter() - start, 2)})
     tracking.set_status(client, run_id, "FINISHED")
 
@@ -175,11 +177,16 @@ def tune_trials(cfg: Config, trials: list[TrialSpec], ctx: TrialContext, experim
     The stages of the sweep's :class:`~orchestrator.dag.StageGraph` (registered under ``experiment.name``) run
     meanwhile; :class:`ReadySearcher` hands Tune each trial once its inputs exist.
     """
+    import pickle
+
     import ray.tune
 
+    from orchestrator import trial_actor  # run_trial behind a light import: actors start fast (see there)
+
     # the trainable, with its parameters, is built anew by every run and resume (Tuner.restore takes it again)
-    trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, ctx=ctx, tracking_uri=tracking_uri),
-                                        cluster.trial_resources(cfg))
+    trainable = ray.tune.with_resources(
+        ray.tune.with_parameters(trial_actor.run_trial, ctx=pickle.dumps(ctx), tracking_uri=tracking_uri),
+        cluster.trial_resources(cfg))
     if resume and ray.tune.Tuner.can_restore(str(experiment)):
         print(f"[sweep] resuming {experiment}", flush=True)
         tuner = ray.tune.Tuner.restore(str(experiment), trainable, resume_errored=True)

@@ -124,3 +124,22 @@ def test_a_worker_given_a_gpu_without_cuda_fails_naming_its_node(monkeypatch):
         runtime.device_for(True)
     monkeypatch.setenv(runtime.LOGICAL_GPUS_ENV, "1")  # cluster.logical_gpus: test clusters on CPU machines
     assert runtime.device_for(True) == torch.device("cpu")
+
+
+def test_trial_actors_start_without_importing_torch_or_mlflow():
+    """Tune's trial actor unpickles its trainable when it starts; that must not import torch or MLflow, or actors
+    take longer to start than short trials run and Tune runs every trial in one reused actor (trial_actor.py)."""
+    import subprocess
+    import sys
+
+    import cloudpickle
+    import ray.tune
+
+    from orchestrator import trial_actor
+
+    blob = cloudpickle.dumps(ray.tune.with_parameters(trial_actor.run_trial, ctx=b"", tracking_uri=""))
+    code = ("import pickle, sys; pickle.loads(sys.stdin.buffer.read()); "
+            "print(sorted(m for m in ('torch', 'torchvision', 'mlflow') if m in sys.modules))")
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    out = subprocess.run([sys.executable, "-c", code], input=blob, capture_output=True, env=env, check=True)
+    assert out.stdout.decode().strip() == "[]", out.stderr.decode()[-2000:]
