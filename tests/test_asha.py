@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 
 from orchestrator import tracking
+from tests.sweep_output import trial_table
 
-TRIAL_TABLE = "method    #GAN  order  keep  seed"  # the header of the sweep's per-trial table
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 840  # a hang fails the test (under pytest's 900 s timeout) instead of blocking CI
@@ -59,7 +59,7 @@ def test_asha_early_stop_is_a_clean_stop(tmp_path, shape):
     assert _run_sweep(tmp_path, *shape, "--set", "sweep.methods=[baseline]").returncode == 0
     res = _run_sweep(tmp_path, *shape)
     assert res.returncode == 0, res.stdout[-4000:]
-    table = res.stdout[res.stdout.rindex(TRIAL_TABLE):].split("over seeds")[0]
+    table = trial_table(res.stdout)
     assert "FAILED" not in table and "SystemExit" not in table  # (Ray may log a torn-down actor's SystemExit)
     assert "Could not re-use actor" not in res.stdout
     for method in ("lsro", "dmprl2"):

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 
 from orchestrator import tracking
+from tests.sweep_output import trial_table
 from trainables import runtime
 
-TRIAL_TABLE = "method    #GAN  order  keep  seed"  # the header of the sweep's per-trial table
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 ROOT = Path(__file__).parents[1]
 
@@ -132,6 +132,6 @@ def test_a_trial_that_always_fails_ends_failed_with_its_reason(tmp_path, ray_tmp
     assert lsro.info.status == "FAILED", lsro.info
     assert "attempts: 2" in lsro.data.tags[tracking.TAG_ERROR], lsro.data.tags[tracking.TAG_ERROR]
     assert all(r.info.status == "FINISHED" for k, r in trials.items() if not k.startswith("lsro"))
-    table = res.stdout[res.stdout.rindex(TRIAL_TABLE):].split("over seeds")[0]
+    table = trial_table(res.stdout)
     line = next(row for row in table.splitlines() if row.startswith("lsro"))
     assert "FAILED" in line

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config import load_config
+from tests.sweep_output import trial_table
 from trainables import runtime
 from trainables.reid import ReidInputs, load_trained, run_spec, train_reid
 
 ROOT = Path(__file__).parents[1]
-TRIAL_TABLE = "method    #GAN  order  keep  seed"  # the header of the sweep's per-trial table
 
 
 def _cfg(tiny_cfg, *extra):
@@ -82,7 +82,7 @@ def test_sweep_retries_transient_and_reports_permanent_failures(tmp_path):
     res = subprocess.run([*cmd, "--set", "sweep.methods=[lsro, dmprl2]", "--set", "reid.seed=5"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 1
-    table = res.stdout[res.stdout.rindex(TRIAL_TABLE):].split("over seeds")[0]
+    table = trial_table(res.stdout)
     dm = next(line for line in table.splitlines() if line.startswith("dmprl2"))
     ls = next(line for line in table.splitlines() if line.startswith("lsro"))
     assert "FAILED" in dm and "injected permanent failure" in dm and "FAILED" not in ls
