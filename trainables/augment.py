@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from datasets.torch_data import IMAGENET_MEAN, IMAGENET_STD, REFERENCE_SIDE, check_augment, pre_crop_size
+from trainables.seeding import derive_seed
 
 
 def cache_size(image_size: tuple[int, int], augment: str) -> tuple[int, int]:
@@ -138,7 +139,7 @@ class DeviceAugment:
 
     def reseed(self, *seed: int) -> None:
         """Seed the draws (per epoch: a resumed run replays an epoch's crops and flips)."""
-        self.generator.manual_seed(_mix(seed))
+        self.generator.manual_seed(derive_seed(*seed))
 
     def __call__(self, batch: dict) -> dict:
         non_blocking = self.device.type == "cuda"
@@ -150,12 +151,4 @@ class DeviceAugment:
                 img = augment_batch(img, self.augment, self.image_size, params)
             out[key] = normalize(img)
         return out
-
-
-def _mix(seed: tuple[int, ...]) -> int:
-    """One 63-bit generator seed from a tuple of ints (order matters)."""
-    h = 0
-    for s in seed:
-        h = (h * 1_000_003 + int(s) + 0x9E3779B9) % (1 << 63)
-    return h or 1
 
