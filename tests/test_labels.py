@@ -6,6 +6,7 @@ brute-force pure-Python re-statement of the definitions in research/mprl.md, nev
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -339,3 +340,41 @@ def test_bad_function_arguments_raise():
         L.weights_from_ranks(torch.tensor([[1, 1, 2, 4]]))
     with pytest.raises(ValueError, match=r"logits must be \[N, 5\]"):
         L.targets_for(L.LabelSpec("allinone", 4), p, torch.tensor([-1]), torch.tensor([True]), 0)
+
+
+@pytest.mark.parametrize("method", L.METHODS)
+def test_targets_and_loss_never_wait_for_the_device(method, monkeypatch):
+    """On meta tensors (shapes without data) any operation that reads values (boolean indexing, ``if t.any()``,
+    ``int(t)``, a check that compares contents) raises: the step's targets and loss have none, so a training step on
+    a GPU queues its work without waiting for the device."""
+    spec = L.LabelSpec(method, K, keep=3 if method in ("smprl", "dmprl1") else None, real_smoothing=0.1,
+                       switch_epoch=2 if method in L.SWITCHED_METHODS else 0)
+    c, n = L.num_outputs(spec), 8
+    logits = torch.randn(n, c, device="meta", requires_grad=True)
+    labels = torch.zeros(n, dtype=torch.long, device="meta")
+    is_gen = torch.zeros(n, dtype=torch.bool, device="meta")
+    ranks = torch.zeros(n, K, dtype=torch.long, device="meta")
+    monkeypatch.setattr(torch, "autocast", lambda **_: contextlib.nullcontext())  # autocast has no meta device
+    for epoch in (0, 5):  # before and after the switch of pseudo / dMpRL-II
+        q, w = L.targets_for(spec, logits, labels, is_gen, epoch, static_ranks=ranks)
+        assert q.device.type == "meta" and q.shape == (n, c) and w.shape == (n,)
+        L.soft_cross_entropy(logits, q, w).backward()
+    with pytest.raises((NotImplementedError, RuntimeError)):  # the probe itself: a value read on meta raises
+        bool(is_gen.any())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bench/gpu_suite.sh runs it)")
+@pytest.mark.parametrize("method", L.METHODS)
+def test_targets_and_loss_do_not_synchronise_cuda(method):
+    """The same on a GPU, with CUDA's own detector: any host-device synchronisation raises."""
+    spec = L.LabelSpec(method, K, keep=3 if method in ("smprl", "dmprl1") else None, real_smoothing=0.1)
+    logits, labels, is_gen, ranks = (t.cuda() for t in _batch(L.num_outputs(spec)))
+    logits.requires_grad_(True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        q, w = L.targets_for(spec, logits, labels, is_gen, 30, static_ranks=ranks)
+        L.soft_cross_entropy(logits, q, w).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.allclose(q.sum(1).cpu(), torch.ones(len(q)), atol=1e-6)

@@ -63,7 +63,8 @@ def ranks_from_probs(probs: Tensor) -> Tensor:
     return torch.empty((n, k), dtype=torch.long, device=probs.device).scatter_(1, order, ascending)
 
 
-def _check_ranks(ranks: Tensor) -> Tensor:
+def check_ranks(ranks: Tensor) -> Tensor:
+    """``ranks`` as int64, or ValueError unless every row of [N, K] is a permutation of 1..K."""
     if ranks.dim() != 2 or ranks.shape[1] < 1:
         raise ValueError(f"ranks must have shape [N, K], got {tuple(ranks.shape)}")
     ranks = ranks.long()
@@ -75,7 +76,8 @@ def _check_ranks(ranks: Tensor) -> Tensor:
 
 
 def weights_from_ranks(
-    ranks: Tensor, *, keep: int | None = None, order: str = "paper", dtype: torch.dtype = torch.float32
+    ranks: Tensor, *, keep: int | None = None, order: str = "paper", dtype: torch.dtype = torch.float32,
+    check: bool = True,
 ) -> Tensor:
     """Multi-pseudo label (TIP Eqs. 9-10) rebuilt from stored ascending ranks [N, K] (any integer dtype).
 
@@ -84,10 +86,11 @@ def weights_from_ranks(
                             a gather where a scatter was meant: idx is the inverse permutation of the ranks)
     keep=v: weights <= (K-v)/K are set to 0, i.e. only the v largest weights survive (code's `sparse_rate`,
     `prepare_sMpRL_label4data.m`); for "paper" these are the v most likely classes.
-    Returns [N, K] in `dtype`.
+    Returns [N, K] in `dtype`. ``check=False`` skips the permutation check (a sort and a wait for the device):
+    for ranks that are permutations by construction (`ranks_from_probs`, stored ranks checked when loaded).
     """
     _check_order(order)
-    ranks = _check_ranks(ranks)
+    ranks = check_ranks(ranks) if check else ranks.long()
     n, k = ranks.shape
     v = _check_keep(keep, k)
     if order == "paper":
@@ -116,9 +119,9 @@ def mprl_normaliser(k: int, keep: int | None = None) -> float:
     return 2.0 * k / ((2 * k - v + 1) * v)
 
 
-def _targets_from_ranks(ranks: Tensor, *, keep: int | None, order: str) -> Tensor:
+def _targets_from_ranks(ranks: Tensor, *, keep: int | None, order: str, check: bool = True) -> Tensor:
     k = ranks.shape[1]
-    return weights_from_ranks(ranks, keep=keep, order=order) * mprl_normaliser(k, keep)
+    return weights_from_ranks(ranks, keep=keep, order=order, check=check) * mprl_normaliser(k, keep)
 
 
 def mprl_targets(probs: Tensor, *, keep: int | None = None, order: str = "paper") -> Tensor:
@@ -247,12 +250,23 @@ def samples_generated(spec: LabelSpec, epoch: int) -> bool:
     return True
 
 
+def _check_labels(labels: Tensor, k: int) -> None:
+    """Labels of real images in 0..K-1: a ValueError on the CPU; on an accelerator a device-side assertion, which
+    fails the run at the next wait for the device but does not make every step wait for it."""
+    if not labels.numel():
+        return
+    if labels.device.type == "cpu":
+        if int(labels.min()) < 0 or int(labels.max()) >= k:
+            lo, hi = int(labels.min()), int(labels.max())
+            raise ValueError(f"labels of real images must be in 0..{k - 1}, got min {lo}, max {hi}")
+        return
+    torch._assert_async(((labels >= 0) & (labels < k)).all(), f"labels of real images must be in 0..{k - 1}")
+
+
 def _real_targets(spec: LabelSpec, labels: Tensor, c: int) -> Tensor:
     """(1 - eps) * onehot(y) + eps / K over the K real classes; column K (All-in-one) stays 0. -> [M, C]."""
     k, eps = spec.num_classes, spec.real_smoothing
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= k):
-        lo, hi = int(labels.min()), int(labels.max())
-        raise ValueError(f"labels of real images must be in 0..{k - 1}, got min {lo}, max {hi}")
+    _check_labels(labels, k)
     q = torch.zeros((labels.shape[0], c), dtype=torch.float32, device=labels.device)
     q[:, :k] = eps / k
     q.scatter_(1, labels.view(-1, 1), (1.0 - eps) + eps / k)
@@ -271,10 +285,11 @@ def _generated_targets(spec: LabelSpec, logits: Tensor, static_ranks: Tensor | N
             q.scatter_(1, real_logits.argmax(dim=1, keepdim=True), 1.0)  # one-hot on argmax p
         case "lsro" | "baseline" | "baseline_matched":
             q[:, :k] = 1.0 / k  # baselines: weight 0, any distribution will do
-        case "smprl":
-            q[:, :k] = _targets_from_ranks(static_ranks, keep=spec.keep, order=spec.order)
+        case "smprl":  # the stored ranks were checked when loaded (trainables.reid)
+            q[:, :k] = _targets_from_ranks(static_ranks, keep=spec.keep, order=spec.order, check=False)
         case "dmprl1" | "dmprl2":
-            q[:, :k] = _targets_from_ranks(ranks_from_probs(real_logits), keep=spec.keep, order=spec.order)
+            ranks = ranks_from_probs(real_logits)  # a permutation per row by construction
+            q[:, :k] = _targets_from_ranks(ranks, keep=spec.keep, order=spec.order, check=False)
     return q
 
 
@@ -292,6 +307,9 @@ def targets_for(
     (real: 0..K-1, generated: ignored); is_generated [N] bool; static_ranks [N, K] ascending ranks 1..K for the
     generated rows (smprl only). Weights: 1 for real, lambda for generated when `is_active`, else 0 (their target
     is then uniform over the K real classes). No gradient flows into the targets.
+
+    Every row gets both its real and its generated target and a select keeps one: no boolean indexing and no
+    branch on the batch's contents, so a step on an accelerator never waits for the device here.
     """
     n, c = logits.shape[0], num_outputs(spec)
     if logits.dim() != 2 or logits.shape[1] != c:
@@ -306,15 +324,14 @@ def targets_for(
     gen = is_generated.to(device=logits.device, dtype=torch.bool)
     active = is_active(spec, epoch)
     with torch.no_grad():
-        targets = torch.empty((n, c), dtype=torch.float32, device=logits.device)
-        targets[~gen] = _real_targets(spec, labels.to(logits.device)[~gen].long(), c)
-        if gen.any():
-            if active:
-                ranks = static_ranks.to(logits.device, torch.long)[gen] if spec.method == "smprl" else None
-                targets[gen] = _generated_targets(spec, logits[gen], ranks)
-            else:
-                uniform = lsro_targets(int(gen.sum()), spec.num_classes, device=logits.device)  # [M, K]
-                targets[gen] = F.pad(uniform, (0, c - spec.num_classes))  # weight 0: any distribution
+        real = _real_targets(spec, labels.to(logits.device).long().masked_fill(gen, 0), c)  # [N, C]
+        if active:
+            ranks = static_ranks.to(logits.device, torch.long) if spec.method == "smprl" else None
+            fake = _generated_targets(spec, logits, ranks)  # [N, C]
+        else:  # weight 0: any distribution
+            uniform = lsro_targets(1, spec.num_classes, device=logits.device)  # [1, K]
+            fake = F.pad(uniform, (0, c - spec.num_classes)).expand(n, c)
+        targets = torch.where(gen.unsqueeze(1), fake, real)
         lam = spec.effective_gen_weight if active else 0.0
         weights = torch.where(gen, torch.full((n,), lam, device=logits.device), torch.ones(n, device=logits.device))
     return targets, weights
