@@ -178,8 +178,9 @@ PRESET_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
     # The default demo, tuned for an honest answer on 2 CPU cores (bench/RESULTS.md "The default cpu sweep"):
     # 3 seeds in about 11 minutes; 160 test identities give ~640 queries; 120 training identities with 6 images
     # each and torchreid's softmax recipe (AMSGrad Adam, L2 5e-4, label smoothing 0.1, flip + pad-crop) plus a
-    # one-epoch warm-up keep the baseline's seed-to-seed rank-1 spread under 2 points. Weight decay is one value
-    # for every method (the paper's per-method decay would confound the comparison).
+    # one-epoch warm-up. The baseline's seed-to-seed rank-1 std is ~2.9 points (10 seeds; not the 2 the issue asks
+    # for); the sweep's verdicts account for it. Weight decay is one value for every method (the paper's
+    # per-method decay would confound the comparison).
     "cpu": {
         "dataset": {"synthetic_ids": 120, "synthetic_test_ids": 160, "synthetic_images_per_id": 6,
                     "synthetic_distractors": 60, "synthetic_junk": 40},
