@@ -214,6 +214,10 @@ class GeneratedStore:
                 ranks, meta = data["ranks"], json.loads(str(data["meta"]))
         except Exception as err:
             raise ValueError(f"static label file {path} is damaged ({err}); delete it to rebuild") from err
-        if ranks.shape[0] != self.n:
-            raise ValueError(f"static label file {path} has {ranks.shape[0]} rows, expected {self.n}")
+        if ranks.ndim != 2 or ranks.shape[0] != self.n:
+            raise ValueError(f"static label file {path} has shape {ranks.shape}, expected [{self.n}, K]")
+        # checked once here: training reads the ranks every step without checking them (trainables.labels)
+        if not np.array_equal(np.sort(ranks, axis=1), np.broadcast_to(np.arange(1, ranks.shape[1] + 1), ranks.shape)):
+            raise ValueError(f"static label file {path}: a row of ranks is not a permutation of 1..{ranks.shape[1]}; "
+                             f"delete it to rebuild")
         return ranks, meta

@@ -28,7 +28,7 @@ CHECKPOINT_METRICS = ("checkpoint_mb", "checkpoint_write_s", "checkpoint_stall_s
 
 # ------------------------------------------------------------------------------------ the Tune trial
 
-def run_trial(config: dict, ctx: TrialContext, tracking_uri: str, started: float | None = None) -> None:
+def run_trial(config: dict, ctx: TrialContext, tracking_uri: str, started: float) -> None:
     """Tune function: train (or reuse the baseline stage), then log final metrics, CMC plot and model.
 
     ``tracking_uri`` comes from the sweep that runs *or resumes* the trial (Tune's saved state holds no address);
@@ -36,12 +36,9 @@ def run_trial(config: dict, ctx: TrialContext, tracking_uri: str, started: float
     its state) is reported to Tune again and not retrained. ``started``: ``time.perf_counter()`` when the worker
     began the trial (before the imports its actor's first trial pays, :mod:`orchestrator.trial_actor`).
     """
-    import time
-
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    start = time.perf_counter() if started is None else started
     mlflow.set_tracking_uri(tracking_uri)  # tracking.log_model logs through the fluent API
     trial = TrialSpec.from_key(config["trial"])
     cfg = replace(ctx.cfg, **trial.overrides())
@@ -59,7 +56,7 @@ def run_trial(config: dict, ctx: TrialContext, tracking_uri: str, started: float
             result = _reuse_baseline(read_output(ctx.baselines[trial.seed], BaselineOut), client, run_id)
         else:
             result = _train(cfg, ctx, trial)
-        _finish(client, run_id, cfg, trial, result, ctx, start)
+        _finish(client, run_id, cfg, trial, result, ctx, started)
     except SystemExit as err:
         # Tune stops a function trial (a scheduler's STOP, the end of the sweep, actor reuse) by raising
         # SystemExit(0) inside ray.tune.report; its runner thread takes that as a clean exit. Not a failure:

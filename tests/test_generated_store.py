@@ -136,6 +136,10 @@ def test_labels_round_trip_and_damage(tmp_path):
         store.read_labels("smprl-x")
     with pytest.raises(ValueError, match=r"expected \[4, K\]"):
         store.write_labels("bad", ranks[:2], {})
+    ranks[2, :2] = 1  # not a permutation: refused when read, naming the file
+    store.write_labels("smprl-x", ranks, {})
+    with pytest.raises(ValueError, match=r"smprl-x.npz: a row of ranks is not a permutation of 1..5"):
+        store.read_labels("smprl-x")
 
 
 def test_corrupt_store_json(tmp_path):

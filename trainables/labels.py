@@ -63,7 +63,7 @@ def ranks_from_probs(probs: Tensor) -> Tensor:
     return torch.empty((n, k), dtype=torch.long, device=probs.device).scatter_(1, order, ascending)
 
 
-def check_ranks(ranks: Tensor) -> Tensor:
+def _check_ranks(ranks: Tensor) -> Tensor:
     """``ranks`` as int64, or ValueError unless every row of [N, K] is a permutation of 1..K."""
     if ranks.dim() != 2 or ranks.shape[1] < 1:
         raise ValueError(f"ranks must have shape [N, K], got {tuple(ranks.shape)}")
@@ -87,10 +87,10 @@ def weights_from_ranks(
     keep=v: weights <= (K-v)/K are set to 0, i.e. only the v largest weights survive (code's `sparse_rate`,
     `prepare_sMpRL_label4data.m`); for "paper" these are the v most likely classes.
     Returns [N, K] in `dtype`. ``check=False`` skips the permutation check (a sort and a wait for the device):
-    for ranks that are permutations by construction (`ranks_from_probs`, stored ranks checked when loaded).
+    for ranks that are permutations by construction (`ranks_from_probs`, stored ranks checked when read).
     """
     _check_order(order)
-    ranks = check_ranks(ranks) if check else ranks.long()
+    ranks = _check_ranks(ranks) if check else ranks.long()
     n, k = ranks.shape
     v = _check_keep(keep, k)
     if order == "paper":
@@ -285,7 +285,7 @@ def _generated_targets(spec: LabelSpec, logits: Tensor, static_ranks: Tensor | N
             q.scatter_(1, real_logits.argmax(dim=1, keepdim=True), 1.0)  # one-hot on argmax p
         case "lsro" | "baseline" | "baseline_matched":
             q[:, :k] = 1.0 / k  # baselines: weight 0, any distribution will do
-        case "smprl":  # the stored ranks were checked when loaded (trainables.reid)
+        case "smprl":  # stored ranks are checked when read (datasets.generated.GeneratedStore.read_labels)
             q[:, :k] = _targets_from_ranks(static_ranks, keep=spec.keep, order=spec.order, check=False)
         case "dmprl1" | "dmprl2":
             ranks = ranks_from_probs(real_logits)  # a permutation per row by construction

@@ -27,7 +27,7 @@ from trainables.augment import cache_size
 from trainables.config import LabelsConfig, ReidConfig, build, to_dict
 from trainables.engine import ident_step, pair_step, train_one_epoch
 from trainables.evaluation import evaluate_model
-from trainables.labels import LabelSpec, check_ranks, num_outputs, samples_generated, switch_epoch_for
+from trainables.labels import LabelSpec, num_outputs, samples_generated, switch_epoch_for
 from trainables.models import build_reid_model
 from trainables.pairs import pos_fraction_for_epoch
 from trainables.reid_data import (
@@ -87,9 +87,7 @@ def reid_loop(config: dict) -> dict[str, Any]:
     spec = label_spec(reid, labels, num_classes)
     model, optimizer, scheduler = build_training(reid, spec, weight_decay(reid, labels), ctx)
     start_epoch, final = _resume(model, optimizer, scheduler)  # [2] the latest checkpoint, if any
-    static = None
-    if static_ranks is not None:  # checked once here, not per step (trainables.labels.targets_for)
-        static = check_ranks(torch.from_numpy(static_ranks.astype(np.int64))).to(ctx.device)
+    static = torch.from_numpy(static_ranks.astype(np.int64)).to(ctx.device) if static_ranks is not None else None
     cuda = ctx.device.type == "cuda"
     amp, channels_last = reid.amp and cuda, reid.channels_last and cuda
     make_step = pair_step if reid.model == "twostream" else ident_step
