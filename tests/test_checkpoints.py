@@ -5,6 +5,9 @@ retry, training_iteration continuing, one kept)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -142,3 +145,21 @@ def test_tune_restores_an_in_process_trial_from_its_checkpoint(tmp_path, local_r
     assert json.loads((manifests[0] / checkpoints.MANIFEST_FILE).read_text())["epoch"] == 5
     (ckpt,) = checkpoints.checkpoints(tmp_path / "runs" / "trial")
     assert checkpoints.load(ckpt / checkpoints.STATE_FILE)["w"][0] == 6.0
+
+
+def test_staging_folders_of_dead_processes_are_removed(tmp_path, monkeypatch):
+    """A Ray Train worker killed during its checkpoint upload leaves its staging folder: the next one made on that
+    machine removes it, and never a living process's."""
+    monkeypatch.setattr(checkpoints.tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = tmp_path / f"mprl_ckpt_{int(dead.stdout)}_abc"
+    living = tmp_path / "mprl_ckpt_1_abc"  # pid 1 is alive
+    other = tmp_path / "mprl_ckpt_notapid_abc"
+    for folder in (orphan, living, other):
+        folder.mkdir()
+        (folder / "state.pt").write_bytes(b"x" * 100)
+    made = checkpoints.staging_folder()
+    assert made.parent == tmp_path and made.name.startswith(f"mprl_ckpt_{os.getpid()}_")
+    assert not orphan.exists()
+    assert living.exists() and other.exists()
+    assert checkpoints.staging_folder() != made and made.exists()  # our own live folder is kept

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -31,6 +32,7 @@ import torch
 STATE_FILE = "state.pt"
 METRICS_FILE = "metrics.json"
 MANIFEST_FILE = "manifest.json"
+_STAGING = "mprl_ckpt_"  # + "<pid>_": Ray Train checkpoints before their upload (:func:`staging_folder`)
 _LOCAL_NAME = re.compile(r"checkpoint_(\d+)")  # in-process checkpoint folders (Ray Train's carry a timestamp)
 
 
@@ -72,6 +74,28 @@ def write_folder(folder: Path, metrics: dict, state: dict, files: dict[str, Path
     (folder / METRICS_FILE).write_text(json.dumps(metrics, default=float))
     for name, src in files.items():
         shutil.copyfile(src, folder / name)
+
+
+def staging_folder() -> Path:
+    """A new temporary folder for a Ray Train checkpoint, named by this process: Ray uploads it and deletes it;
+    a worker killed during that upload leaves it behind (90-380 MB), so the folders of processes no longer alive
+    are removed first."""
+    tmp = Path(tempfile.gettempdir())
+    for old in tmp.glob(f"{_STAGING}*_*"):
+        pid = old.name[len(_STAGING):].split("_", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{_STAGING}{os.getpid()}_", dir=tmp))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def checkpoints(run_dir: Path) -> list[Path]:

@@ -235,7 +235,7 @@ def report(metrics: dict[str, float], state: dict | None = None, files: dict[str
     if not due:
         ray.train.report(metrics)
         return
-    start, tmp = time.perf_counter(), Path(tempfile.mkdtemp(prefix="mprl_ckpt_"))
+    start, tmp = time.perf_counter(), checkpoints.staging_folder()
     checkpoints.write_folder(tmp, metrics, state, files or {})
     mb = sum(f.stat().st_size for f in tmp.iterdir()) / 2**20
     written = {"checkpoint_mb": round(mb, 3), "checkpoint_write_s": round(time.perf_counter() - start, 4)}
