@@ -176,7 +176,7 @@ PRESET_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
         "sweep": {"methods": ["baseline", "lsro", "dmprl2"], "num_gan": [64], "seeds": [0]},
     },
     # The default demo, tuned for an honest answer on 2 CPU cores (bench/RESULTS.md "The default cpu sweep"):
-    # 3 seeds in about 11 minutes; 160 test identities give ~640 queries; 120 training identities with 6 images
+    # 3 seeds in about 14 minutes; 160 test identities give ~640 queries; 120 training identities with 6 images
     # each and torchreid's softmax recipe (AMSGrad Adam, L2 5e-4, label smoothing 0.1, flip + pad-crop) plus a
     # one-epoch warm-up, 16 epochs: the baseline's seed-to-seed rank-1 std is 1.7 points over 10 seeds (2.9 with
     # 12 epochs). Weight decay is one value for every method (the paper's per-method decay would confound the

@@ -79,7 +79,8 @@ def write_folder(folder: Path, metrics: dict, state: dict, files: dict[str, Path
 def staging_folder() -> Path:
     """A new temporary folder for a Ray Train checkpoint, named by this process: Ray uploads it and deletes it;
     a worker killed during that upload leaves it behind (90-380 MB), so the folders of processes no longer alive
-    are removed first."""
+    are removed first. Assumes the processes that share this temporary folder share one PID namespace (one host or
+    one container, as Ray's nodes are)."""
     tmp = Path(tempfile.gettempdir())
     for old in tmp.glob(f"{_STAGING}*_*"):
         pid = old.name[len(_STAGING):].split("_", 1)[0]
