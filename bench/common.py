@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from orchestrator.tables import cell, format_table  # noqa: F401  (format_table: re-exported for bench/*)
+from trainables.methods import BASELINE, method
 
 if TYPE_CHECKING:
     from orchestrator.config import Config
@@ -55,7 +56,7 @@ def spread(values: Sequence[float]) -> tuple[float, str]:
 
 def cycle_batches(n: int, batch: int, steps: int, *, seed: int, rank: int = 0, world_size: int = 1) -> list[list[int]]:
     """``steps`` global batches of ``batch`` indices from repeated permutations of ``range(n)``, sliced per
-    rank as :func:`trainables.reid_data.epoch_batches` does (so any ``steps`` works on a small dataset)."""
+    rank as :func:`trainables.reid.data.epoch_batches` does (so any ``steps`` works on a small dataset)."""
     if batch % world_size:
         raise ValueError(f"--batch {batch} is not divisible by the {world_size} workers")
     rng = np.random.default_rng(seed)
@@ -145,7 +146,7 @@ class Bench:
     compile: bool = False
     data: str = "synthetic"
     loader_workers: int = 0
-    method: str = "baseline"
+    method: str = BASELINE
     gen_share: float = 0.25  # share of each synthetic batch marked generated (label methods other than baseline)
     classes: int = 751  # Market-1501's training ids (synthetic data)
     data_root: str | None = None
@@ -193,29 +194,32 @@ def num_classes(b: Bench) -> int:
     return _split(b.data_root).num_train_ids if b.data != "synthetic" else b.classes
 
 
-@functools.lru_cache(maxsize=2)
-def _decoded_loader(b: Bench, rank: int, world: int):
-    """One persistent loader over the decoded cache (``DEFAULT_CACHE/decoded``), as ``reid_loop`` builds it."""
-    from datasets.decoded_cache import decoded_rows
-    from trainables.reid_data import decoded_train_loader
+@functools.lru_cache(maxsize=4)
+def _reid_loader(b: Bench, rank: int, world: int):
+    """One persistent loader, as ``reid_loop`` builds it: over the decoded cache (``DEFAULT_CACHE/decoded``) for
+    ``data=cache``, over the JPEG files (decoded on every read) for ``data=images``."""
+    from datasets.decoded_cache import image_rows
+    from trainables.reid.data import train_loader
 
     train = _split(b.data_root).train
-    rows = decoded_rows(train, b.size, DEFAULT_CACHE / "decoded", workers=b.loader_workers)
+    cache = DEFAULT_CACHE / "decoded" if b.data == "cache" else None
+    rows = image_rows(train, b.size, cache, workers=b.loader_workers)
     device = torch.device(b.device if b.device == "cpu" else f"cuda:{rank}")
-    return decoded_train_loader(train, rows, b.size, device=device, workers=b.loader_workers)
+    return train_loader(train, rows, b.size, device=device, workers=b.loader_workers)
 
 
 @functools.lru_cache(maxsize=4)
 def _tensors(b: Bench, what: str, rank: int, world: int) -> list[dict]:
-    """In-memory batches of this rank (pinned on CUDA): re-ID dicts as ImageDataset yields, or DCGAN images."""
+    """In-memory batches of this rank (pinned on CUDA): re-ID dicts as the training loader yields them (images
+    normalised), or DCGAN batches as its loader yields them (uint8 rows)."""
     g = torch.Generator().manual_seed(b.seed * 1000 + rank)
     local = (b.batch if what == "reid" else b.gan_batch) // world
     idx = torch.arange(local)
-    n_gen = round(local * b.gen_share) if b.method != "baseline" else 0
+    n_gen = round(local * b.gen_share) if method(b.method).generated else 0
     out = []
     for _ in range(SYNTHETIC_BATCHES):
         if what == "gan":
-            img = torch.rand(local, 3, *b.gan_size, generator=g) * 2 - 1
+            img = torch.randint(0, 256, (local, *b.gan_size, 3), generator=g, dtype=torch.uint8)
             out.append({"img": img.pin_memory() if b.cuda else img})
             continue
         img = torch.randn(local, 3, *b.size, generator=g)
@@ -226,25 +230,24 @@ def _tensors(b: Bench, what: str, rank: int, world: int) -> list[dict]:
 
 
 def epoch_data(b: Bench, what: str, steps: int, epoch: int, rank: int = 0, world: int = 1) -> Iterable[dict]:
-    """One epoch of ``steps`` batches for this rank: cycled tensors, a DataLoader over the JPEGs (``images``), or
-    the run's persistent loader over the decoded cache (``cache``)."""
+    """One epoch of ``steps`` batches for this rank: cycled tensors (``synthetic``), or the run's persistent loader
+    over the decoded cache (``cache``) or the JPEG files decoded on every read (``images``), augmented on the
+    device; DCGAN batches are uint8 rows of the cache or the files."""
     if b.data == "synthetic":
         return Cycle(_tensors(b, what, rank, world), steps)
     from torch.utils.data import DataLoader
 
-    from datasets.torch_data import ImageDataset
-    from trainables.dcgan import gan_transform
-    from trainables.reid_data import ListBatchSampler, train_loader
+    from datasets.decoded_cache import DecodedDataset, as_batch, image_rows
+    from trainables.reid.data import ListBatchSampler
 
     train = _split(b.data_root).train
     batches = cycle_batches(len(train), b.batch if what == "reid" else b.gan_batch, steps, seed=b.seed + epoch,
                             rank=rank, world_size=world)
-    if what == "reid" and b.data == "cache":  # uint8 from the memory-mapped cache, augmented on the device
-        return _decoded_loader(b, rank, world).epoch(batches, b.seed, rank, epoch)
     if what == "reid":
-        return train_loader(train, batches, b.size, workers=b.loader_workers, pin_memory=b.cuda)
-    return DataLoader(ImageDataset(train, gan_transform(b.gan_size)), batch_sampler=ListBatchSampler(batches),
-                      num_workers=b.loader_workers, pin_memory=b.cuda)
+        return _reid_loader(b, rank, world).epoch(batches, b.seed, rank, epoch)
+    rows = image_rows(train, b.gan_size, DEFAULT_CACHE / "decoded" if b.data == "cache" else None)
+    return DataLoader(DecodedDataset(train, rows), batch_sampler=ListBatchSampler(batches),
+                      num_workers=b.loader_workers, pin_memory=b.cuda, collate_fn=as_batch)
 
 
 # ------------------------------------------------------------------------------------------ epochs

@@ -1,9 +1,9 @@
 """Input pipeline alone: loader capacity from JPEGs vs from the decoded-image cache, vs what the train step consumes.
 
-Rows: the JPEG DataLoader (``trainables.reid_data.train_loader``: ``ImageDataset`` + ``build_transform``, JPEG
-decode + bicubic resize + flip/pad/crop + normalise, per sample) and the training run's loader over the decoded
-cache (``decoded_train_loader``: one memory-mapped gather per batch, then flip/pad/crop + normalise on the device,
-here the CPU: :class:`trainables.augment.DeviceAugment`), and that loader's uint8 batches alone (what it hands a
+Rows: the training run's loader (``trainables.reid.data.train_loader``) over the JPEG files (``FileRows``: JPEG
+decode + bicubic resize per sample in the loader workers) and over the decoded cache (``DecodedRows``: one
+memory-mapped gather per batch), both then flip/pad/crop + normalise on the device, here the CPU
+(:class:`trainables.reid.augment.DeviceAugment`), and the cache's uint8 batches alone (what the loader hands a
 GPU, which augments them), each with the given DataLoader worker counts, over a synthetic Market-format dataset
 (128x64 JPEGs, like Market-1501). The first two end at the network's float input.
 img/s is steady state (after the first batch); per_core divides it by the processes that load (1 with 0 workers,
@@ -28,30 +28,27 @@ import torch
 from torch.utils.data import DataLoader
 
 from bench.common import cycle_batches, format_table, machine, reproduce, spread, synthetic_dataset
-from datasets.decoded_cache import DecodedDataset, DecodedRows, as_batch, decoded_rows
+from datasets.decoded_cache import DecodedDataset, DecodedRows, FileRows, as_batch, decoded_rows
 from datasets.market1501 import load
 from datasets.records import Record
-from datasets.torch_data import ImageDataset, build_transform
-from trainables.augment import normalize
-from trainables.reid_data import ListBatchSampler, decoded_train_loader
+from trainables.reid.data import ListBatchSampler, train_loader
 
 
 def loader_rate(dataset: Any, n: int, batch: int, batches: int, workers: int, seed: int,
                 device: str = "cpu") -> tuple[float, float]:
     """(steady images/s after the first batch, first-batch seconds) of one pass of a loader.
 
-    ``dataset``: an ``ImageDataset`` (a JPEG DataLoader) or a ``DecodedDataset`` (uint8 batches: what the loader
-    does for a GPU, which augments them) or a ``(records, DecodedRows, size)`` tuple (the training run's
-    persistent loader over the cache, augmenting on the CPU).
+    ``dataset``: a ``DecodedDataset`` (uint8 batches: what the loader does for a GPU, which augments them) or a
+    ``(records, rows, size)`` tuple (the training run's persistent loader over those rows, augmenting on
+    ``device``).
     """
     order = cycle_batches(n, batch, batches + 1, seed=seed)
     if isinstance(dataset, tuple):
         records, rows, size = dataset
-        loader = decoded_train_loader(records, rows, size, device=torch.device(device), workers=workers)
+        loader = train_loader(records, rows, size, device=torch.device(device), workers=workers)
         loader.epoch(order, seed)
     else:
-        collate = {"collate_fn": as_batch} if isinstance(dataset, DecodedDataset) else {}
-        loader = DataLoader(dataset, batch_sampler=ListBatchSampler(order), num_workers=workers, **collate)
+        loader = DataLoader(dataset, batch_sampler=ListBatchSampler(order), num_workers=workers, collate_fn=as_batch)
     t0 = time.perf_counter()
     it = iter(loader)
     next(it)
@@ -75,11 +72,9 @@ def pipeline_rows(name: str, dataset: Any, n: int, args: argparse.Namespace, tra
 
 
 def same_samples(train: tuple[Record, ...], rows: DecodedRows, size: tuple[int, int], k: int = 8) -> bool:
-    """The cache gives the JPEG path's test-time tensors, to float rounding (the training crops are tested in
-    tests/test_data_path.py)."""
-    plain = ImageDataset(train[:k], build_transform(size, train=False))
-    cached = normalize(DecodedDataset(train, rows).__getitems__(list(range(min(k, len(train)))))["img"])
-    return all(torch.allclose(plain[i]["img"], cached[i], rtol=0, atol=2e-6) for i in range(len(cached)))
+    """The cache holds exactly what decoding the JPEG files gives (the augmentation is one code path)."""
+    index = list(range(min(k, len(train))))
+    return bool((FileRows(train, size).take(index) == rows.take(index)).all())
 
 
 def train_step_rate(args: argparse.Namespace) -> tuple[float, str]:
@@ -132,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         rows_ = decoded_rows(train, size, cache_dir, workers=args.cache_workers)
         build_s, cache_mib = time.perf_counter() - t0, sum(Path(f).stat().st_size for f in rows_.files) / 2**20
         identical = same_samples(train, rows_, size)
-        rows = pipeline_rows("JPEG decode+augment", ImageDataset(train, build_transform(size, train=True)),
-                             len(train), args, train_rate)
+        rows = pipeline_rows("JPEG decode+augment", (train, FileRows(train, size), size), len(train), args,
+                             train_rate)
         rows += pipeline_rows("decoded cache+augment", (train, rows_, size), len(train), args, train_rate)
         rows += pipeline_rows("decoded cache, uint8", DecodedDataset(train, rows_), len(train), args, train_rate)
     finally:
@@ -146,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                        rows))
     print(f"train step: {train_rate:.1f} img/s ({how})")
     print(f"decoded cache: built in {build_s:.1f} s ({len(train) / max(build_s, 1e-9):.0f} img/s, "
-          f"{cache_mib:.0f} MiB), test-time tensors equal to the JPEG path's (2e-6): {'yes' if identical else 'NO'}")
+          f"{cache_mib:.0f} MiB), its rows equal to the JPEGs decoded anew: {'yes' if identical else 'NO'}")
     for w in args.workers:
         plain, cache, raw = (r[4] for r in rows if r[1] == w)
         print(f"{w} workers: cache {cache / plain:.1f}x JPEG per core augmenting on the CPU, {raw / plain:.1f}x "

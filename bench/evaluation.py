@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from bench.reference import reference_rank
-from trainables.evaluation import compute_distance, evaluate_rank
+from trainables.evaluation import evaluate_rank
+from trainables.evaluation.distance import compute_distance
 
 NUM_CAMS = 6
 IDS_PER_QUERY = 750 / 3368  # Market-1501 test split

@@ -49,7 +49,7 @@ step "machine" bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version 
   \"torchvision\", torchvision.__version__, \"cuda\", torch.cuda.is_available()); import os; print(os.cpu_count(), \"CPUs\")'"
 if "$PY" -c "import pytest" 2>/dev/null; then
   step "CUDA tests" "$PY" -m pytest -q -p no:cacheprovider -o addopts="" tests/test_evaluation.py tests/test_models.py \
-    tests/test_labels.py tests/test_transforms.py
+    tests/test_labels.py tests/test_augment.py
 fi
 step "ResNet-50 ${R50_SIZE} bf16, in memory" "$PY" -m bench.train --what reid --backbone resnet50 --size $R50_SIZE \
   --batch $R50_BATCH --device $DEV $AMP --data synthetic --steps $STEPS --warmup $WARM --repeats $REP
@@ -66,8 +66,8 @@ step "Market-scale evaluation, CPU path" "$PY" -m bench.evaluation $EVAL --repea
 step "Market-scale evaluation on $DEV (distances + ranking)" "$PY" - "$DEV" "$DRY" <<'PYEOF'
 import sys, time
 import numpy as np, torch
-from trainables.distance import compute_distance
-from trainables.evaluation import evaluate
+from trainables.evaluation.distance import compute_distance
+from trainables.evaluation.ranking import evaluate
 dev, dry = sys.argv[1], sys.argv[2] == "1"
 nq, ng, d = (300, 1500, 256) if dry else (3368, 15913, 2048)
 rng = np.random.default_rng(0)

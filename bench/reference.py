@@ -1,5 +1,5 @@
 """The re-ID ranking protocol written as plainly as possible, one query at a time: the oracle that
-`trainables.evaluation.evaluate` (vectorised, chunked) is checked against, by bench/evaluation.py and
+`trainables.evaluation.ranking.evaluate` (vectorised, chunked) is checked against, by bench/evaluation.py and
 tests/test_evaluation.py.
 
 Per query: stable argsort of its distances (ties: lower gallery index first); drop gallery entries with

@@ -71,7 +71,7 @@ def collect(out) -> list[Work]:
     if out.stages.generate is not None and not out.stages.generate.cached:
         workers = json.loads((out.stages.generate.path / "workers.json").read_text())
         work += [Work("generation", f"{n} shards", 0.0, w) for w, n in workers.items()]
-    work += [Work("trial", r["trial"], r.get("seconds") or 0.0, r.get("where") or "?") for r in out.rows]
+    work += [Work("trial", r.key, r.seconds or 0.0, r.where or "?") for r in out.rows]
     return work
 
 
@@ -82,7 +82,7 @@ def problems(work: list[Work], head_id: str, out, slots: int) -> list[str]:
     found += [f"{w.kind} {w.name} ran in the driver process ({w.where})" for w in work
               if w.where.endswith(driver) or w.where.split(" pid ")[-1] == str(os.getpid())]
     found += [f"{w.kind} {w.name}: placement unknown" for w in work if w.where in ("", "?")]
-    found += [f"trial {r['trial']} failed: {r['error']}" for r in out.rows if r.get("error")]
+    found += [f"trial {r.key} failed: {r.error}" for r in out.rows if r.error]
     compute, longest, bound = budget(work, slots)
     if out.critical_path_seconds > bound:
         found.append(f"critical path {out.critical_path_seconds:.0f} s > {BOUND_FACTOR} x {compute:.0f} s / {slots} + "

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -33,6 +32,7 @@ from typing import Any
 from bench.common import format_table, machine, reproduce
 from orchestrator import tracking
 from orchestrator.config import LABEL_METHODS, Config, load_config
+from trainables.methods import BASELINE, method
 
 OVERHEAD_TARGET_S = 10.0
 
@@ -111,19 +111,21 @@ def phase_rows(start: float, ray_s: float, stages: list[Any], trials: list[Any],
 
 def import_seconds() -> float:
     """Seconds a fresh interpreter takes to import what a trial imports (torch, torchvision, MLflow, Ray Tune)."""
-    code = ("import time; t = time.perf_counter(); import torch, trainables.reid, orchestrator.tuning, "
+    code = ("import time; t = time.perf_counter(); import torch, trainables.reid.loop, orchestrator.tuning, "
             "orchestrator.tracking, ray.tune; print(time.perf_counter() - t)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(done.stdout.strip().splitlines()[-1])
 
 
 def start_ray(cfg: Config) -> float:
-    """Start Ray as run_sweep would (``orchestrator.sweep._init_ray``), timed on its own."""
+    """Start Ray as run_sweep does (``orchestrator.cluster.connect``), timed on its own."""
     import ray
+
+    from orchestrator.cluster import connect
 
     t0 = time.perf_counter()
     if not ray.is_initialized():
-        ray.init(num_cpus=cfg.cluster.num_cpus or max(3, os.cpu_count() or 1), include_dashboard=False)
+        connect(cfg)
     return time.perf_counter() - t0
 
 
@@ -152,7 +154,7 @@ def run(args: argparse.Namespace, storage: Path) -> tuple[list[list], list[list]
     """Run the sweep; return the phase rows, trial rows, training counts and the config."""
     import ray
 
-    from orchestrator.pipeline import Paths
+    from orchestrator.stage_cache import Paths
     from orchestrator.sweep import run_sweep
     from orchestrator.trials import build_trials
 
@@ -171,9 +173,9 @@ def run(args: argparse.Namespace, storage: Path) -> tuple[list[list], list[list]
     last_stage = max(((r.info.end_time or 0) / 1000 for r in stages), default=start)
     rows = trial_rows(trials, tune_results(Paths(storage).tune / out.name), last_stage, args.concurrent)
     planned = build_trials(cfg)
-    counts = {"gan": trainings(stages, "stage:gan"), "baseline": trainings(stages, "stage:baseline"),
+    counts = {"gan": trainings(stages, "stage:gan"), "baselines": trainings(stages, f"stage:{BASELINE}"),
               "gan_expected": int(any(t.num_gan > 0 for t in planned)),
-              "baseline_expected": int(any(t.method in ("baseline", "smprl") for t in planned))}
+              "baselines_expected": int(any(t.method == BASELINE or method(t.method).static_ranks for t in planned))}
     return phases, rows, counts, cfg
 
 
@@ -197,9 +199,9 @@ def main(argv: list[str] | None = None) -> int:
           f"imports the trial's modules in {import_seconds():.1f} s (paid by every trial: Tune does not reuse actors)")
     verdict = "ok" if mean_overhead <= OVERHEAD_TARGET_S else "ABOVE"
     print(f"overhead per trained trial: mean {mean_overhead:.1f} s ({verdict} target <= {OVERHEAD_TARGET_S:.0f} s)")
-    ok = counts["gan"] == counts["gan_expected"] and counts["baseline"] == counts["baseline_expected"]
+    ok = counts["gan"] == counts["gan_expected"] and counts["baselines"] == counts["baselines_expected"]
     print(f"trainings (MLflow stage runs with mprl.cached=false): GAN {counts['gan']} (expected "
-          f"{counts['gan_expected']}), baseline {counts['baseline']} (expected {counts['baseline_expected']})"
+          f"{counts['gan_expected']}), baseline {counts['baselines']} (expected {counts['baselines_expected']})"
           f"{'' if ok else '  MISMATCH'}")
     print(reproduce("bench.sweep", argv))
     return 0 if ok else 1

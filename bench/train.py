@@ -1,8 +1,8 @@
 """Training throughput: our re-ID and DCGAN loops vs a plain PyTorch loop on the same model, data and batch.
 
-Rows, per loop (``reid``: ``trainables.engine.train_one_epoch`` on the model/optimizer of
-``reid.build_training``;
-``gan``: ``trainables.dcgan.train_epoch`` on the models/optimizers ``gan_loop`` builds):
+Rows, per loop (``reid``: ``trainables.reid.engine.train_one_epoch`` on the model/optimizer of
+``trainables.reid.loop.build_training``; ``gan``: ``trainables.gan.train.train_epoch`` on the models/optimizers
+``gan_loop`` builds):
 
 * ``plain``: model + optimizer + loss in a bare loop in this process (re-ID: SGD + ``soft_cross_entropy`` on
   one-hot targets; DCGAN: the D then G step), no per-step host syncs, cudnn.benchmark on CUDA;
@@ -53,9 +53,11 @@ from bench.common import (
     timed,
 )
 from orchestrator.config import from_dict, to_dict
-from trainables import reid as reid_module
 from trainables import runtime
-from trainables.engine import ident_step, train_one_epoch
+from trainables.gan.train import gan_images
+from trainables.methods import BASELINE, LABEL_METHODS, method
+from trainables.reid import loop as reid_module
+from trainables.reid.engine import ident_step, train_one_epoch
 
 TARGET_RATIO = 0.95
 H100_TARGET = 2000.0  # images/s, ResNet-50 at 256x128
@@ -67,15 +69,13 @@ class PlainReid:
     """Bare loop: the network and SGD groups of ``reid.build_training``, one-hot targets, no per-step host syncs."""
 
     def __init__(self, b: Bench) -> None:
-        from trainables.labels import num_outputs
-        from trainables.models import build_reid_model
+        from trainables.reid.labels import num_outputs
 
         cfg, self.b, self.device = bench_config(b), b, torch.device(b.device)
         r, self.cl, self.amp = cfg.reid, b.cuda and b.channels_last, b.cuda and b.amp
         torch.manual_seed(b.seed)
         self.classes = num_outputs(reid_module.label_spec(cfg.reid, cfg.labels, num_classes(b)))
-        model = build_reid_model(r.model, self.classes, r.backbone, r.embed_dim, r.dropout,
-                                 last_stride=r.last_stride, channels_last=self.cl).to(self.device)
+        model = reid_module.build_model(r, self.classes, device_type=self.device.type).to(self.device)
         wd = reid_module.weight_decay(cfg.reid, cfg.labels)
         groups = model.param_groups(r.lr, new_lr_mult=r.new_lr_mult, weight_decay=wd)
         self.opt = torch.optim.SGD(groups, lr=r.lr, momentum=r.momentum, nesterov=r.nesterov)
@@ -86,7 +86,7 @@ class PlainReid:
             return timed(lambda: self._epoch(steps, epoch), self.device)
 
     def _epoch(self, steps: int, epoch: int) -> int:
-        from trainables.labels import soft_cross_entropy
+        from trainables.reid.labels import soft_cross_entropy
 
         self.model.train()
         n = 0
@@ -123,7 +123,7 @@ def reid_worker(config: dict) -> dict:
         m = train_one_epoch(model, data, optimizer, step_fn, epoch=e, device=ctx.device,
                             channels_last=channels_last)
         runtime.report({"epoch": e, **m})
-        return round(m["images_per_s"] * m["epoch_time_s"]), m["epoch_time_s"]
+        return m["images"], m["epoch_time_s"]
 
     return asdict(run_epochs(b, epoch, ctx.world_size, config.get("before")))
 
@@ -132,7 +132,7 @@ def reid_worker(config: dict) -> dict:
 
 def _gan_setup(b: Bench, wrap: Callable[[torch.nn.Module], torch.nn.Module]):
     """G, D and their Adam optimizers as ``gan_loop`` builds them (compiled with ``--compile``)."""
-    from trainables.gan_models import Discriminator, Generator
+    from trainables.gan.nets import Discriminator, Generator
 
     gan = bench_config(b).gan
     torch.manual_seed(gan.seed)
@@ -159,7 +159,7 @@ class PlainGan:
     def _epoch(self, steps: int, epoch: int) -> int:
         G, D, bce, n = self.G, self.D, F.binary_cross_entropy_with_logits, 0
         for batch in epoch_data(self.b, "gan", steps, epoch):
-            real = batch["img"].to(self.device, non_blocking=True).contiguous(memory_format=self.fmt)
+            real = gan_images(batch["img"], self.device).contiguous(memory_format=self.fmt)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 fake = G(torch.rand(real.shape[0], self.latent, device=self.device) * 2 - 1)
                 lr, lf = D(real).float(), D(fake.detach()).float()
@@ -178,8 +178,8 @@ class PlainGan:
 
 
 def gan_worker(config: dict) -> dict:
-    """Per-worker loop: the models/optimizers of ``gan_loop`` + ``dcgan.train_epoch``, timed as gan_loop does."""
-    from trainables.dcgan import train_epoch
+    """Per-worker loop: the models/optimizers of ``gan_loop`` + ``gan.train.train_epoch``, timed as gan_loop does."""
+    from trainables.gan.train import train_epoch
 
     b, ctx = Bench(**config["bench"]), runtime.context()
     G, D, opt_g, opt_d, latent = _gan_setup(b, runtime.wrap_model)
@@ -193,7 +193,7 @@ def gan_worker(config: dict) -> dict:
         runtime.report({"epoch": e, "loss_d": float(sums[0]) / max(n, 1), "epoch_time_s": secs})
         return n * local, secs
 
-    with cudnn_benchmark(ctx.device.type == "cuda"):  # dcgan._loader turns it on (here undone afterwards)
+    with cudnn_benchmark(ctx.device.type == "cuda"):  # gan.train._loader turns it on (here undone afterwards)
         return asdict(run_epochs(b, epoch, ctx.world_size, config.get("before")))
 
 
@@ -251,9 +251,11 @@ def start_ray() -> float:
     """Start a local Ray (enough CPUs for 2 workers); returns the seconds it took."""
     import ray
 
+    from orchestrator.cluster import start_local_ray
+
     t0 = time.perf_counter()
     if not ray.is_initialized():
-        ray.init(num_cpus=max(2, os.cpu_count() or 1), include_dashboard=False)
+        start_local_ray(max(2, os.cpu_count() or 1))
     return time.perf_counter() - t0
 
 
@@ -330,8 +332,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Bench]:
     p.add_argument("--loader-workers", type=int, default=0, help="DataLoader processes (--data images)")
     p.add_argument("--root", help="Market-format dataset for --data images (default: a cached synthetic one)")
     p.add_argument("--ids", type=int, default=64, help="training ids of that synthetic dataset (16 images each)")
-    p.add_argument("--method", default="baseline", choices=("baseline", "allinone", "pseudo", "lsro", "dmprl1",
-                                                            "dmprl2"), help="label method (synthetic data)")
+    p.add_argument("--method", default=BASELINE, help="label method (synthetic data)",
+                   choices=[m for m in LABEL_METHODS if not (method(m).static_ranks or method(m).real_repeats)])
     p.add_argument("--gen-share", type=float, default=0.25, help="generated share of a synthetic batch")
     p.add_argument("--gan-size", type=int, nargs=2, default=(64, 32), metavar=("H", "W"))
     p.add_argument("--gan-width", type=int, default=64)
@@ -371,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run the imported module's main: Ray then pickles the worker loops by reference (see trainables/dcgan.py).
+    # Run the imported module's main: Ray then pickles the worker loops by reference.
     from bench.train import main as _main
 
     raise SystemExit(_main())

@@ -1,10 +1,10 @@
-"""Decoded-image cache: the images of a record list decoded and resized once into one uint8 ``.npy`` memmap.
+"""Decoded images: a record list's images decoded and resized once into uint8 ``.npy`` memmaps; the rows readers take.
 
-``build_transform(size, train=True)`` decodes a JPEG and bicubic-resizes it for every sample of every epoch,
-which is most of the input pipeline's work. The resize is deterministic, so :func:`build_cache` stores its result
-once (``uint8 [N, H, W, 3]``) and :class:`CachedImageDataset` applies only the random part (flip, pad, crop) and
-the normalisation, on tensors. With the same torch RNG state it yields exactly the samples of
-``ImageDataset(records, build_transform(size, train=...))``: the same random draws on the same pixels.
+Decoding a JPEG and bicubic-resizing it is most of an input pipeline's work and is deterministic, so
+:func:`build_cache` stores its result once (``uint8 [N, H, W, 3]``); the random part (flip, pad, crop) and the
+normalisation run on the training device, on whole batches (``trainables.reid.augment``). :class:`DecodedRows`
+serves a record list's rows from the cache files; :class:`FileRows` serves the same rows decoded from the image
+files on every read (``reid.decoded_cache=false``), so both paths share one augmentation.
 
 The file name hashes the image size and every image's path, byte size and modification time (and, for an image
 stored as a row of a generated-image shard, that row), so a changed dataset gets a new file. It is written under
@@ -26,15 +26,15 @@ import json
 import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
+from datasets.images import read_record
 from datasets.records import Record
-from datasets.torch_data import IMAGENET_MEAN, IMAGENET_STD, check_augment, read_record
 
 CACHE_VERSION = 1
 CHUNK = 256  # images per write job
@@ -68,7 +68,7 @@ def keys_path(cache_file: str | Path) -> Path:
 
 
 def decode(records: Sequence[Record], image_size: tuple[int, int]) -> np.ndarray:
-    """uint8 [n, H, W, 3]: each image read as RGB and resized exactly as ``build_transform`` does."""
+    """uint8 [n, H, W, 3]: each image read as RGB and resized to ``image_size`` (bicubic, PIL's antialiasing)."""
     resize = T.Resize(tuple(image_size), interpolation=T.InterpolationMode.BICUBIC)
     return np.stack([np.asarray(resize(read_record(r))) for r in records])
 
@@ -198,62 +198,39 @@ def decoded_rows(records: Sequence[Record], image_size: tuple[int, int], cache_d
     return DecodedRows([files[f] for f in used], remap[where[:, 0]], where[:, 1], image_size)
 
 
-def tensor_transform(image_size: tuple[int, int], *, train: bool, pad: int = 10,
-                     augment: str = "pad_crop") -> Callable[[torch.Tensor], torch.Tensor]:
-    """``build_transform`` after its resize, on uint8 [3, H, W] tensors: flip, pad, crop, to float, normalise.
+class FileRows:
+    """The rows :class:`DecodedRows` would give, decoded from the image files on every :meth:`take` (no cache)."""
 
-    Only the pad_crop pipeline: the cache holds ``image_size`` images, while the paper and reference_code
-    pipelines resize to ``pre_crop_size(image_size)`` before their crop.
-    """
-    check_augment(augment)
-    if augment != "pad_crop":
-        raise ValueError(f"reid.augment={augment!r}: the decoded-image cache supports only 'pad_crop'")
-    h, w = image_size
-    steps: list = []
-    if train:
-        steps += [T.RandomHorizontalFlip(), T.Pad(max(1, pad * h // 256)), T.RandomCrop((h, w))]
-    steps += [T.ConvertImageDtype(torch.float32), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    return T.Compose(steps)
-
-
-class CachedImageDataset(Dataset):
-    """``ImageDataset``'s samples, with the images read from a :func:`build_cache` file (row i = record i)."""
-
-    def __init__(self, records: Sequence[Record], cache_file: str | Path, image_size: tuple[int, int], *,
-                 train: bool, pad: int = 10) -> None:
+    def __init__(self, records: Sequence[Record], image_size: tuple[int, int]) -> None:
         self.records = tuple(records)
-        self.cache_file = str(cache_file)
-        self.transform = tensor_transform(image_size, train=train, pad=pad)
-        shape = np.load(self.cache_file, mmap_mode="r").shape
-        if shape != (len(self.records), *image_size, 3):
-            raise ValueError(f"decoded cache {cache_file} holds {shape}, expected "
-                             f"{(len(self.records), *image_size, 3)} for these records and image size")
-        self._array: np.ndarray | None = None  # opened lazily in each process (DataLoader workers)
+        self.image_size = (int(image_size[0]), int(image_size[1]))
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_array": None}  # never pickle the mapped data itself
+    def take(self, index: Sequence[int] | np.ndarray) -> np.ndarray:
+        """uint8 [B, H, W, 3]: the images of records ``index``."""
+        return decode([self.records[i] for i in np.asarray(index, dtype=np.int64)], self.image_size)
 
-    def __getitem__(self, i: int) -> dict:
-        if self._array is None:
-            self._array = np.load(self.cache_file, mmap_mode="r")
-        img = torch.from_numpy(self._array[i].transpose(2, 0, 1).copy())  # uint8 [3, H, W]
-        r = self.records[i]
-        return {"img": self.transform(img), "label": r.label, "pid": r.pid, "camid": r.camid,
-                "generated": r.generated, "gen_row": r.gen_row, "index": i}
+
+def image_rows(records: Sequence[Record], image_size: tuple[int, int], cache_dir: str | Path | None, *,
+               workers: int = 0) -> DecodedRows | FileRows:
+    """The uint8 rows of ``records`` at ``image_size``: from the cache in ``cache_dir`` (missing images decoded into
+    it first, ``workers`` processes), or, with no ``cache_dir``, decoded from their files on every read."""
+    if cache_dir is None:
+        return FileRows(records, image_size)
+    return decoded_rows(records, image_size, cache_dir, workers=workers)
 
 
 class DecodedDataset(Dataset):
-    """Records -> whole uint8 batches from a decoded cache (no transform: augmentation runs on the device).
+    """Records -> whole uint8 batches of their rows (no transform: augmentation runs on the device).
 
     ``__getitems__`` (what a DataLoader with a batch sampler calls) gathers a batch with one copy and returns
     it already collated: ``{"img": uint8 [B, H, W, 3], "label", "pid", "camid", "generated", "gen_row",
     "index"}``; pass ``collate_fn=as_batch``.
     """
 
-    def __init__(self, records: Sequence[Record], rows: DecodedRows) -> None:
+    def __init__(self, records: Sequence[Record], rows: DecodedRows | FileRows) -> None:
         if len(rows) != len(records):
             raise ValueError(f"{len(rows)} decoded rows for {len(records)} records")
         self.records, self.rows = tuple(records), rows

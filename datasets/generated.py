@@ -10,7 +10,7 @@ Layout under ``root`` (format 2)::
 The first N images of one pool serve every #GAN setting, as in the paper. A shard is written to a temporary
 name in ``shards/`` and renamed, so a shard file that exists is complete: it is the resume marker, and an
 interrupted generation is detected and completed, never taken as complete. Shards are plain ``.npy`` files
-(lossless, no decoding); readers memory-map them (``datasets.torch_data.read_record``). Format 1 (one JPEG per
+(lossless, no decoding); readers memory-map them (``datasets.images.read_record``). Format 1 (one JPEG per
 image under ``images/``) is refused with a message: tens of thousands of small files were slow on shared storage.
 """
 

@@ -18,7 +18,7 @@ class Record:
     Generated images are records too: ``generated=True``, ``pid=-1``, ``camid=-1`` and ``gen_row`` = their
     row in the generated-image store (where their static targets live), so the training loop has no
     special path for them. ``shard_row >= 0``: ``path`` is a shard file (uint8 [B, H, W, 3]) and the image is
-    that row of it (``datasets.torch_data.read_record``); -1 for an ordinary image file.
+    that row of it (``datasets.images.read_record``); -1 for an ordinary image file.
     """
 
     path: str

@@ -1,12 +1,15 @@
-"""Cluster-aware checks: fail in seconds, naming the field, before a multi-node sweep goes wrong slowly.
+"""Connecting to Ray, and the cluster checks that fail in seconds, naming the field, before a multi-node sweep goes
+wrong slowly.
 
+* :func:`connect` / :func:`start_local_ray`: the one way this project calls ``ray.init``.
 * :func:`check_address` probes a Ray address with one TCP connect, because ``ray.init`` against a dead address
   retries for minutes.
 * :func:`check_storage_and_tracking` refuses, on a multi-node cluster, settings that silently split the results
   across machines: a storage path that is not shared and an MLflow store on the driver's disk.
-* :func:`driver_resources` pins Tune driver trials to the head node of the clusters in ``clusters/``, which
-  advertise the custom resource ``tune_driver`` there; :func:`scales_on_demand` recognises those clusters.
-* :func:`preflight` runs the checks that need the live cluster, right after ``ray.init``.
+* :func:`preflight` runs the checks that need the live cluster, right after ``ray.init``: the shared-storage
+  marker and every path the workers use, probed on every alive node (:func:`on_every_node`).
+
+What each task asks for is :mod:`orchestrator.resources`.
 
 Shared storage is *declared*, not guessed: the stage cache, the generated-image store, Ray Tune and Ray Train
 all write POSIX files under ``cluster.storage_path``, so on several nodes it must be a mount (NFS, EFS, a
@@ -18,22 +21,22 @@ also checks that every node already in the cluster sees the marker.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
 from pathlib import Path
-from typing import Any, Collection, Mapping
+from typing import Any, Callable, Collection
 from urllib.parse import urlsplit
 
+from orchestrator.resources import runs_in_process, scales_on_demand
+from trainables.placement import LOGICAL_GPUS_ENV, node_name
+
 SHARED_MARKER = ".mprl-shared"
-DRIVER_RESOURCE = "tune_driver"  # advertised by the head node in clusters/*.yaml
-DRIVER_SHARE = 0.01  # one driver trial's share: the head's CPUs, not this, limit how many run there
-# Advertised (1000 units) by the worker nodes of clusters/*.yaml: every task that computes takes a sliver of it,
-# so CPU-only stages and trials never land on the head, whose CPUs serve the driver, Tune and MLflow.
-WORKER_RESOURCE = "mprl_worker"
-WORKER_SHARE = 0.001
+DATASET_FIELD = "dataset.root"  # the fields a worker path came from, for messages
+STORAGE_FIELD = "cluster.storage_path"
 # On clusters that add GPU nodes on demand a Train worker group may wait minutes for its node; Ray Train's
-# default is 60 s, after which it tears the group down and retries (research/ray_mlflow.md).
+# default is 60 s, after which it tears the group down and retries (docs/clusters.md, "What runs where").
 WORKER_GROUP_START_TIMEOUT_S = "900"
 OBJECT_STORE_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "az", "hdfs", "oss")
 LOCAL_TRACKING_SCHEMES = ("", "file", "sqlite")
@@ -170,28 +173,21 @@ def alive_nodes() -> list[dict[str, Any]]:
     return [n for n in ray.nodes() if n.get("Alive")]
 
 
-def num_nodes() -> int:
-    """How many nodes of the connected Ray cluster are alive."""
-    return len(alive_nodes())
+def on_every_node(fn: Callable[[Any], Any], arg: Any, nodes: list[dict[str, Any]], what: str,
+                  timeout_s: float = 120.0) -> dict[str, Any]:
+    """``{node name: fn(arg)}``, ``fn`` run by one small Ray task pinned to each node (no CPU); ValueError naming
+    ``what`` when not every node answers within ``timeout_s`` (a node without free memory, a hung mount)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-
-def scales_on_demand(cluster_resources: Mapping[str, float]) -> bool:
-    """True on the clusters of ``clusters/`` (their head advertises ``tune_driver``): GPU workers join when
-    trials ask for them, so resources missing at the start are no reason to refuse a sweep."""
-    return cluster_resources.get(DRIVER_RESOURCE, 0) > 0
-
-
-def driver_resources(base: Mapping[str, float], cluster_resources: Mapping[str, float]) -> dict[str, float]:
-    """``base`` plus ``{"tune_driver": 0.01}`` when the cluster advertises that resource (on its head).
-
-    Use it for trials that only drive a Ray Train worker group (``{"CPU": 1}``): they then run next to the
-    MLflow server on the head and leave the GPU nodes' CPUs to the workers. A trial that asks for a GPU trains
-    in place and is returned unchanged (the head has no GPU, pinning it there would never schedule).
-    """
-    out = dict(base)
-    if scales_on_demand(cluster_resources) and not base.get("GPU"):
-        out[DRIVER_RESOURCE] = DRIVER_SHARE
-    return out
+    probe = ray.remote(num_cpus=0, max_retries=0)(fn)
+    refs = {node_name(n["NodeManagerAddress"], n["NodeID"]): probe.options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(arg) for n in nodes}
+    try:
+        return dict(zip(refs, ray.get(list(refs.values()), timeout=timeout_s)))
+    except ray.exceptions.GetTimeoutError:
+        raise ValueError(f"could not check {what} on every node within {timeout_s:g} s (a node without free "
+                         f"memory or a hung mount?)") from None
 
 
 def _marker_visible(path: str) -> bool:
@@ -200,35 +196,67 @@ def _marker_visible(path: str) -> bool:
 
 def check_marker_on_nodes(marker: Path, nodes: list[dict[str, Any]], timeout_s: float = 120.0) -> None:
     """Raise ValueError naming the node when a node does not see the shared-storage marker."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    probe = ray.remote(num_cpus=0, max_retries=0)(_marker_visible)
-    refs = {n["NodeManagerAddress"] + " " + n["NodeID"][:12]: probe.options(
-        scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(str(marker))
-        for n in nodes}
-    try:
-        seen = dict(zip(refs, ray.get(list(refs.values()), timeout=timeout_s)))
-    except ray.exceptions.GetTimeoutError:
-        raise ValueError(f"cluster.storage_path: could not check {marker} on every node within "
-                         f"{timeout_s:g} s") from None
+    seen = on_every_node(_marker_visible, str(marker), nodes, f"{STORAGE_FIELD} ({marker})", timeout_s)
     missing = [node for node, ok in seen.items() if not ok]
     if missing:
-        raise ValueError(f"cluster.storage_path: the shared-storage marker {marker} exists here but not on node(s) "
+        raise ValueError(f"{STORAGE_FIELD}: the shared-storage marker {marker} exists here but not on "
                          f"{', '.join(missing)}; the mount is missing there")
+
+
+def worker_paths(cfg: Any) -> dict[str, str]:
+    """``{field: path}`` of what workers use: the storage path (written) and a given dataset root (read)."""
+    out = {STORAGE_FIELD: str(Path(cfg.cluster.storage_path))}
+    if cfg.dataset.root:
+        out[DATASET_FIELD] = str(Path(cfg.dataset.root).expanduser().absolute())
+    return out
+
+
+def path_problems(paths: dict[str, str]) -> dict[str, str]:
+    """``{field: problem}`` for the paths unusable from this process: runs on each node (and is testable here).
+
+    The dataset root must be a readable folder; the storage path a writable folder (the driver creates it
+    before the check, so on shared storage it exists everywhere).
+    """
+    problems = {}
+    for field, path in paths.items():
+        p = Path(path)
+        write = field == STORAGE_FIELD
+        if not p.is_dir():
+            problems[field] = f"{field}={path} does not exist there" if not p.exists() else \
+                f"{field}={path} is not a folder there"
+        elif not os.access(p, (os.W_OK if write else os.R_OK) | os.X_OK):
+            problems[field] = f"{field}={path} is not {'writable' if write else 'readable'} there"
+    return problems
+
+
+def problems_message(found: dict[str, dict[str, str]]) -> str | None:
+    """One message for ``{node: {field: problem}}``, or None when every node can use every path."""
+    bad = [f"on {node}: " + "; ".join(problems.values()) for node, problems in found.items() if problems]
+    if not bad:
+        return None
+    return ("the workers could not use these paths (every node needs the dataset and the storage at the same "
+            "path, e.g. on the shared mount): " + " | ".join(bad))
+
+
+def check_paths_on_nodes(cfg: Any, nodes: list[dict[str, Any]], timeout_s: float = 120.0) -> None:
+    """Every path the workers read or write, checked from every node before any stage runs: the driver's own
+    checks see only the driver's disk, and a ``dataset.root`` on the head's local disk, or a storage mount missing
+    on one node, would only fail there, hours later. One ValueError names every node and path that is unusable."""
+    paths = worker_paths(cfg)
+    message = problems_message(on_every_node(path_problems, paths, nodes, ", ".join(paths.values()), timeout_s))
+    if message:
+        raise ValueError(message)
 
 
 def preflight(cfg: Any) -> None:
     """After ``ray.init``: the storage/tracking checks against the live cluster, then, on a cluster (more than one
-    node, or one given by ``cluster.address``), every path the workers use checked from every alive node
-    (:mod:`orchestrator.nodes`). The storage path must exist (the sweep creates it first).
+    node, or one given by ``cluster.address``), every path the workers use checked from every alive node. The
+    storage path must exist (the sweep creates it first).
 
     A cluster whose head advertises ``tune_driver`` (the files in ``clusters/``) adds GPU workers on demand,
     so it counts as multi-node even while only the head is up.
     """
     import ray
-
-    from orchestrator import nodes as node_checks
 
     nodes = alive_nodes()
     expected = max(len(nodes), 2) if scales_on_demand(ray.cluster_resources()) else len(nodes)
@@ -236,18 +264,14 @@ def preflight(cfg: Any) -> None:
     if len(nodes) > 1:
         check_marker_on_nodes(find_marker(cfg.cluster.storage_path), nodes)
     if len(nodes) > 1 or cfg.cluster.address:
-        node_checks.check_paths_on_nodes(cfg, nodes)
+        check_paths_on_nodes(cfg, nodes)
 
 
-# ------------------------------------------------------------------------------------ resources
-
-def runs_in_process(cfg: Any) -> bool:
-    """A single-worker re-ID run trains inside its Tune trial / stage task (no Train worker group start-up)."""
-    return cfg.sweep.in_process and cfg.reid.num_workers <= 1
-
+# ------------------------------------------------------------------------------------ ray.init
 
 def connect(cfg: Any) -> None:
-    """``ray.init`` for the sweep: the cluster at ``cluster.address``, else a fresh local instance."""
+    """``ray.init`` for a sweep or a training CLI: the cluster at ``cluster.address``, else a fresh local instance
+    of ``cluster.num_cpus`` CPUs (0: max(3, the machine's))."""
     import ray
 
     if ray.is_initialized():
@@ -257,25 +281,33 @@ def connect(cfg: Any) -> None:
     if cfg.cluster.address:
         ray.init(address=cfg.cluster.address, runtime_env={"env_vars": env})
         return
-    num_cpus = cfg.cluster.num_cpus or max(3, os.cpu_count() or 1)
-    dashboard: dict = {"include_dashboard": False}
-    if not runs_in_process(cfg):
-        # Trials that drive Ray Train runs: when Tune stops one (ASHA), its Train controller dies with the trial
-        # actor and Train's PlacementGroupCleaner frees the workers' placement group once the State API (served by
-        # the dashboard) says so; without it the next trial waits for those CPUs/GPUs forever. Pin the State API
-        # address (inherited by the workers): with other Ray instances on the machine auto-detection fails.
-        port = _free_port()
+    # Trials that drive Ray Train runs: when Tune stops one (ASHA), its Train controller dies with the trial actor
+    # and Train's PlacementGroupCleaner frees the workers' placement group once the State API (served by the
+    # dashboard) says so; without it the next trial waits for those CPUs/GPUs forever.
+    start_local_ray(cfg.cluster.num_cpus or max(3, os.cpu_count() or 1), env=env,
+                    dashboard=not runs_in_process(cfg))
+
+
+def start_local_ray(num_cpus: int, *, env: dict[str, str] | None = None, dashboard: bool = False,
+                    **options: Any) -> None:
+    """A fresh local Ray instance (``address="local"``: never one some other user's ``ray start`` left on this
+    machine). ``dashboard``: with the dashboard, on a free port that the State API address is pinned to (inherited by
+    the workers; with other Ray instances on the machine auto-detection fails). ``options`` go to ``ray.init``."""
+    import ray
+
+    if dashboard:
+        port = free_port()
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-        dashboard = {"include_dashboard": True, "dashboard_port": port}
-    # address="local": always a fresh instance, never one some other user's `ray start` left on this machine
-    ray.init(address="local", num_cpus=num_cpus, log_to_driver=True, runtime_env={"env_vars": env}, **dashboard)
+        options.update(include_dashboard=True, dashboard_port=port)
+    else:
+        options.setdefault("include_dashboard", False)
+    ray.init(address="local", num_cpus=num_cpus, log_to_driver=True, runtime_env={"env_vars": env or {}},
+             **options)
 
 
 def worker_env(cfg: Any) -> dict[str, str]:
     """Environment of every worker of the sweep's Ray job: the Train worker-group start timeout (a value the user
     exported wins) and, with ``cluster.logical_gpus``, leave to run on the CPU where a logical GPU was granted."""
-    from trainables.runtime import LOGICAL_GPUS_ENV
-
     env = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S",
                                                                     WORKER_GROUP_START_TIMEOUT_S)}
     if cfg.cluster.logical_gpus:
@@ -285,8 +317,6 @@ def worker_env(cfg: Any) -> dict[str, str]:
 
 def _job_env_keys() -> set[str]:
     """Env vars the ``ray job submit`` runtime env sets already (ray.init refuses the same key twice)."""
-    import json
-
     try:
         job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
         return set((job.get("runtime_env") or {}).get("env_vars") or {})
@@ -294,114 +324,8 @@ def _job_env_keys() -> set[str]:
         return set()
 
 
-def compute_resources(cpus: float, gpus: float, cluster_resources: Mapping[str, float]) -> dict[str, float]:
-    """Resources of a task that computes: ``cpus``/``gpus``, plus a sliver of the worker-node resource where the
-    cluster advertises it (never the head)."""
-    out = {"CPU": float(cpus), "GPU": float(gpus)}
-    if cluster_resources.get(WORKER_RESOURCE, 0) > 0 or scales_on_demand(cluster_resources):
-        out[WORKER_RESOURCE] = WORKER_SHARE
-    return out
-
-
-def _cluster_resources() -> dict[str, float]:
-    """The connected cluster's resources ({} before ``ray.init``: plain requests, e.g. for offline checks)."""
-    import ray
-
-    return ray.cluster_resources() if ray.is_initialized() else {}
-
-
-def ray_options(resources: Mapping[str, float]) -> dict[str, Any]:
-    """``{"CPU": c, "GPU": g, "x": v}`` -> the keyword arguments of ``ray.remote`` / ``.options``."""
-    custom = {k: v for k, v in resources.items() if k not in ("CPU", "GPU")}
-    return {"num_cpus": resources.get("CPU", 1), "num_gpus": resources.get("GPU", 0),
-            **({"resources": custom} if custom else {})}
-
-
-def stage_resources(cfg: Any, stage: str) -> dict[str, float]:
-    """What a stage's Ray task asks for. ``cpu``: the dataset stage; ``gan``/``reid``: training (a task that only
-    drives a Train worker group asks for what a driver trial does); ``generate``/``smprl``: inference."""
-    have = _cluster_resources()
-    if stage == "cpu":
-        return compute_resources(1, 0, have)
-    sub = cfg.gan if stage in ("gan", "generate") else cfg.reid
-    if stage in ("gan", "reid") and not (cfg.sweep.in_process and sub.num_workers <= 1):
-        return driver_resources({"CPU": 1}, have)
-    workers = getattr(sub, "loader_workers", 0)
-    return compute_resources(1 + workers, 1 if sub.use_gpu else 0, have)
-
-
-def generation_helpers(cfg: Any) -> int:
-    """Generation workers besides the stage's own: one per other GPU (0 on CPU). On a cluster that adds GPU nodes
-    on demand, as many as ``sweep.max_concurrent`` allows (the GPUs it will have), not the GPUs up now."""
-    if not cfg.gan.use_gpu:
-        return 0
-    have = _cluster_resources()
-    gpus = cfg.sweep.max_concurrent if scales_on_demand(have) else int(have.get("GPU", 0))
-    return max(0, gpus - 1)
-
-
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on loopback now (for a dashboard, an MLflow server of a test)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def trial_resources(cfg: Any) -> dict[str, float]:
-    """What one Tune trial asks for: all of an in-process trial; only the driver of a Train worker group."""
-    if runs_in_process(cfg):
-        return compute_resources(1 + cfg.reid.loader_workers, 1 if cfg.reid.use_gpu else 0, _cluster_resources())
-    return driver_resources({"CPU": 1}, _cluster_resources())
-
-
-CLUSTER_RETRIES = 3  # sweep.max_failures on a cluster unless set: spot capacity is reclaimed, nodes are lost
-
-
-def trial_retries(cfg: Any) -> int:
-    """``sweep.max_failures``, else 3 on a cluster (``cluster.address`` set) and 1 on one machine."""
-    if cfg.sweep.max_failures is not None:
-        return cfg.sweep.max_failures
-    return CLUSTER_RETRIES if cfg.cluster.address else 1
-
-
-def max_concurrent(cfg: Any) -> int:
-    """Trials that fit the cluster at once (``sweep.max_concurrent`` when set)."""
-    if cfg.sweep.max_concurrent:
-        return cfg.sweep.max_concurrent
-    import ray
-
-    have = ray.cluster_resources()
-    if runs_in_process(cfg):
-        fit = int(have.get("CPU", 1) // (1 + cfg.reid.loader_workers))
-        if cfg.reid.use_gpu:
-            fit = min(fit, int(have.get("GPU", 0)))
-    else:
-        workers = max(1, cfg.reid.num_workers)
-        fit = int(have.get("GPU", 0) // workers) if cfg.reid.use_gpu else int(have.get("CPU", 1) // (workers + 1))
-    if fit < 1:
-        raise ValueError(f"one trial needs {trial_resources(cfg)} plus {cfg.reid.num_workers} workers but the Ray "
-                         f"cluster has {dict(have)}; lower reid.num_workers / reid.loader_workers or add nodes")
-    return fit
-
-
-def check_resources(cfg: Any) -> None:
-    """Refuse, before any stage runs, worker counts that the Ray cluster can never place (Ray would wait forever)."""
-    import ray
-
-    have = ray.cluster_resources()
-    if scales_on_demand(have):  # GPU workers join when trials ask for them
-        if not have.get(WORKER_RESOURCE):
-            print(f"[cluster] no node advertises {WORKER_RESOURCE} yet: stages and trials wait for worker nodes "
-                  f"that do (the clusters/*.yaml workers do; a head with {DRIVER_RESOURCE} computes nothing)",
-                  flush=True)
-        if not cfg.sweep.max_concurrent:
-            raise ValueError("sweep.max_concurrent must be set on a cluster that adds GPU workers on demand")
-        return
-    for section in ("gan", "reid"):
-        sub = getattr(cfg, section)
-        kind = "GPU" if sub.use_gpu else "CPU"
-        # CPU: each Train worker takes 1 CPU and the stage/trial driving it 1 more; GPU: 1 GPU per worker
-        need = max(1, sub.num_workers) if sub.use_gpu else sub.num_workers + 1
-        if have.get(kind, 0) < need:
-            raise ValueError(f"{section}.num_workers={sub.num_workers} needs {need} {kind}s but the Ray cluster has "
-                             f"{int(have.get(kind, 0))}; lower {section}.num_workers or add nodes")
-    max_concurrent(cfg)

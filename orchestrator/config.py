@@ -22,8 +22,8 @@ from trainables.config import (  # noqa: F401
     BEFORE_SWITCH,
     DATASETS,
     DISTANCES,
-    LABEL_METHODS,
     LABEL_ORDERS,
+    METRICS,
     OPTIMIZERS,
     PRETRAINED,
     REID_MODELS,
@@ -35,11 +35,16 @@ from trainables.config import (  # noqa: F401
     check_choice,
     check_positive,
     config_hash,
+    get_path,
     to_dict,
 )
+from trainables.methods import LABEL_METHODS
 
 SEARCHES = ("grid", "random")
-TEST_METRICS = ("rank1", "rank5", "rank10", "mAP", "mINP")  # of the test split: reported, never selected on
+TEST_METRICS = (*METRICS, "mINP")  # of the test split: reported, never selected on
+# Fields of the gan / reid sections that change where or how fast a run goes, not what it produces: no stage key,
+# sweep name or report setting includes them (reid.amp is not one: bf16 changes the numbers).
+RUNTIME_FIELDS = ("num_workers", "use_gpu", "loader_workers", "channels_last")
 PRESETS = ("smoke", "cpu", "paper", "paper-twostream", "rehearsal")
 
 

@@ -13,12 +13,15 @@ graph of the running sweep by name (:func:`active`), never by holding it.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Callable
 
 from datasets.files import atomic_write_bytes
-from orchestrator.cluster import ray_options
-from orchestrator.pipeline import ERROR, Paths, Plan, StageNode, StageResult, cached, execute
+from orchestrator.resources import ray_options
+from orchestrator.stage_cache import ERROR, Paths, StageResult, lookup, run_stage
+from orchestrator.stages import Plan, StageNode
+from trainables.placement import process_label
 
 # sweep name -> its graph, in this driver process. The one piece of module state: Tune pickles the searcher with the
 # experiment (Tuner.restore rebuilds it), so the searcher finds the live graph by name instead of holding it.
@@ -32,8 +35,16 @@ def active(sweep: str) -> "StageGraph":
         raise RuntimeError(f"no stage graph is running for sweep {sweep}") from None
 
 
+def execute(paths: Paths, node: StageNode, *deps: StageResult) -> StageResult:
+    """Body of a stage's Ray task: build (or reuse) the node's output; records where it ran and its CPU time."""
+    cpu = time.process_time()
+    res = run_stage(paths, node.stage, node.key, node.kind, lambda folder: node.build(folder, *deps), node.check)
+    return dataclasses.replace(res, where=process_label(), cpu_seconds=round(time.process_time() - cpu, 1),
+                               ended=time.time())
+
+
 class StageGraph:
-    """Runs a :class:`~orchestrator.pipeline.Plan`'s stages as Ray tasks; see the module docstring."""
+    """Runs a :class:`~orchestrator.stages.Plan`'s stages as Ray tasks; see the module docstring."""
 
     def __init__(self, plan: Plan, paths: Paths, sweep: str,
                  on_done: Callable[[StageNode, StageResult | None, str | None], None] | None = None) -> None:
@@ -50,7 +61,7 @@ class StageGraph:
 
         task = ray.remote(max_retries=1)(execute)  # a retry only for a lost worker/node, not for an error
         for name, node in self.plan.nodes.items():
-            hit = cached(self.paths, node)
+            hit, _ = lookup(self.paths, node.stage, node.key, node.kind, node.check)
             if hit is not None:
                 self._finish(node, hit, None)
                 continue

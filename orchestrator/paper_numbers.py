@@ -1,14 +1,17 @@
 """Published numbers the report compares against (percent, exactly as printed; every one a single run).
 
-Source: Huang et al., IEEE TIP 28(3) 2019 (shared/research/mprl.md §5): Table IV (Market-1501, identification net,
-by number of generated images), Table III (identification net on other datasets, 24,000 generated images) and
-Table VII (two-stream net). Each dataset is compared only with its own published numbers; our synthetic set has
-none, so its runs are shown beside Market-1501's as a reference for the *gain*, and labelled so.
+Source: Huang et al., IEEE TIP 28(3) 2019 (docs/protocol.md lists them beside our settings): Table IV
+(Market-1501, identification net, by number of generated images), Table III (identification net on other datasets,
+24,000 generated images) and Table VII (two-stream net). Each dataset is compared only with its own published
+numbers; our synthetic set has none, so its runs are shown beside Market-1501's as a reference for the *gain*, and
+labelled so.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from trainables.methods import BASELINE
 
 TRAIN_IMAGES = {"market1501": 12936, "dukemtmc": 16522}  # the paper's training sets (ratio = #GAN / this)
 TABLE_III_GAN = 24000  # generated images behind Tables III and VII
@@ -28,7 +31,7 @@ TABLE_IV: dict[str, dict[int, tuple[float, float]]] = {
     "dmprl2": {12000: (58.14, 79.22), 18000: (58.31, 79.81), 24000: (58.59, 80.37), 30000: (57.69, 79.16),
                36000: (57.61, 79.90), 48000: (57.03, 78.73)},
 }
-BASELINE = (52.68, 74.08)  # the 0-image row of Table IV
+TABLE_IV_BASELINE = (52.68, 74.08)  # the 0-image row of Table IV
 
 # Table III, identification net at 24,000 generated images (Market-1501's row equals Table IV's 24k row)
 TABLE_III: dict[str, dict[str, tuple[float, float]]] = {
@@ -73,8 +76,8 @@ def paper_row(dataset: str, model: str, method: str, num_gan: int, num_train: in
 
 
 def _table_iv(method: str, num_gan: int, num_train: int, reference: bool) -> tuple[PaperRow | None, str]:
-    if method == "baseline" or num_gan == 0:
-        return PaperRow("IV", 0, *BASELINE, reference), "Table IV baseline"
+    if method == BASELINE or num_gan == 0:
+        return PaperRow("IV", 0, *TABLE_IV_BASELINE, reference), "Table IV baseline"
     table, r = TABLE_IV.get(method), ratio(num_gan, num_train)
     if not table or r is None:
         return None, f"no Table IV row for method {method!r}"
@@ -89,8 +92,8 @@ def _table_iv(method: str, num_gan: int, num_train: int, reference: bool) -> tup
 def _single_row(name: str, table: dict[str, tuple[float, float]], dataset: str, method: str, num_gan: int,
                 num_train: int, reference: bool) -> tuple[PaperRow | None, str]:
     """Tables III and VII: a baseline and methods at 24,000 generated images only."""
-    if method == "baseline" or num_gan == 0:
-        return (PaperRow(name, 0, *table["baseline"], reference), f"Table {name} baseline") if table else \
+    if method == BASELINE or num_gan == 0:
+        return (PaperRow(name, 0, *table[BASELINE], reference), f"Table {name} baseline") if table else \
             (None, f"no Table {name} numbers for {dataset}")
     if method not in table:
         return None, f"Table {name} has no {method} row for {dataset}"

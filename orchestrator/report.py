@@ -11,31 +11,88 @@ reported; ``--sweep`` picks another (its parent run id or name). The table and a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import sys
 import tempfile
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from orchestrator import tracking
-from orchestrator.paper_numbers import paper_row, ratio
-from orchestrator.stats import paired, summary
+from orchestrator.config import RUNTIME_FIELDS
+from orchestrator.paper_numbers import PaperRow, paper_row, ratio
+from orchestrator.plots import plot_gains
+from orchestrator.stats import Paired, Summary, paired, summary
 from orchestrator.tables import format_table
+from orchestrator.trials import TrialSpec
+from trainables.methods import BASELINE, METHODS, method
 
-SWEPT = ("labels.method", "labels.num_gan", "labels.order", "labels.keep", "reid.seed", "trial")
-# where and how fast, not what: never part of a setting
-RUNTIME = ("reid.num_workers", "reid.use_gpu", "reid.loader_workers", "reid.channels_last", "gan.num_workers",
-           "gan.use_gpu", "dataset.root")
-REFERENCES = ("baseline", "baseline_matched")  # what each method's paired difference is taken against
+SWEPT = (*TrialSpec(BASELINE, 0).overrides(), "trial")  # what differs between the trials of one setting
+CONTROLS = tuple(m for m, t in METHODS.items() if t.control)  # every method's paired difference is taken against these
 
 
 def setting_of(params: dict[str, str]) -> str:
-    """A short hash of every config field a trial's result depends on, except the swept ones."""
-    kept = {k: v for k, v in params.items() if k not in SWEPT and k not in RUNTIME
-            and not k.startswith(("data.", "cluster.", "sweep."))}
+    """A short hash of every config field a trial's result depends on, except the swept ones and those that change
+    where or how fast it ran (``RUNTIME_FIELDS``, ``dataset.root``: the same data elsewhere)."""
+    kept = {k: v for k, v in params.items() if k not in SWEPT and k != "dataset.root"
+            and k.rsplit(".", 1)[-1] not in RUNTIME_FIELDS and not k.startswith(("data.", "cluster.", "sweep."))}
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:8]
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    """One finished trial run of a sweep, as the report reads it from MLflow."""
+
+    setting: str
+    preset: str
+    dataset: str
+    model: str
+    method: str
+    num_gan: int
+    order: str
+    keep: str
+    seed: int
+    rank1: float  # fractions in [0, 1]
+    mAP: float
+    num_train: int
+    single_baseline: bool
+
+    @property
+    def group(self) -> tuple:
+        """What a group of seeds shares."""
+        return (self.setting, self.dataset, self.model, self.method, self.num_gan, self.order, self.keep)
+
+
+@dataclass(frozen=True)
+class Group:
+    """Trials that differ only in the seed: their statistics, paired differences and the published row."""
+
+    setting: str
+    preset: str
+    dataset: str
+    model: str
+    method: str
+    num_gan: int
+    order: str
+    keep: str
+    by_seed: dict[str, dict[int, float]]  # "rank1" / "mAP" -> seed -> value in percent
+    rank1: Summary
+    mAP: Summary
+    ratio: float | None  # generated / real training images
+    paper: PaperRow | None
+    paper_note: str
+    single_baseline: bool
+    vs: dict[str, dict[str, Paired | None]] = field(default_factory=dict)  # control -> metric -> paired difference
+    paper_gain_rank1: float | None = None  # the published rank-1 gain over the published baseline
+
+    @property
+    def seeds(self) -> list[int]:
+        return sorted(self.by_seed["rank1"])
+
+    def same_setting(self, other: "Group") -> bool:
+        return (self.setting, self.dataset, self.model) == (other.setting, other.dataset, other.model)
 
 
 def latest_sweep(client, exp_id: str) -> tuple[str, str] | None:
@@ -55,8 +112,8 @@ def find_sweep(client, exp_id: str, ref: str) -> tuple[str, str]:
     raise ValueError(f"--sweep {ref!r}: no such sweep in this experiment (sweeps: {names})")
 
 
-def collect(client, exp_id: str, parent: str) -> list[dict[str, Any]]:
-    """The sweep's finished trial runs as rows (setting, dataset, model, method, #GAN, order, keep, seed, metrics)."""
+def collect(client, exp_id: str, parent: str) -> list[TrialResult]:
+    """The sweep's finished trial runs (those with final test metrics)."""
     filt = (f"tags.`{tracking.TAG_KIND}` = 'trial' and attributes.status = 'FINISHED' and "
             f"tags.`{tracking.TAG_PARENT}` = '{parent}'")
     rows = []
@@ -64,51 +121,52 @@ def collect(client, exp_id: str, parent: str) -> list[dict[str, Any]]:
         p, m = r.data.params, r.data.metrics
         if "final_rank1" not in m:
             continue
-        rows.append({"setting": setting_of(p), "preset": p.get("preset", "?"),
-                     "dataset": p.get("dataset.name", "synthetic"), "model": p.get("reid.model", "ident"),
-                     "method": p.get("labels.method"), "num_gan": int(p.get("labels.num_gan", 0)),
-                     "order": p.get("labels.order", "paper"), "keep": p.get("labels.keep", "None"),
-                     "seed": int(p.get("reid.seed", 0)), "rank1": m["final_rank1"],
-                     "mAP": m.get("final_mAP", float("nan")), "num_train": int(p.get("data.num_train", 0) or 0),
-                     "single_baseline": p.get("sweep.single_baseline", "False")})
+        rows.append(TrialResult(
+            setting=setting_of(p), preset=p.get("preset", "?"), dataset=p.get("dataset.name", "synthetic"),
+            model=p.get("reid.model", "ident"), method=p.get("labels.method"), num_gan=int(p.get("labels.num_gan", 0)),
+            order=p.get("labels.order", "paper"), keep=p.get("labels.keep", "None"), seed=int(p.get("reid.seed", 0)),
+            rank1=m["final_rank1"], mAP=m.get("final_mAP", float("nan")),
+            num_train=int(p.get("data.num_train", 0) or 0),
+            single_baseline=p.get("sweep.single_baseline", "False") == "True"))
     return rows
 
 
-def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Groups of seeds (setting, dataset, model, method, #GAN, order, keep) with their statistics, paired
-    differences from the references of the same setting, and the published row (or why there is none)."""
-    groups: dict[tuple, list[dict]] = defaultdict(list)
+def summarise(rows: list[TrialResult]) -> list[Group]:
+    """Groups of seeds with their statistics, paired differences from the controls of the same setting, and the
+    published row (or why there is none)."""
+    by_group: dict[tuple, list[TrialResult]] = defaultdict(list)
     for r in rows:
-        groups[(r["setting"], r["dataset"], r["model"], r["method"], r["num_gan"], r["order"], r["keep"])].append(r)
-    out = [_group(key, rs) for key, rs in sorted(groups.items(), key=lambda kv: (*kv[0][:3], kv[0][4], kv[0][3]))]
-    for g in out:
-        for ref in REFERENCES:
-            b = _reference(out, g, ref)
-            g[f"vs_{ref}"] = None if b is None or b is g else {
-                k: paired(g["by_seed"][k], b["by_seed"][k]) for k in ("rank1", "mAP")}
-        base = _reference(out, g, "baseline")
-        bp = base["paper"] if base else None
-        g["paper_gain_rank1"] = g["paper"].rank1 - bp.rank1 if g["paper"] and bp else None
+        by_group[r.group].append(r)
+    groups = [_group(rs) for _, rs in sorted(by_group.items(), key=lambda kv: (*kv[0][:3], kv[0][4], kv[0][3]))]
+    out = []
+    for g in groups:
+        vs = {}
+        for control in CONTROLS:
+            ref = _reference(groups, g, control)
+            vs[control] = None if ref is None or ref is g else {
+                k: paired(g.by_seed[k], ref.by_seed[k]) for k in ("rank1", "mAP")}
+        base = _reference(groups, g, BASELINE)
+        bp = base.paper if base else None
+        gain = g.paper.rank1 - bp.rank1 if g.paper and bp else None
+        out.append(dataclasses.replace(g, vs=vs, paper_gain_rank1=gain))
     return out
 
 
-def _group(key: tuple, rs: list[dict]) -> dict[str, Any]:
-    setting, dataset, model, method, n, order, keep = key
-    num_train = max(x["num_train"] for x in rs)
-    paper, note = paper_row(dataset, model, method, n, num_train)
-    by_seed = {k: {x["seed"]: 100 * x[k] for x in rs} for k in ("rank1", "mAP")}
-    return {"setting": setting, "preset": rs[0]["preset"], "dataset": dataset, "model": model, "method": method,
-            "num_gan": n, "order": order, "keep": keep, "seeds": sorted(by_seed["rank1"]), "by_seed": by_seed,
-            "rank1": summary(list(by_seed["rank1"].values())), "mAP": summary(list(by_seed["mAP"].values())),
-            "ratio": ratio(n, num_train), "paper": paper, "paper_note": note,
-            "single_baseline": rs[0]["single_baseline"] == "True"}
+def _group(rs: list[TrialResult]) -> Group:
+    r0 = rs[0]
+    num_train = max(x.num_train for x in rs)
+    paper, note = paper_row(r0.dataset, r0.model, r0.method, r0.num_gan, num_train)
+    by_seed = {k: {x.seed: 100 * getattr(x, k) for x in rs} for k in ("rank1", "mAP")}
+    return Group(r0.setting, r0.preset, r0.dataset, r0.model, r0.method, r0.num_gan, r0.order, r0.keep, by_seed,
+                 summary(list(by_seed["rank1"].values())), summary(list(by_seed["mAP"].values())),
+                 ratio(r0.num_gan, num_train), paper, note, r0.single_baseline)
 
 
-def _reference(groups: list[dict], g: dict, ref: str) -> dict | None:
-    """The baseline group of g's setting (baseline_matched: the one at g's #GAN)."""
+def _reference(groups: list[Group], g: Group, control: str) -> Group | None:
+    """The ``control`` group of g's setting: at g's #GAN when the control has extra images (the compute-matched one)."""
+    extra = method(control).extra_images
     for b in groups:
-        same = (b["setting"], b["dataset"], b["model"]) == (g["setting"], g["dataset"], g["model"])
-        if same and b["method"] == ref and (ref == "baseline" or b["num_gan"] == g["num_gan"]):
+        if b.same_setting(g) and b.method == control and (not extra or b.num_gan == g.num_gan):
             return b
     return None
 
@@ -128,11 +186,11 @@ def _diff(d) -> str | None:
     return f"{d.mean:+.2f}{ci}{p}"
 
 
-def format_report(groups: list[dict[str, Any]]) -> str:
+def format_report(groups: list[Group]) -> str:
     """Per setting: our numbers (n, mean ± std [95% interval]), the paired differences with verdicts, the paper."""
     blocks = []
-    for setting in dict.fromkeys(g["setting"] for g in groups):
-        gs = [g for g in groups if g["setting"] == setting]
+    for setting in dict.fromkeys(g.setting for g in groups):
+        gs = [g for g in groups if g.setting == setting]
         blocks.append(_setting_block(setting, gs))
     notes = ("rank-1 / mAP in %, mean ± std [± half-width of the 95% t interval] over n seeds. Δ = paired per-seed "
              "difference (method - reference) over the seeds both ran, with its 95% interval and the paired t-test's "
@@ -142,23 +200,24 @@ def format_report(groups: list[dict[str, Any]]) -> str:
     return "\n\n".join(blocks) + "\n\n" + notes
 
 
-def _setting_block(setting: str, gs: list[dict]) -> str:
+def _setting_block(setting: str, gs: list[Group]) -> str:
     g0 = gs[0]
-    protocol = "one baseline labels every seed (paper)" if g0["single_baseline"] else "per-seed baselines"
-    head = (f"setting {setting}: preset {g0['preset']}, dataset {g0['dataset']}, model {g0['model']}; "
+    protocol = "one baseline labels every seed (paper)" if g0.single_baseline else "per-seed baselines"
+    head = (f"setting {setting}: preset {g0.preset}, dataset {g0.dataset}, model {g0.model}; "
             f"sMpRL labels from {protocol}")
+    others = [c for c in CONTROLS if c != BASELINE]
     body = []
     for g in gs:
-        p, gain = g["paper"], g["paper_gain_rank1"]
-        vb, vm = g.get("vs_baseline"), g.get("vs_baseline_matched")
-        body.append((g["method"], g["num_gan"], g["order"], g["keep"], g["rank1"].n, _ms(g["rank1"]), _ms(g["mAP"]),
+        p, gain, vb = g.paper, g.paper_gain_rank1, g.vs.get(BASELINE)
+        body.append((g.method, g.num_gan, g.order, g.keep, g.rank1.n, _ms(g.rank1), _ms(g.mAP),
                      _diff(vb and vb["rank1"]), vb["rank1"].verdict if vb and vb["rank1"] else None,
-                     _diff(vm and vm["rank1"]), None if g["ratio"] is None else f"{g['ratio']:.2f}x",
-                     f"{p.table}{'*' if p.reference_only else ''} {p.num_gan}" if p else g["paper_note"][:60],
+                     *(_diff((g.vs.get(c) or {}).get("rank1")) for c in others),
+                     None if g.ratio is None else f"{g.ratio:.2f}x",
+                     f"{p.table}{'*' if p.reference_only else ''} {p.num_gan}" if p else g.paper_note[:60],
                      p and f"{p.rank1:.2f}", None if gain is None else f"{gain:+.2f}"))
-    cols = ("method", "#GAN", "order", "keep", "n", "rank-1", "mAP", "Δr1 vs baseline", "verdict",
-            "Δr1 vs matched", "gen/real", "paper row", "rank-1", "Δr1")
-    return head + "\n" + format_table(cols, body, align="lrlrrrrrlrrlrr")
+    cols = ("method", "#GAN", "order", "keep", "n", "rank-1", "mAP", f"Δr1 vs {BASELINE}", "verdict",
+            *(f"Δr1 vs {c}" for c in others), "gen/real", "paper row", "rank-1", "Δr1")
+    return head + "\n" + format_table(cols, body, align="lrlrrrrrl" + "r" * len(others) + "rlrr")
 
 
 def sweep_statistics(tracking_uri: str, experiment: str, storage: Path, parent: str) -> str:
@@ -166,36 +225,6 @@ def sweep_statistics(tracking_uri: str, experiment: str, storage: Path, parent: 
     client, exp_id = tracking.setup(tracking_uri, experiment, storage)
     groups = summarise(collect(client, exp_id, parent))
     return format_report(groups) if groups else "no finished trials: no statistics"
-
-
-def plot_gains(groups: list[dict[str, Any]], path: Path) -> Path:
-    """Bar chart: paired rank-1 gain over the baseline per method/#GAN with its 95% interval, beside the paper's."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [g for g in groups if g["method"] not in REFERENCES and g.get("vs_baseline")]
-    labels = [f"{g['method']}\n{g['num_gan']}" + ("" if g["order"] == "paper" else "\n(code order)") for g in rows]
-    gains = [g["vs_baseline"]["rank1"] for g in rows]
-    xs = range(len(rows))
-    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(rows) + 2), 4))
-    n = max((d.n for d in gains), default=0)
-    ours = f"ours (mean, 95% interval; n={n})" if n > 1 else "ours (one seed: no interval, no finding)"
-    ax.bar([x - 0.2 for x in xs], [d.mean for d in gains], 0.4, yerr=[d.ci or 0 for d in gains], capsize=3,
-           label=ours, color="#3572b0")
-    reference = any(g["paper"] and g["paper"].reference_only for g in rows)
-    ax.bar([x + 0.2 for x in xs], [g["paper_gain_rank1"] or 0 for g in rows], 0.4, color="#d9822b",
-           label="paper (Market-1501" + (", reference)" if reference else ")"))
-    ax.axhline(0, color="black", lw=0.8)
-    ax.set_xticks(list(xs), labels, fontsize=8)
-    ax.set_ylabel("rank-1 gain over baseline (points)")
-    ax.set_title("Paired rank-1 gain over the real-data baseline")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -223,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out) if args.out else Path(tmp)
         out.mkdir(parents=True, exist_ok=True)
         (out / "report.txt").write_text(text + "\n")
-        chart = plot_gains(groups, out / "comparison.png")
+        chart = plot_gains([g for g in groups if not method(g.method).control], BASELINE, out / "comparison.png")
         run_id, _ = tracking.get_or_create_run(client, exp_id, "report", found[0], "report")
         tracking.log_artifacts(client, run_id, [out / "report.txt", chart], "report")
         tracking.set_status(client, run_id, "FINISHED")

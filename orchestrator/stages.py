@@ -1,36 +1,95 @@
-"""The stages of a sweep as :class:`~orchestrator.pipeline.StageNode` s, and the plan that chains them.
+"""The stage DAG of a sweep: one :class:`StageNode` per stage, the :class:`Plan` that chains them, and the builders.
 
 dataset -> DCGAN -> generation; the baseline per seed beside the GAN; sMpRL labels after a baseline and the
 generation. With ``reid.decoded_cache``, dataset -> decode (real images) and generation -> decode_gen fill the
 decoded-image cache that baselines and trials read (no image file is opened while training).
 
-Each node names the config fields its key hashes, the stage outputs it reads, the Ray resources its
-task asks for, and a ``build`` that runs in that task (imports of training code happen there, not here).
+Each node names the config fields its key hashes, the stage outputs it reads, the Ray resources its task asks
+for, and a ``build`` that runs in that task. Its imports of training code are inside ``build``: the driver plans
+without importing torch (``tests/test_layers.py`` checks it). :mod:`orchestrator.stage_cache` keeps the outputs;
+:mod:`orchestrator.dag` runs the plan.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 from datasets.files import file_sha256
 from datasets.generated import GeneratedStore
-from orchestrator.cluster import runs_in_process
 from orchestrator.config import Config, DatasetConfig, config_hash
-from orchestrator.pipeline import (
+from orchestrator.resources import generation_helpers, ray_options, stage_resources, train_workers
+from orchestrator.stage_cache import (
     BaselineOut,
     DatasetOut,
     DecodedOut,
     GanOut,
     GeneratedOut,
     Paths,
-    Plan,
     SmprlOut,
-    StageNode,
     StageResult,
     stage_key,
 )
+from trainables.config import ReidInputs
+from trainables.methods import BASELINE, method
+
+
+@dataclass(frozen=True)
+class StageNode:
+    """One stage of the DAG: what it builds, from which other stages' outputs, with which Ray resources.
+
+    ``build(folder, *deps)`` runs in a Ray worker (never in the driver) and gets the :class:`StageResult` of each
+    stage named in ``deps``, in order. ``check(folder, out)`` validates a cached output (cheap; the driver runs it).
+    """
+
+    stage: str
+    key: str
+    kind: type
+    deps: tuple[str, ...]
+    resources: dict[str, float]
+    build: Callable[..., Any]
+    check: Callable[[Path, Any], list[str]] | None = None
+    artifacts: str | None = None  # glob of files (under the stage folder) logged with the stage's MLflow run
+
+    @property
+    def name(self) -> str:
+        return f"{self.stage}-{self.key}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The stage DAG of a sweep (``nodes`` in topological order) and which node serves what."""
+
+    nodes: dict[str, StageNode]
+    dataset: str
+    data_root: str  # where the dataset stage puts (or finds) the images: known before it runs
+    gan: str | None = None
+    generate: str | None = None
+    store: str | None = None  # the generated store's folder
+    baselines: dict[int, str] = field(default_factory=dict)  # seed -> baseline node name
+    smprl: dict[int, str] = field(default_factory=dict)  # seed -> sMpRL node name (labels of that seed)
+    smprl_labels: dict[int, str] = field(default_factory=dict)  # seed -> its label file's name in the store
+    decoded: str | None = None  # the real images' decode stage (None: reid.decoded_cache is off)
+    decoded_gen: str | None = None  # the generated images' decode stage
+    cache_dir: str | None = None  # the decoded-image cache folder the trials read (ReidInputs.cache_dir)
+
+    def needs(self, method_name: str, seed: int) -> tuple[str, ...]:
+        """The stages a trial of ``method_name`` and ``seed`` reads (it starts once they are finished): a baseline
+        trial reuses its seed's baseline stage; the others read the real images, and the generated ones or the
+        static labels when their method trains on them."""
+        if method_name == BASELINE:
+            return (self.baselines[seed],)
+        traits = method(method_name)
+        real = (self.dataset,) + ((self.decoded,) if self.decoded else ())
+        if not traits.generated:
+            return real
+        gen = (self.decoded_gen,) if self.decoded_gen else ()
+        if traits.static_ranks:
+            return (*real, *gen, self.smprl[seed])
+        return (*real, self.generate, *gen)
 
 
 def plan_stages(cfg: Config, paths: Paths, needs: list[tuple[str, int, int]]) -> Plan:
@@ -39,8 +98,6 @@ def plan_stages(cfg: Config, paths: Paths, needs: list[tuple[str, int, int]]) ->
     No stage runs here. Per seed a baseline (a baseline trial reuses it; sMpRL labels come from it, or from
     ``reid.seed``'s with ``sweep.single_baseline``); one GAN and one generated pool of the largest #GAN.
     """
-    from orchestrator.cluster import stage_resources
-
     nodes: dict[str, StageNode] = {}
 
     def add(node: StageNode) -> str:
@@ -52,18 +109,18 @@ def plan_stages(cfg: Config, paths: Paths, needs: list[tuple[str, int, int]]) ->
     cache = str(paths.decoded) if cfg.reid.decoded_cache else None
     decoded = add(decode_node(cfg, nodes[dataset], cache, stage_resources(cfg, "cpu"))) if cache else None
     gan = generate = store = decoded_gen = None
-    n_max = max((n for m, n, _ in needs if m != "baseline_matched"), default=0)  # baseline_matched: real only
+    n_max = max((n for m, n, _ in needs if method(m).generated), default=0)  # the one pool every #GAN reads
     if n_max > 0:
         gan = add(gan_node(cfg, dataset, stage_resources(cfg, "gan"), str(paths.decoded)))
         gen = generate_node(cfg, nodes[gan], n_max, stage_resources(cfg, "generate"))
         generate, store = add(gen), str(paths.stages / gen.name / "store")
         if cache:
             decoded_gen = add(decode_node(cfg, gen, cache, stage_resources(cfg, "cpu")))
-    smprl_seeds = sorted({seed for m, _, seed in needs if m == "smprl"})
+    smprl_seeds = sorted({seed for m, _, seed in needs if method(m).static_ranks})
     label_seed = {s: cfg.reid.seed if cfg.sweep.single_baseline else s for s in smprl_seeds}
     real = (dataset, decoded) if decoded else (dataset,)
     baselines = {seed: add(baseline_node(cfg, real, seed, stage_resources(cfg, "reid"), cache))
-                 for seed in sorted({s for m, _, s in needs if m == "baseline"} | set(label_seed.values()))}
+                 for seed in sorted({s for m, _, s in needs if m == BASELINE} | set(label_seed.values()))}
     smprl, labels = {}, {}
     for seed in smprl_seeds:  # with single_baseline every seed shares one (cached) label file
         node = smprl_node(cfg, nodes[baselines[label_seed[seed]]], nodes[generate], stage_resources(cfg, "smprl"))
@@ -132,13 +189,13 @@ def dataset_node(cfg: Config, paths: Paths, resources: dict[str, float]) -> Stag
 
 def gan_node(cfg: Config, dataset: str, resources: dict[str, float], cache_dir: str | None = None) -> StageNode:
     """DCGAN training: in the stage's task (one worker), or a Ray Train worker group the task drives."""
-    in_process = cfg.sweep.in_process and cfg.gan.num_workers <= 1
-    gan = dataclasses.replace(cfg.gan, num_workers=0) if in_process else cfg.gan
+    gan, workers = cfg.gan, train_workers(cfg, "gan")
 
     def build(folder: Path, data: StageResult) -> GanOut:
-        from trainables.dcgan import train_gan
+        from trainables.gan.train import train_gan
 
-        generator = train_gan(gan, data.out.root, folder, "train", cache_dir=cache_dir)  # images decoded once
+        generator = train_gan(gan, data.out.root, folder, "train", num_workers=workers,
+                              cache_dir=cache_dir)  # images decoded once
         return GanOut(str(generator), gan.epochs, file_sha256(generator))
 
     def check(folder: Path, out: GanOut) -> list[str]:
@@ -153,12 +210,10 @@ def gan_node(cfg: Config, dataset: str, resources: dict[str, float], cache_dir: 
 
 def generate_node(cfg: Config, gan: StageNode, n: int, resources: dict[str, float]) -> StageNode:
     """Generation: this stage's worker renders shards and, on a GPU cluster, one helper per other GPU joins it."""
-    from orchestrator.cluster import generation_helpers, ray_options
-
     seed, use_gpu, helpers, options = cfg.gan.seed, cfg.gan.use_gpu, generation_helpers(cfg), ray_options(resources)
 
     def build(folder: Path, gan_res: StageResult) -> GeneratedOut:
-        from trainables.generation import generate
+        from trainables.gan.sample import generate
         from trainables.runtime import device_for
 
         out = generate(gan_res.out.generator, folder / "store", n, seed=seed, device=device_for(use_gpu),
@@ -190,19 +245,20 @@ def baseline_node(cfg: Config, inputs: tuple[str, ...], seed: int, resources: di
 
     ``inputs``: the dataset stage, then the decode stage when the run reads the decoded cache in ``cache_dir``.
     """
-    labels = dataclasses.replace(cfg.labels, method="baseline", num_gan=0)
-    reid = dataclasses.replace(cfg.reid, seed=seed, num_workers=0 if runs_in_process(cfg) else cfg.reid.num_workers)
+    labels = dataclasses.replace(cfg.labels, method=BASELINE, num_gan=0)
+    reid, workers = dataclasses.replace(cfg.reid, seed=seed), train_workers(cfg, "reid")
 
     def build(folder: Path, data: StageResult, *decoded: StageResult) -> BaselineOut:
-        from trainables.reid import ReidInputs, run_spec, train_reid
+        from trainables.reid.loop import run_spec, train_reid
 
-        res = train_reid(reid, labels, ReidInputs(data.out.root, cache_dir=cache_dir), run_spec(reid, folder, "train"))
-        return BaselineOut(str(folder / "train"), {k: v for k, v in res.items() if k != "cmc"}, res.get("cmc", []))
+        run = run_spec(reid, folder, "train", num_workers=workers)
+        inputs = ReidInputs(data.out.root, cache_dir=cache_dir)
+        return BaselineOut(str(run.run_dir), train_reid(reid, labels, inputs, run))
 
     def check(folder: Path, out: BaselineOut) -> list[str]:
-        from trainables.runtime import latest_checkpoint
+        from trainables.checkpoints import latest
 
-        return [] if latest_checkpoint(out.run_dir) else ["no checkpoint"]
+        return [] if latest(out.run_dir) else ["no checkpoint"]
 
     return StageNode("baseline", baseline_key(cfg, seed), BaselineOut, inputs, resources, build, check)
 
@@ -214,7 +270,7 @@ def decode_node(cfg: Config, source: StageNode, cache_dir: str, resources: dict[
     The files are content-named in the shared ``cache_dir`` (a changed image gets a new file); the stage records
     which ones it wrote or found, and its check wants them all present.
     """
-    from trainables.augment import cache_size
+    from trainables.config import cache_size
 
     size = cache_size(cfg.reid.image_size, cfg.reid.augment)
     workers = max(1, int(resources.get("CPU", 1)))
@@ -230,7 +286,7 @@ def decode_node(cfg: Config, source: StageNode, cache_dir: str, resources: dict[
         else:
             parts = [GeneratedStore(src.out.store).records()]
         files = sorted({f for p in parts for f in decoded_rows(p, size, cache_dir, workers=workers).files})
-        return DecodedOut(cache_dir, files, sum(map(len, parts)), list(size))
+        return DecodedOut(cache_dir, tuple(files), sum(map(len, parts)), tuple(size))
 
     def check(folder: Path, out: DecodedOut) -> list[str]:
         from datasets.decoded_cache import keys_path
@@ -247,7 +303,7 @@ def smprl_node(cfg: Config, baseline: StageNode, generated: StageNode, resources
     name, reid = f"smprl-{key}", cfg.reid
 
     def build(folder: Path, base: StageResult, gen: StageResult) -> SmprlOut:
-        from trainables.smprl import write_static_labels
+        from trainables.reid.smprl import write_static_labels
 
         store = GeneratedStore(gen.out.store)
         n = write_static_labels(base.out.run_dir, store, name, reid, {"baseline": base.key})

@@ -8,28 +8,31 @@ on a local Ray instance.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from orchestrator import cluster, dag, pipeline, report, stages, tracking
+from orchestrator import cluster, dag, report, resources, stage_cache, stages, tracking
 from orchestrator.config import PRESETS, Config, choices_help, config_hash, dump_yaml, flat_dict, load_config
 from orchestrator.tables import format_table, pct
-from orchestrator.trials import TrialContext, TrialSpec, build_trials
-from orchestrator.tuning import TAG_STOPPED_AFTER, TAG_WORKER_SECONDS, tune_trials
-from trainables.reid import ReidInputs
+from orchestrator.trials import TrialContext, TrialRow, TrialSpec, build_trials
+from orchestrator.tuning import TAG_STOPPED_AFTER, WORKER_SECONDS, tune_trials
+from trainables.config import ReidInputs
+from trainables.logs import configure_logging
 
 
 @dataclass(frozen=True)
 class SweepOutcome:
     name: str
     parent_run_id: str
-    rows: list[dict[str, Any]]
-    stages: pipeline.Stages
+    rows: list[TrialRow]
+    stages: stage_cache.Stages
     tracking_uri: str
     seconds: float
     driver_cpu_seconds: float = 0.0  # CPU time of the driver process itself (planning, Tune, MLflow calls)
@@ -37,7 +40,7 @@ class SweepOutcome:
     critical_path_seconds: float = 0.0  # first stage submitted -> every stage and trial finished
 
 
-def sweep_name(cfg: Config, paths: pipeline.Paths, resume: bool) -> str:
+def sweep_name(cfg: Config, paths: stage_cache.Paths, resume: bool) -> str:
     """``sweep-<hash>-<n>``: a fresh sweep gets the next free n; --resume takes the latest one."""
     base = f"sweep-{config_hash(cfg, 'dataset', 'gan', 'reid', 'labels', 'sweep')}"  # cluster.* is not in the hash
     n = 1
@@ -50,7 +53,7 @@ def run_sweep(cfg: Config, *, resume: bool = False, log_models: bool = True) -> 
     """Check inputs, then run the stage DAG and the trials on Ray (the driver only plans, schedules and tracks)."""
     start, cpu_start = time.perf_counter(), time.process_time()
     _sigterm_as_sigint()
-    paths = pipeline.Paths(Path(cfg.cluster.storage_path))
+    paths = stage_cache.Paths(Path(cfg.cluster.storage_path))
     uri = cfg.cluster.tracking_uri or tracking.default_tracking_uri(paths.storage)
     tracking.check_reachable(uri)
     cluster.check_address(cfg.cluster.address)  # a dead address fails in seconds, not after ray.init retries
@@ -58,7 +61,7 @@ def run_sweep(cfg: Config, *, resume: bool = False, log_models: bool = True) -> 
     cluster.connect(cfg)
     paths.storage.mkdir(parents=True, exist_ok=True)
     cluster.preflight(cfg)  # multi-node: shared storage, an MLflow server, every path usable on every node
-    cluster.check_resources(cfg)
+    resources.check_resources(cfg)
     client, exp_id = tracking.setup(uri, cfg.cluster.experiment, paths.storage)
     name = sweep_name(cfg, paths, resume)
     parent, _ = tracking.get_or_create_run(client, exp_id, "sweep", name, name)
@@ -92,26 +95,23 @@ def run_sweep(cfg: Config, *, resume: bool = False, log_models: bool = True) -> 
 
 def _sigterm_as_sigint() -> None:
     """SIGTERM (a scheduler, ``kill``) stops the sweep the way Ctrl+C does: gracefully, state saved."""
-    import signal
-    import threading
-
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
 
 
 # ------------------------------------------------------------------------------------------ stages
 
-def _stages(plan: pipeline.Plan, graph: dag.StageGraph) -> pipeline.Stages:
+def _stages(plan: stages.Plan, graph: dag.StageGraph) -> stage_cache.Stages:
     """What the stages produced (a stage that failed is absent)."""
     got = graph.results.get
-    return pipeline.Stages(got(plan.dataset), plan.gan and got(plan.gan), plan.generate and got(plan.generate),
+    return stage_cache.Stages(got(plan.dataset), plan.gan and got(plan.gan), plan.generate and got(plan.generate),
                            {s: got(n) for s, n in plan.baselines.items() if got(n)},
                            {s: got(n) for s, n in plan.smprl.items() if got(n)},
                            tuple(got(n) for n in (plan.decoded, plan.decoded_gen) if n and got(n)))
 
 
-def _log_stage(run: tracking.SweepRun, paths: pipeline.Paths, node: pipeline.StageNode,
-               stage: pipeline.StageResult | None, error: str | None) -> None:
+def _log_stage(run: tracking.SweepRun, paths: stage_cache.Paths, node: stages.StageNode,
+               stage: stage_cache.StageResult | None, error: str | None) -> None:
     """A stage's MLflow child run (once per stage key): its output, seconds and where it ran, or its error."""
     folder = paths.stages / node.name
     run_id, created = run.child("stage", f"{node.stage}:{node.key}", f"stage:{node.stage}",
@@ -122,8 +122,10 @@ def _log_stage(run: tracking.SweepRun, paths: pipeline.Paths, node: pipeline.Sta
         return
     if created or run.client.get_run(run_id).info.status != "FINISHED":
         fields = vars(stage.out)
-        tracking.log_params(run.client, run_id, {k: v for k, v in fields.items() if not isinstance(v, (dict, list))})
-        tracking.log_metrics(run.client, run_id, {**fields.get("metrics", {}), "seconds": stage.seconds,
+        tracking.log_params(run.client, run_id, {k: v for k, v in fields.items()
+                                                 if not (isinstance(v, tuple) or dataclasses.is_dataclass(v))})
+        result = fields.get("result")  # a baseline's final test metrics
+        tracking.log_metrics(run.client, run_id, {**(result.metrics() if result else {}), "seconds": stage.seconds,
                                                   "cpu_seconds": stage.cpu_seconds})
         if stage.where:
             run.client.set_tag(run_id, "mprl.where", stage.where)
@@ -141,10 +143,10 @@ def _links(*names: str | None) -> dict[str, str]:
     return {f"mprl.{n.split('-', 1)[0]}_stage": n for n in names if n is not None}
 
 
-def _run_trials(cfg: Config, trials: list[TrialSpec], plan: pipeline.Plan, run: tracking.SweepRun, *,
-                resume: bool, log_models: bool) -> list[dict[str, Any]]:
+def _run_trials(cfg: Config, trials: list[TrialSpec], plan: stages.Plan, run: tracking.SweepRun, *,
+                resume: bool, log_models: bool) -> list[TrialRow]:
     """Create every trial's MLflow run up front, run the trials, and read their final status back."""
-    paths, name = pipeline.Paths(Path(cfg.cluster.storage_path)), run.name
+    paths, name = stage_cache.Paths(Path(cfg.cluster.storage_path)), run.name
     run_ids = {t.key: run.child("trial", tracking.trial_key(name, t.key), t.key, status="SCHEDULED",
                                 tags={"mprl.method": t.method})[0] for t in trials}
     folder = lambda n: str(paths.stages / n)  # noqa: E731
@@ -156,60 +158,58 @@ def _run_trials(cfg: Config, trials: list[TrialSpec], plan: pipeline.Plan, run: 
                                    for seed in {*plan.baselines, *plan.smprl}},
                        needs={t.key: tuple(map(folder, plan.needs(t.method, t.seed))) for t in trials},
                        log_models=log_models)
-    rows = tune_trials(cfg, trials, ctx, paths.tune / name, resume, run.tracking_uri)
-    status = {row["trial"]: _read_back(run, run_ids[row["trial"]], row) for row in rows}
-    if any(v in ("RUNNING", "SCHEDULED") for v in status.values()):
+    rows = [_read_back(run, run_ids[row.key], row)
+            for row in tune_trials(cfg, trials, ctx, paths.tune / name, resume, run.tracking_uri)]
+    if any(row.status in ("RUNNING", "SCHEDULED") for row in rows):
         print("\n" + results_table(rows), flush=True)
         raise KeyboardInterrupt(f"sweep {name} interrupted")
     return rows
 
 
-def _read_back(run: tracking.SweepRun, run_id: str, row: dict[str, Any]) -> str:
-    """Fill ``row`` from the trial's MLflow run; a trial Tune gave up on whose run no one ended is marked FAILED
+def _read_back(run: tracking.SweepRun, run_id: str, row: TrialRow) -> TrialRow:
+    """``row`` completed from the trial's MLflow run; a trial Tune gave up on whose run no one ended is marked FAILED
     with Tune's error here (the last line of defence: a failure never reads as "interrupted")."""
     got = run.client.get_run(run_id)
-    if got.info.status in ("RUNNING", "SCHEDULED") and row.get("error") not in (None, "not run"):
-        tracking.fail(run.client, run_id, row["error"])
+    if got.info.status in ("RUNNING", "SCHEDULED") and row.error not in (None, "not run"):
+        tracking.fail(run.client, run_id, row.error)
         got = run.client.get_run(run_id)
-    tags = got.data.tags
-    row["status"], row["stopped_after"], row["where"] = got.info.status, tags.get(TAG_STOPPED_AFTER), \
-        tags.get("mprl.where")
-    row["seconds"] = got.data.metrics.get(TAG_WORKER_SECONDS, row.get("seconds"))
-    if row["status"] == "FAILED":  # the trial's own message, not Ray's wrapped traceback header
-        row["error"] = tags.get(tracking.TAG_ERROR) or row.get("error") or "failed"
-    return row["status"]
+    tags, status = got.data.tags, got.info.status
+    error = row.error
+    if status == "FAILED":  # the trial's own message, not Ray's wrapped traceback header
+        error = tags.get(tracking.TAG_ERROR) or row.error or "failed"
+    return dataclasses.replace(row, status=status, stopped_after=tags.get(TAG_STOPPED_AFTER),
+                               where=tags.get("mprl.where"), seconds=got.data.metrics.get(WORKER_SECONDS, row.seconds),
+                               error=error)
 
 
 # ------------------------------------------------------------------------------------------ output
 
-def results_table(rows: list[dict[str, Any]]) -> str:
+def results_table(rows: list[TrialRow]) -> str:
     """The sweep's table: one line per trial, rank-1/5 and mAP in percent, failures with their message."""
-    body = [(r["method"], r["num_gan"], r["order"], "all" if r["keep"] is None else r["keep"], r["seed"],
-             pct(r.get("rank1")), pct(r.get("rank5")), pct(r.get("mAP")),
-             f"FAILED: {r['error']}" if r.get("error") else
-             f"stopped early after epoch {r['stopped_after']}" if r.get("stopped_after") else "") for r in rows]
+    body = [(r.spec.method, r.spec.num_gan, r.spec.order, "all" if r.spec.keep is None else r.spec.keep, r.spec.seed,
+             pct(r.rank1), pct(r.rank5), pct(r.mAP),
+             f"FAILED: {r.error}" if r.error else
+             f"stopped early after epoch {r.stopped_after}" if r.stopped_after else "") for r in rows]
     return format_table(("method", "#GAN", "order", "keep", "seed", "rank-1", "rank-5", "mAP", ""), body,
                         align="lrlrrrrrl")
 
 
 def timing_summary(out: SweepOutcome) -> str:
     """Where the time went: stages built (in workers), trial compute, and the driver's own CPU seconds."""
-    built = {s.stage: 0.0 for s in out.stages.all() if not s.cached}
-    for s in out.stages.all():
-        if not s.cached:
-            built[s.stage] += s.seconds
-    trials = sum(r.get("seconds") or 0.0 for r in out.rows)
+    built = out.stages.seconds()
+    trials = sum(r.seconds or 0.0 for r in out.rows)
     parts = ", ".join(f"{k} {v:.0f} s" for k, v in built.items()) or "all cached"
     return (f"stages built in Ray workers: {parts}; trials: {trials:.0f} s of worker time; "
             f"driver process CPU: {out.driver_cpu_seconds:.1f} s")
 
 
-def _summarise(run: tracking.SweepRun, rows: list[dict[str, Any]]) -> None:
+def _summarise(run: tracking.SweepRun, rows: list[TrialRow]) -> None:
     run.client.log_text(run.parent, results_table(rows), "results.txt")
-    run.client.log_text(run.parent, json.dumps(rows, indent=1), "results.json")
+    run.client.log_text(run.parent, json.dumps([r.as_dict() for r in rows], indent=1), "results.json")
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_logging()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=choices_help(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="cpu", choices=PRESETS, help="default cpu")
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     ui = (f"mlflow ui --backend-store-uri {out.tracking_uri}" if out.tracking_uri.startswith("sqlite")
           else out.tracking_uri)
     print(f"MLflow: experiment '{cfg.cluster.experiment}', parent run {out.parent_run_id}\n  {ui}")
-    return 1 if any(r.get("error") for r in out.rows) else 0
+    return 1 if any(r.error for r in out.rows) else 0
 
 
 if __name__ == "__main__":  # run the imported module's main, so Ray pickles functions by reference

@@ -8,7 +8,6 @@ absolute artifact root (Ray changes the working directory of trials).
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,6 @@ import mlflow
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
-log = logging.getLogger(__name__)
 TAG_KIND = "mprl.kind"  # sweep | stage | trial
 TAG_KEY = "mprl.key"  # sweep instance / stage key / trial key
 TAG_PARENT = "mlflow.parentRunId"
@@ -158,13 +156,13 @@ def end_unfinished(client: MlflowClient, exp_id: str, parent: str, status: str =
     return n
 
 
-def log_model(run_id: str, model, input_example, *, registered_name: str | None = None) -> str:
+def log_model(run_id: str, model, input_example) -> str:
     """Log a torch model so that ``mlflow.pytorch.load_model`` returns it (pickle format: fast, no export)."""
     import mlflow.pytorch
 
     with mlflow.start_run(run_id=run_id, nested=True):
         info = mlflow.pytorch.log_model(model, name="model", input_example=input_example,
-                                        serialization_format="pickle", registered_model_name=registered_name,
+                                        serialization_format="pickle",
                                         pip_requirements=["torch", "torchvision"])
     return info.model_uri
 

@@ -5,7 +5,8 @@
 
 ``gan`` trains one DCGAN and samples the generated-image store from it; ``reid`` trains and evaluates one re-ID
 configuration. Both draw the synthetic dataset under ``--out`` when the config names it. Every input is checked
-before Ray starts.
+before Ray starts. A run with at most one worker trains in this process (as a sweep's trial does,
+``orchestrator.resources``); ``--set reid.num_workers=N`` (N >= 2) starts a local Ray for a Train worker group.
 """
 
 from __future__ import annotations
@@ -18,27 +19,33 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from orchestrator import cluster, resources
 from orchestrator.config import LABEL_METHODS, PRESETS, Config, choices_help, config_hash, load_config
 from orchestrator.stages import dataset_root
+from trainables.config import ReidInputs
+from trainables.logs import configure_logging
+from trainables.methods import method
 
 
 def gan_run_name(cfg: Config) -> str:
     """A deterministic run name from the dataset and the GAN fields the result depends on."""
-    from trainables.dcgan import RESULT_FIELDS
+    from trainables.gan.train import RESULT_FIELDS
 
     return "gan-" + config_hash(cfg, "dataset", *(f"gan.{k}" for k in RESULT_FIELDS))
 
 
 def run_gan(cfg: Config, out: Path, num_images: int, seed: int) -> int:
-    from trainables.dcgan import SAMPLES_FILE, sample_grid_path, train_gan
-    from trainables.generation import generate
+    from trainables.gan.sample import generate
+    from trainables.gan.train import SAMPLES_FILE, sample_grid_path, train_gan
+    from trainables.runtime import device_for
 
     root = dataset_root(cfg.dataset, out / "data")
-    with _ray_if(cfg.gan.num_workers):
+    workers = resources.train_workers(cfg, "gan")
+    with _ray_if(cfg, workers):
         t0 = time.perf_counter()
-        gen_path = train_gan(cfg.gan, root, out / "runs", gan_run_name(cfg))
+        gen_path = train_gan(cfg.gan, root, out / "runs", gan_run_name(cfg), num_workers=workers)
         t1 = time.perf_counter()
-        store = generate(gen_path, out / "generated", num_images, seed=seed)
+        store = generate(gen_path, out / "generated", num_images, seed=seed, device=device_for(cfg.gan.use_gpu))
     grid = sample_grid_path(gen_path.parent)
     if grid is not None:
         shutil.copyfile(grid, out / SAMPLES_FILE)
@@ -49,30 +56,31 @@ def run_gan(cfg: Config, out: Path, num_images: int, seed: int) -> int:
 
 
 def run_reid(cfg: Config, out: Path, gan_store: str | None, smprl_labels: str | None, name: str | None) -> int:
-    from trainables.reid import ReidInputs, run_spec, train_reid
+    from trainables.reid.loop import run_spec, train_reid
 
-    if cfg.labels.method != "baseline" and cfg.labels.num_gan > 0 and not gan_store:
+    if method(cfg.labels.method).generated and cfg.labels.num_gan > 0 and not gan_store:
         raise ValueError(f"labels.method={cfg.labels.method!r} with labels.num_gan={cfg.labels.num_gan} needs "
                          f"--gan-store DIR (a generated-image store, e.g. from `orchestrator.train gan`)")
     inputs = ReidInputs(str(dataset_root(cfg.dataset, out / "data")),
                         gan_store and str(Path(gan_store).resolve()), smprl_labels)
     name = name or f"reid-{cfg.labels.method}-{cfg.labels.num_gan}"
-    with _ray_if(cfg.reid.num_workers):
-        res = train_reid(cfg.reid, cfg.labels, inputs, run_spec(cfg.reid, out / "runs", name))
-    print(f"final: rank-1 {res['rank1']:.4f}  rank-5 {res['rank5']:.4f}  rank-10 {res['rank10']:.4f}  "
-          f"mAP {res['mAP']:.4f}  ({res['num_classes']} ids, {res['num_gan']} generated images)")
+    workers = resources.train_workers(cfg, "reid")
+    with _ray_if(cfg, workers):
+        res = train_reid(cfg.reid, cfg.labels, inputs, run_spec(cfg.reid, out / "runs", name, num_workers=workers))
+    print(f"final: rank-1 {res.rank1:.4f}  rank-5 {res.rank5:.4f}  rank-10 {res.rank10:.4f}  "
+          f"mAP {res.mAP:.4f}  ({res.num_classes} ids, {res.num_gan} extra images)")
     return 0
 
 
 @contextlib.contextmanager
-def _ray_if(num_workers: int) -> Iterator[None]:
-    """A local Ray instance for the duration of a run that uses a Train worker group (``num_workers >= 1``)."""
+def _ray_if(cfg: Config, num_workers: int) -> Iterator[None]:
+    """Ray (``cluster.connect``) for the duration of a run that uses a Train worker group (``num_workers >= 1``)."""
     if num_workers < 1:
         yield
         return
     import ray
 
-    ray.init(num_cpus=max(2, num_workers), include_dashboard=False)
+    cluster.connect(cfg)
     try:
         yield
     finally:
@@ -87,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     gan = sub.add_parser("gan", help="train one DCGAN and generate images")
     reid = sub.add_parser("reid", help="train and evaluate one re-ID configuration")
     for s in (gan, reid):
-        s.add_argument("--preset", default="smoke", choices=PRESETS)
+        s.add_argument("--preset", default="smoke", choices=PRESETS, help="default smoke (the sweep's is cpu)")
         s.add_argument("--config", help="YAML file of overrides")
         s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     gan.add_argument("--out", required=True, help="folder for data/ (synthetic), runs/ and generated/")
@@ -103,6 +111,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_logging()
     args = _parser().parse_args(argv)
     extra = []
     if args.stage == "reid":

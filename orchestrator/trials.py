@@ -1,21 +1,23 @@
-"""The sweep's trials as an explicit list, and what a trial needs besides its settings.
+"""The sweep's trials as an explicit list, what a trial needs besides its settings, and what it ends with.
 
 Each trial is one re-ID training on real + labelled generated images. Settings that cannot differ are folded
-(a baseline has no #GAN images; LSRO has no rank order; 0 generated images is the baseline), so the grid holds
-no duplicate trainings. The Tune search space holds only the :class:`TrialSpec` of each trial; everything
-constant (the config, the stage outputs, MLflow) travels in one frozen :class:`TrialContext`.
+(a baseline has no #GAN images; a method without ranks has no rank order or keep; 0 generated images is the
+baseline), so the grid holds no duplicate trainings. The Tune search space holds only the :class:`TrialSpec` of
+each trial; everything constant (the config, the stage outputs, MLflow) travels in one frozen
+:class:`TrialContext`; the sweep's table reads one :class:`TrialRow` per trial.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.config import Config
-from trainables.reid import METRICS, ReidInputs
+from trainables.config import METRICS, ReidInputs
+from trainables.methods import BASELINE, method
 
-MPRL_METHODS = ("smprl", "dmprl1", "dmprl2")
 EPOCH_METRICS = ("loss", "train_acc", "images_per_s", "lr", "val_rank1", "val_mAP", *METRICS, "mINP")
 
 
@@ -67,16 +69,19 @@ class TrialContext:
 
 
 def normalise(t: TrialSpec) -> TrialSpec:
-    if t.method == "baseline" or t.num_gan == 0:
-        return TrialSpec("baseline", 0, "paper", None, t.seed)
-    if t.method not in MPRL_METHODS:  # (baseline_matched keeps its #GAN: it is the number of steps it matches)
+    """The one trial ``t`` stands for: no extra images (or none of them) is the baseline; a method without ranks
+    has no order or keep (the compute-matched control keeps its #GAN: the number of steps it matches)."""
+    traits = method(t.method)
+    if not traits.extra_images or t.num_gan == 0:
+        return TrialSpec(BASELINE, 0, "paper", None, t.seed)
+    if not traits.ranked:
         return TrialSpec(t.method, t.num_gan, "paper", None, t.seed)
     return t
 
 
 def cost(t: TrialSpec) -> tuple[int, int]:
     """Sort key, longest first: a baseline trial reuses its stage (instant); more generated images, more steps."""
-    return (0 if t.method == "baseline" else 1, t.num_gan)
+    return (0 if t.method == BASELINE else 1, t.num_gan)
 
 
 def build_trials(cfg: Config) -> list[TrialSpec]:
@@ -84,16 +89,41 @@ def build_trials(cfg: Config) -> list[TrialSpec]:
     s = cfg.sweep
     seen: dict[str, TrialSpec] = {}
     for seed in s.seeds:
-        for method in s.methods:
+        for name in s.methods:
             for n in s.num_gan:
                 for order in s.orders:
                     if order != "paper" and s.orders_at and n not in s.orders_at:
                         continue
                     for keep in s.keeps:
-                        t = normalise(TrialSpec(method, n, order, keep, seed))
+                        t = normalise(TrialSpec(name, n, order, keep, seed))
                         seen.setdefault(t.key, t)
     trials = list(seen.values())
     if s.search == "random":
         rng = random.Random(f"{s.seeds}-{s.num_samples}")
         trials = rng.sample(trials, min(s.num_samples, len(trials)))
     return trials
+
+
+@dataclass(frozen=True)
+class TrialRow:
+    """One line of the sweep's table: a trial's settings, its final test metrics, and how it ended."""
+
+    spec: TrialSpec
+    rank1: float | None = None  # fractions in [0, 1]; None when it did not finish
+    rank5: float | None = None
+    rank10: float | None = None
+    mAP: float | None = None
+    seconds: float | None = None  # the trial's worker time (imports, training, evaluation, logging)
+    error: str | None = None  # why it failed, or "not run"
+    status: str | None = None  # its MLflow run's status (FINISHED, FAILED, KILLED, ...)
+    stopped_after: str | None = None  # epochs trained when a scheduler (ASHA) stopped it
+    where: str | None = None  # node and process it ran on
+
+    @property
+    def key(self) -> str:
+        return self.spec.key
+
+    def as_dict(self) -> dict[str, Any]:
+        """Flat and JSON-serialisable (the sweep's ``results.json``)."""
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "spec"}
+        return {"trial": self.key, **dataclasses.asdict(self.spec), **fields}

@@ -9,20 +9,24 @@ space is only the grid of :class:`~orchestrator.trials.TrialSpec`; the shared :c
 from __future__ import annotations
 
 import dataclasses
+import pickle
+import signal
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
 from ray.tune.search import Searcher
 
-from orchestrator import cluster, tracking
+from orchestrator import resources, tracking
 from orchestrator.config import Config, flat_dict, replace
-from orchestrator.pipeline import BaselineOut, read_output, wait_finished
-from orchestrator.trials import EPOCH_METRICS, TrialContext, TrialSpec, cost
-from trainables.reid import METRICS
+from orchestrator.stage_cache import BaselineOut, read_output, wait_finished
+from orchestrator.trials import EPOCH_METRICS, TrialContext, TrialRow, TrialSpec, cost
+from trainables.config import ReidResult
+from trainables.methods import BASELINE
+from trainables.placement import process_label
 
-FINAL_METRICS = (*METRICS, "mINP")
 CHECKPOINT_METRICS = ("checkpoint_mb", "checkpoint_write_s", "checkpoint_stall_s")  # at the epochs that wrote one
 
 
@@ -52,7 +56,7 @@ def run_trial(config: dict, ctx: TrialContext, tracking_uri: str, started: float
     try:
         for folder in ctx.needs.get(trial.key, ()):  # a failed input stage fails the trial with its message
             wait_finished(folder)
-        if trial.method == "baseline" and trial.seed in ctx.baselines:  # this seed's baseline stage
+        if trial.method == BASELINE and trial.seed in ctx.baselines:  # this seed's baseline stage
             result = _reuse_baseline(read_output(ctx.baselines[trial.seed], BaselineOut), client, run_id)
         else:
             result = _train(cfg, ctx, trial)
@@ -97,49 +101,38 @@ def _already_finished(client, run_id: str) -> bool:
 
 def _tag_placement(client, run_id: str) -> None:
     """Where the trial runs (``mprl.where``: node and pid), for the placement checks of the rehearsal."""
-    import os
-
-    from trainables.runtime import node_label
-
-    client.set_tag(run_id, "mprl.where", f"{node_label()} pid {os.getpid()}")
+    client.set_tag(run_id, "mprl.where", process_label())
 
 
-def _train(cfg: Config, ctx: TrialContext, trial: TrialSpec) -> dict[str, Any]:
-    from trainables.reid import run_spec, train_reid
+def _train(cfg: Config, ctx: TrialContext, trial: TrialSpec) -> ReidResult:
+    from trainables.reid.loop import run_spec, train_reid
 
-    reid = dataclasses.replace(cfg.reid, num_workers=0) if cluster.runs_in_process(cfg) else cfg.reid
-    run = run_spec(reid, ctx.trials_dir, trial.key, report_to_tune=True,
-                   max_failures=cluster.trial_retries(cfg))
+    run = run_spec(cfg.reid, ctx.trials_dir, trial.key, num_workers=resources.train_workers(cfg, "reid"),
+                   report_to_tune=True, max_failures=resources.trial_retries(cfg))
     inputs = dataclasses.replace(ctx.inputs, smprl_labels=ctx.smprl_labels.get(trial.seed))
-    return train_reid(reid, cfg.labels, inputs, run)
+    return train_reid(cfg.reid, cfg.labels, inputs, run)
 
 
-def _reuse_baseline(baseline: BaselineOut, client, run_id: str) -> dict[str, Any]:
+def _reuse_baseline(baseline: BaselineOut, client, run_id: str) -> ReidResult:
     import ray.tune
 
     client.set_tag(run_id, "mprl.reused_stage", baseline.run_dir)
-    result = {**baseline.metrics, "cmc": baseline.cmc}
-    ray.tune.report({k: v for k, v in result.items() if k in EPOCH_METRICS or k == "epoch"})
+    result = baseline.result
+    ray.tune.report({**result.metrics(), "epoch": result.epoch})
     return result
 
 
-def _finish(client, run_id: str, cfg: Config, trial: TrialSpec, result: dict, ctx: TrialContext,
+def _finish(client, run_id: str, cfg: Config, trial: TrialSpec, result: ReidResult, ctx: TrialContext,
             start: float) -> None:
-    import time
+    from orchestrator.plots import plot_cmc
 
-    from trainables.plots import plot_cmc
-
-    final = {k: result[k] for k in FINAL_METRICS if k in result}
-    tracking.log_metrics(client, run_id, {f"final_{k}": v for k, v in final.items()})
-    tracking.log_params(client, run_id, {f"data.{k}": result[k] for k in ("num_train", "num_classes") if k in result})
+    tracking.log_metrics(client, run_id, {f"final_{k}": v for k, v in result.metrics().items()})
+    tracking.log_params(client, run_id, {"data.num_train": result.num_train, "data.num_classes": result.num_classes})
     for tag, value in {**ctx.links, **ctx.seed_links.get(trial.seed, {})}.items():
         client.set_tag(run_id, tag, value)
     with tempfile.TemporaryDirectory() as tmp:
-        if result.get("cmc"):
-            import numpy as np
-
-            png = plot_cmc({trial.key: np.asarray(result["cmc"])}, Path(tmp) / "cmc.png", title=trial.key)
-            tracking.log_artifacts(client, run_id, [png], "plots")
+        png = plot_cmc({trial.key: result.cmc}, Path(tmp) / "cmc.png", title=trial.key)
+        tracking.log_artifacts(client, run_id, [png], "plots")
     if ctx.log_models:
         run_dir = Path(ctx.trials_dir) / trial.key
         if not run_dir.exists():
@@ -147,14 +140,14 @@ def _finish(client, run_id: str, cfg: Config, trial: TrialSpec, result: dict, ct
         _log_model(client, run_id, cfg, run_dir)
     # the trial's whole time in its worker (imports, training, evaluation, logging): what the rehearsal counts as
     # compute
-    tracking.log_metrics(client, run_id, {TAG_WORKER_SECONDS: round(time.perf_counter() - start, 2)})
+    tracking.log_metrics(client, run_id, {WORKER_SECONDS: round(time.perf_counter() - start, 2)})
     tracking.set_status(client, run_id, "FINISHED")
 
 
 def _log_model(client, run_id: str, cfg: Config, run_dir: Path) -> None:
     import numpy as np
 
-    from trainables.reid import load_trained
+    from trainables.reid.loop import load_trained
 
     try:
         model, _ = load_trained(run_dir)
@@ -168,14 +161,12 @@ def _log_model(client, run_id: str, cfg: Config, run_dir: Path) -> None:
 # ------------------------------------------------------------------------------------ the Tuner
 
 def tune_trials(cfg: Config, trials: list[TrialSpec], ctx: TrialContext, experiment: Path, resume: bool,
-                tracking_uri: str) -> list[dict[str, Any]]:
+                tracking_uri: str) -> list[TrialRow]:
     """Run the trials on Ray Tune (or resume the interrupted ``experiment``); one result row per trial.
 
     The stages of the sweep's :class:`~orchestrator.dag.StageGraph` (registered under ``experiment.name``) run
     meanwhile; :class:`ReadySearcher` hands Tune each trial once its inputs exist.
     """
-    import pickle
-
     import ray.tune
 
     from orchestrator import trial_actor  # run_trial behind a light import: actors start fast (see there)
@@ -183,7 +174,7 @@ def tune_trials(cfg: Config, trials: list[TrialSpec], ctx: TrialContext, experim
     # the trainable, with its parameters, is built anew by every run and resume (Tuner.restore takes it again)
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(trial_actor.run_trial, ctx=pickle.dumps(ctx), tracking_uri=tracking_uri),
-        cluster.trial_resources(cfg))
+        resources.trial_resources(cfg))
     if resume and ray.tune.Tuner.can_restore(str(experiment)):
         print(f"[sweep] resuming {experiment}", flush=True)
         tuner = ray.tune.Tuner.restore(str(experiment), trainable, resume_errored=True)
@@ -192,7 +183,7 @@ def tune_trials(cfg: Config, trials: list[TrialSpec], ctx: TrialContext, experim
         tuner = ray.tune.Tuner(trainable, tune_config=_tune_config(cfg, searcher, len(trials)),
                                run_config=ray.tune.RunConfig(
                                    name=experiment.name, storage_path=str(experiment.parent), verbose=1,
-                                   failure_config=ray.tune.FailureConfig(max_failures=cluster.trial_retries(cfg)),
+                                   failure_config=ray.tune.FailureConfig(max_failures=resources.trial_retries(cfg)),
                                    # in-process trials report a manifest per finished checkpoint (the run folder
                                    # keeps the state, trainables/checkpoints.py): the latest restores a retry
                                    checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=1),
@@ -216,8 +207,8 @@ def _tune_config(cfg: Config, searcher: Searcher, num_samples: int):
     # does (SystemExit in ray.tune.report), one blocked in TorchTrainer.fit does not, and a failed reset leaves
     # Tune waiting forever (Ray 2.60). A stopped Train-driving trial's actor is torn down, ending its Train run.
     return ray.tune.TuneConfig(scheduler=scheduler, search_alg=searcher, num_samples=num_samples,
-                               reuse_actors=cluster.runs_in_process(cfg),
-                               max_concurrent_trials=cluster.max_concurrent(cfg), trial_name_creator=trial_name,
+                               reuse_actors=resources.runs_in_process(cfg),
+                               max_concurrent_trials=resources.max_concurrent(cfg), trial_name_creator=trial_name,
                                trial_dirname_creator=trial_name)
 
 
@@ -261,8 +252,6 @@ class ReadySearcher(Searcher):
     def _interrupted(self) -> bool:
         """True after Ctrl+C / SIGTERM. With nothing running, Tune waits for the next trial in a loop (up to 600 s)
         that does not check its own interrupt flag; its SIGINT handler restores the previous one when it fires."""
-        import signal
-
         if getattr(signal.getsignal(signal.SIGINT), "__name__", "") == "signal_interrupt_tune_run":
             self._armed = True
             return False
@@ -275,20 +264,16 @@ class ReadySearcher(Searcher):
         pass
 
     def save(self, checkpoint_path: str) -> None:
-        import pickle
-
         with open(checkpoint_path, "wb") as f:
             pickle.dump({"pending": self.pending}, f)
 
     def restore(self, checkpoint_path: str) -> None:
-        import pickle
-
         with open(checkpoint_path, "rb") as f:
             self.pending = pickle.load(f)["pending"]
 
 
 TAG_STOPPED_AFTER = "mprl.stopped_after_epochs"  # on trials a scheduler (ASHA) stopped early
-TAG_WORKER_SECONDS = "worker_seconds"  # a metric of each finished trial run
+WORKER_SECONDS = "worker_seconds"  # a metric of each finished trial run: its whole time in the worker
 
 
 class EpochLogger(Callback):
@@ -359,18 +344,14 @@ def failure_reason(trial) -> str:
     return f"{first[:400]} (attempts: {trial.num_failures})"
 
 
-def results_rows(grid, trials: list[TrialSpec]) -> list[dict[str, Any]]:
+def results_rows(grid, trials: list[TrialSpec]) -> list[TrialRow]:
     """One row per trial, in trial order: its settings, final metrics and error ("not run" if it never started)."""
     by_key = {}
     for res in grid:
         if not res.config:  # a trial that never started (interrupted sweep)
             continue
         t, m = TrialSpec.from_key(res.config["trial"]), res.metrics or {}
-        by_key[t.key] = {**_row(t), **{k: m.get(k) for k in METRICS}, "seconds": m.get("time_total_s"),
-                         "error": None if res.error is None else f"{type(res.error).__name__}: {res.error}"[:200]}
-    return [by_key.get(t.key, {**_row(t), "error": "not run"}) for t in trials]
-
-
-def _row(t: TrialSpec) -> dict[str, Any]:
-    return {"trial": t.key, "method": t.method, "num_gan": t.num_gan, "order": t.order, "keep": t.keep,
-            "seed": t.seed}
+        error = None if res.error is None else f"{type(res.error).__name__}: {res.error}"[:200]
+        by_key[t.key] = TrialRow(t, m.get("rank1"), m.get("rank5"), m.get("rank10"), m.get("mAP"),
+                                 seconds=m.get("time_total_s"), error=error)
+    return [by_key.get(t.key, TrialRow(t, error="not run")) for t in trials]

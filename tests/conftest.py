@@ -88,5 +88,7 @@ def local_ray(_ray_session):
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=3, include_dashboard=False, object_store_memory=150 * 1024**2)
+        from orchestrator.cluster import start_local_ray
+
+        start_local_ray(3, object_store_memory=150 * 1024**2)
     return ray

@@ -8,36 +8,14 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.loops import re_id_state as _state
+from tests.loops import toy_loop
 from trainables import checkpoints, runtime
-
-
-def _state(epoch: int, every: int = 2, epochs: int = 5, w: torch.Tensor | None = None) -> dict:
-    return {"epoch": epoch, "w": torch.zeros(4) if w is None else w,
-            "reid": {"checkpoint_every": every, "epochs": epochs}}
-
-
-def toy_loop(config: dict) -> dict:
-    """A stand-in for reid_loop: resumes from load_state, reports every epoch with a re-ID-shaped state."""
-    state = runtime.load_state()
-    start = 0 if state is None else state["epoch"] + 1
-    w = torch.zeros(1000) if state is None else state["w"]
-    seen = []
-    for epoch in range(start, config["epochs"]):
-        w = w + 1
-        if config.get("fail_at") == epoch and not Path(config["marker"]).exists():
-            Path(config["marker"]).write_text("failed once")
-            raise RuntimeError(f"injected at epoch {epoch}")
-        time.sleep(config.get("sleep", 0))
-        metrics = {"epoch": epoch, "loss": float(w[0])}
-        runtime.report(metrics, state=_state(epoch, config["every"], config["epochs"], w))
-        seen.append(epoch)
-    return {"start": start, "seen": seen, "w": float(w[0])}
 
 
 def test_cadence_every_n_epochs_and_the_last():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_checkpoints import toy_loop
+from tests.loops import toy_loop
 from trainables import checkpoints, runtime
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -52,7 +52,7 @@ def test_a_lost_worker_node_resumes_the_trial_on_another_node_from_its_checkpoin
     import ray.tune
 
     from bench.loopback import gpu_cluster
-    from orchestrator.cluster import WORKER_RESOURCE
+    from orchestrator.resources import WORKER_RESOURCE
 
     runs = tmp_path / "runs"
     runs.mkdir()

@@ -210,14 +210,3 @@ def test_rehearsal_preset_is_the_paper_structure_at_market_counts():
         replace(cfg, **{"dataset.synthetic_counts": "duke"})
     with pytest.raises(ValueError, match="reid.max_steps"):
         replace(cfg, **{"reid.max_steps": 0})
-
-
-def test_max_steps_caps_the_steps_of_an_epoch(tiny_cfg, tiny_split):
-    from trainables import runtime
-    from trainables.reid import _epoch_loader, label_spec
-
-    cfg = tiny_cfg("reid.max_steps=2", "reid.batch_size=4", "reid.loader_workers=0")
-    train = tuple(dataclasses.replace(r, label=i % 3) for i, r in enumerate(tiny_split.train))
-    ctx = runtime.Context(0, 1, runtime.device_for(False), True)
-    loader = _epoch_loader(cfg.reid, train, train, 0, label_spec(cfg.reid, cfg.labels, 3), 0, ctx)
-    assert len(train) // 4 > 2 and len(loader) == 2 and len(list(loader)) == 2

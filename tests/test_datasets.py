@@ -6,9 +6,9 @@ import torch
 from PIL import Image
 
 from datasets.check import bad_images, check_images
+from datasets.decoded_cache import DecodedDataset, FileRows, as_batch
 from datasets.market1501 import load, parse_name
 from datasets.records import Record, relabel
-from datasets.torch_data import ImageDataset, build_transform
 
 
 def _touch_jpg(path: Path, colour=(120, 30, 30)) -> None:
@@ -120,25 +120,25 @@ def test_relabel_is_sorted_and_skips_generated():
     assert [r.label for r in out] == [1, 0, -1, 1]
 
 
-def test_image_dataset_and_transforms(tiny_split):
-    ds = ImageDataset(tiny_split.train[:4], build_transform((64, 32), train=True))
+def test_rows_decoded_from_files_batch_with_their_records(tiny_split):
+    """``FileRows``: every read decodes the files (the same pixels each time); ``DecodedDataset`` batches them with
+    the records' labels, as a DataLoader with a batch sampler hands them to the device pipeline."""
+    recs = tiny_split.train[:4]
+    ds = DecodedDataset(recs, FileRows(recs, (64, 32)))
     item = ds[1]
-    assert item["img"].shape == (3, 64, 32) and item["img"].dtype == torch.float32
-    assert item["label"] == tiny_split.train[1].label and item["generated"] is False
-    test_tf = build_transform((32, 16), train=False)
-    a = test_tf(Image.open(tiny_split.query[0].path))
-    b = test_tf(Image.open(tiny_split.query[0].path))
-    assert a.shape == (3, 32, 16) and torch.equal(a, b)  # no randomness at test time
-    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))
-    assert batch["img"].shape == (4, 3, 64, 32) and batch["label"].dtype == torch.int64
+    assert item["img"].shape == (1, 64, 32, 3) and item["img"].dtype == torch.uint8
+    assert item["label"].tolist() == [recs[1].label] and item["generated"].tolist() == [False]
+    assert torch.equal(ds[1]["img"], item["img"])  # no randomness in the rows
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=[[0, 1, 2, 3]], collate_fn=as_batch)
+    batch = next(iter(loader))
+    assert batch["img"].shape == (4, 64, 32, 3) and batch["label"].dtype == torch.int64
 
 
-def test_image_dataset_names_unreadable_file(tmp_path):
+def test_rows_name_an_unreadable_file(tmp_path):
     p = tmp_path / "0001_c1s1_000001_01.jpg"
     p.write_bytes(b"broken")
-    ds = ImageDataset([Record(str(p), 1, 0, label=0)], build_transform((32, 16), train=False))
     with pytest.raises(OSError, match="0001_c1s1_000001_01.jpg"):
-        ds[0]
+        FileRows([Record(str(p), 1, 0, label=0)], (32, 16)).take([0])
 
 
 def test_hold_out_builds_a_validation_split_like_the_test_protocol(tiny_split):

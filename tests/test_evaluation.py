@@ -1,4 +1,5 @@
-"""Tests for trainables.evaluation (ranking metrics, features, distances, re-ranking) and plots.plot_cmc."""
+"""trainables/evaluation/: ranking metrics (hand-computed cases and the per-query oracle), features, distances,
+re-ranking, and the benchmark at small scale."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from bench.reference import reference_rank  # the per-query oracle (cmc, mAP, mINP), or None
-from trainables import evaluation as ev
-from trainables.evaluation import compute_distance, evaluate, evaluate_rank, extract_features
-from trainables.plots import plot_cmc
-from trainables.rerank import re_rank
+from trainables.evaluation import ranking as ev
+from trainables.evaluation.distance import compute_distance, extract_features
+from trainables.evaluation.ranking import evaluate, evaluate_rank
+from trainables.evaluation.rerank import re_rank
 
 
 def one_query(distances, g_pids, g_camids, q_pid=1, q_cam=0, **kwargs):
@@ -374,22 +375,6 @@ def test_re_rank_rejects_bad_input():
         re_rank(qg, qq, gg, k1=len(qg) + len(gg))
     with pytest.raises(ValueError, match="lambda_value"):
         re_rank(qg, qq, gg, lambda_value=1.5)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Plots
-# ----------------------------------------------------------------------------------------------------
-
-
-def test_plot_cmc_writes_png(tmp_path):
-    curves = {"baseline": np.linspace(0.6, 1.0, 50), "dmprl2": np.linspace(0.7, 1.0, 50)}
-    out = plot_cmc(curves, tmp_path / "plots" / "cmc.png", max_rank=20, title="Market-1501")
-    assert out.exists() and out.stat().st_size > 1000
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    with pytest.raises(ValueError, match="empty"):
-        plot_cmc({}, tmp_path / "x.png")
-    with pytest.raises(ValueError, match="fractions"):
-        plot_cmc({"pct": [60.0, 80.0]}, tmp_path / "x.png")
 
 
 def test_benchmark_runs_and_agrees_at_small_scale(capsys):

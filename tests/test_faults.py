@@ -21,7 +21,7 @@ import pytest
 
 from orchestrator import tracking
 from tests.sweep_output import trial_table
-from trainables import runtime
+from trainables import faults
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 ROOT = Path(__file__).parents[1]
@@ -123,7 +123,7 @@ def test_a_trial_that_always_fails_ends_failed_with_its_reason(tmp_path, ray_tmp
     FAILED in MLflow with a reason once its retries are spent; the others finish; the exit code is 1."""
     storage = tmp_path / "shared"
     always = "rank=0,epoch=1,step=0,mode=always_exit,match=lsro"
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp, runtime.FAILURE_ENV: always}
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, faults.FAILURE_ENV: always}
     res = subprocess.run(_cmd(storage, "--set", "sweep.max_failures=1"), cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=900)
     assert res.returncode == 1, res.stdout[-3000:] + res.stderr[-3000:]

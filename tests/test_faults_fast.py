@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from orchestrator import nodes, tracking
+from orchestrator import cluster, tracking
 from orchestrator.config import load_config
 from orchestrator.trials import TrialContext
 from orchestrator.tuning import EpochLogger, failure_reason
@@ -91,28 +91,28 @@ def test_a_storage_uri_is_refused_at_config_time(uri):
 
 def test_path_problems_name_the_field_and_path(tmp_path):
     (tmp_path / "file").write_text("x")
-    ok = {nodes.STORAGE_FIELD: str(tmp_path), nodes.DATASET_FIELD: str(tmp_path)}
-    assert nodes.path_problems(ok) == {}
-    bad = nodes.path_problems({nodes.STORAGE_FIELD: str(tmp_path / "file"),
-                               nodes.DATASET_FIELD: str(tmp_path / "missing")})
-    assert bad == {nodes.STORAGE_FIELD: f"cluster.storage_path={tmp_path / 'file'} is not a folder there",
-                   nodes.DATASET_FIELD: f"dataset.root={tmp_path / 'missing'} does not exist there"}
+    ok = {cluster.STORAGE_FIELD: str(tmp_path), cluster.DATASET_FIELD: str(tmp_path)}
+    assert cluster.path_problems(ok) == {}
+    bad = cluster.path_problems({cluster.STORAGE_FIELD: str(tmp_path / "file"),
+                               cluster.DATASET_FIELD: str(tmp_path / "missing")})
+    assert bad == {cluster.STORAGE_FIELD: f"cluster.storage_path={tmp_path / 'file'} is not a folder there",
+                   cluster.DATASET_FIELD: f"dataset.root={tmp_path / 'missing'} does not exist there"}
     if os.geteuid() != 0:  # root may write anywhere
         (tmp_path / "ro").mkdir(mode=0o500)
-        assert "is not writable" in nodes.path_problems({nodes.STORAGE_FIELD: str(tmp_path / "ro")})[
-            nodes.STORAGE_FIELD]
+        assert "is not writable" in cluster.path_problems({cluster.STORAGE_FIELD: str(tmp_path / "ro")})[
+            cluster.STORAGE_FIELD]
 
 
 def test_worker_paths_and_the_message(tmp_path):
     cfg = load_config("smoke", overrides=[f"cluster.storage_path={tmp_path}", "dataset.name=market1501",
                                           "dataset.root=/data/market", "reid.pretrained=random"])
-    assert nodes.worker_paths(cfg) == {nodes.STORAGE_FIELD: str(tmp_path), nodes.DATASET_FIELD: "/data/market"}
+    assert cluster.worker_paths(cfg) == {cluster.STORAGE_FIELD: str(tmp_path), cluster.DATASET_FIELD: "/data/market"}
     synthetic = load_config("smoke", overrides=[f"cluster.storage_path={tmp_path}"])
-    assert "dataset.root" not in nodes.worker_paths(synthetic)
-    msg = nodes.problems_message({"10.0.0.1 (abc)": {}, "10.0.0.2 (def)": {"dataset.root": "dataset.root=/d does "
-                                                                                            "not exist there"}})
+    assert "dataset.root" not in cluster.worker_paths(synthetic)
+    msg = cluster.problems_message({"node 10.0.0.1 (abc)": {},
+                                    "node 10.0.0.2 (def)": {"dataset.root": "dataset.root=/d does not exist there"}})
     assert "on node 10.0.0.2 (def): dataset.root=/d does not exist there" in msg and "10.0.0.1" not in msg
-    assert nodes.problems_message({"10.0.0.1 (abc)": {}}) is None
+    assert cluster.problems_message({"node 10.0.0.1 (abc)": {}}) is None
 
 
 @pytest.mark.ray
@@ -121,16 +121,16 @@ def test_paths_are_checked_from_a_ray_task_on_each_node(tmp_path, local_ray):
 
     cfg = load_config("smoke", overrides=[f"cluster.storage_path={tmp_path}"])
     alive = [n for n in ray.nodes() if n["Alive"]]
-    nodes.check_paths_on_nodes(cfg, alive)
+    cluster.check_paths_on_nodes(cfg, alive)
     missing = dataclasses.replace(cfg, dataset=dataclasses.replace(cfg.dataset, root=str(tmp_path / "head-only")))
     with pytest.raises(ValueError, match=rf"on node {alive[0]['NodeManagerAddress']} .*dataset.root=.*head-only "
                                          r"does not exist there"):
-        nodes.check_paths_on_nodes(missing, alive)
+        cluster.check_paths_on_nodes(missing, alive)
 
 
 def test_trials_retry_more_on_a_cluster_unless_told():
-    from orchestrator.cluster import CLUSTER_RETRIES, trial_retries
     from orchestrator.config import load_config
+    from orchestrator.resources import CLUSTER_RETRIES, trial_retries
 
     assert trial_retries(load_config("smoke")) == 1  # one machine: a failure is a bug, not a lost node
     assert trial_retries(load_config("smoke", overrides=["cluster.address=auto"])) == CLUSTER_RETRIES == 3

@@ -14,7 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainables import labels as L
+from trainables import methods
+from trainables.methods import LABEL_METHODS, METHODS, Method
+from trainables.reid import labels as L
 
 # -- Worked example (docs/labels.md): K = 4, p = softmax([1.0, 0.2, 0.3, 3.0]) ----------------------------------
 # p = [0.107124, 0.048134, 0.053196, 0.791546]; ascending order: class 1 < class 2 < class 0 < class 3,
@@ -172,7 +174,7 @@ def _batch(c: int, seed: int = 7, n: int = 8):
     return logits, labels, is_gen, ranks
 
 
-@pytest.mark.parametrize("method", L.METHODS)
+@pytest.mark.parametrize("method", LABEL_METHODS)
 def test_every_target_row_is_a_distribution(method):
     spec = L.LabelSpec(method, K, keep=2 if method in ("smprl", "dmprl1") else None, real_smoothing=0.1)
     c = L.num_outputs(spec)
@@ -266,7 +268,7 @@ def test_activity_and_defaults_per_method():
         spec = L.LabelSpec(method, K, switch_epoch=20, before_switch="exclude")
         assert L.is_active(spec, 0) and L.samples_generated(spec, 0) and spec.effective_gen_weight == 1.0
     base = L.LabelSpec("baseline", K)
-    assert not L.is_active(base, 5) and not L.samples_generated(base, 5) and L.default_gen_weight("baseline") == 0.0
+    assert not L.is_active(base, 5) and not L.samples_generated(base, 5) and base.effective_gen_weight == 0.0
     assert L.LabelSpec("dmprl2", K, gen_weight=0.5).effective_gen_weight == 0.5
     assert L.switch_epoch_for(50) == 20 and L.switch_epoch_for(10) == 4 and L.switch_epoch_for(7) == 3
 
@@ -332,8 +334,8 @@ def test_bad_function_arguments_raise():
         L.mprl_weights(p, order="code")
     with pytest.raises(ValueError, match="labels.keep"):
         L.mprl_targets(p, keep=5)
-    with pytest.raises(ValueError, match="labels.method"):
-        L.default_gen_weight("LSRO")
+    with pytest.raises(ValueError, match="labels.method='LSRO' is not valid"):
+        L.LabelSpec("LSRO", 4)
     with pytest.raises(ValueError, match="static_ranks"):
         L.targets_for(L.LabelSpec("smprl", 4), p, torch.tensor([-1]), torch.tensor([True]), 0)
     with pytest.raises(ValueError, match="permutation"):
@@ -342,13 +344,22 @@ def test_bad_function_arguments_raise():
         L.targets_for(L.LabelSpec("allinone", 4), p, torch.tensor([-1]), torch.tensor([True]), 0)
 
 
-@pytest.mark.parametrize("method", L.METHODS)
+def test_a_target_rule_without_an_implementation_raises(monkeypatch):
+    """A method whose rule trainables.reid.labels does not implement fails loudly (it never gets zero targets)."""
+    monkeypatch.setattr(methods, "TARGET_RULES", (*methods.TARGET_RULES, "brand_new"))
+    monkeypatch.setitem(METHODS, "newmethod", Method("brand_new"))
+    logits, labels, is_gen, _ = _batch(K)
+    with pytest.raises(ValueError, match="target rule 'brand_new'.*does not implement"):
+        L.targets_for(L.LabelSpec("newmethod", K), logits, labels, is_gen, 0)
+
+
+@pytest.mark.parametrize("method", LABEL_METHODS)
 def test_targets_and_loss_never_wait_for_the_device(method, monkeypatch):
     """On meta tensors (shapes without data) any operation that reads values (boolean indexing, ``if t.any()``,
     ``int(t)``, a check that compares contents) raises: the step's targets and loss have none, so a training step on
     a GPU queues its work without waiting for the device."""
     spec = L.LabelSpec(method, K, keep=3 if method in ("smprl", "dmprl1") else None, real_smoothing=0.1,
-                       switch_epoch=2 if method in L.SWITCHED_METHODS else 0)
+                       switch_epoch=2 if METHODS[method].switched else 0)
     c, n = L.num_outputs(spec), 8
     logits = torch.randn(n, c, device="meta", requires_grad=True)
     labels = torch.zeros(n, dtype=torch.long, device="meta")
@@ -364,7 +375,7 @@ def test_targets_and_loss_never_wait_for_the_device(method, monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bench/gpu_suite.sh runs it)")
-@pytest.mark.parametrize("method", L.METHODS)
+@pytest.mark.parametrize("method", LABEL_METHODS)
 def test_targets_and_loss_do_not_synchronise_cuda(method):
     """The same on a GPU, with CUDA's own detector: any host-device synchronisation raises."""
     spec = L.LabelSpec(method, K, keep=3 if method in ("smprl", "dmprl1") else None, real_smoothing=0.1)

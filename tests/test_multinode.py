@@ -27,7 +27,7 @@ from typing import Iterator
 import pytest
 
 from bench.loopback import LOOPBACK_ENV, mlflow_server
-from orchestrator import cluster, tracking
+from orchestrator import cluster, resources, tracking
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 ROOT = Path(__file__).parents[1]
@@ -47,10 +47,10 @@ def loopback_cluster(monkeypatch) -> Iterator[object]:
     small = {"num_cpus": 1, "object_store_memory": 150 * 1024**2, "node_ip_address": "127.0.0.1"}
     ray.shutdown()  # the shared local instance of other tests (conftest.local_ray), if it is up
     c = Cluster(initialize_head=True, head_node_args={**small, "include_dashboard": False,
-                                                      "resources": {cluster.DRIVER_RESOURCE: 1}})
+                                                      "resources": {resources.DRIVER_RESOURCE: 1}})
     try:
         for _ in range(2):
-            c.add_node(**small, resources={cluster.WORKER_RESOURCE: 1000})
+            c.add_node(**small, resources={resources.WORKER_RESOURCE: 1000})
         c.wait_for_nodes()
         yield c
     finally:
@@ -64,9 +64,9 @@ def _preflight_against(c, cfg) -> None:
 
     ray.init(address=c.address)
     try:
-        assert cluster.num_nodes() == 3
-        assert {n["NodeManagerAddress"] for n in cluster.alive_nodes()} == {"127.0.0.1"}
-        assert cluster.driver_resources({"CPU": 1}, ray.cluster_resources())[cluster.DRIVER_RESOURCE] > 0
+        nodes = cluster.alive_nodes()
+        assert len(nodes) == 3 and {n["NodeManagerAddress"] for n in nodes} == {"127.0.0.1"}
+        assert resources.driver_resources({"CPU": 1}, ray.cluster_resources())[resources.DRIVER_RESOURCE] > 0
         marker = Path(cfg.cluster.storage_path).parent / cluster.SHARED_MARKER
         with pytest.raises(ValueError, match=r"cluster\.storage_path=.*not marked shared"):
             cluster.preflight(cfg)

@@ -1,9 +1,13 @@
-import numpy as np
-import pytest
+"""Epoch batches and the run's loaders (trainables/reid/data.py) over decoded-cache rows and image-file rows."""
 
-from datasets.torch_data import pre_crop_size
-from trainables.reid_data import epoch_batches, epoch_pairs, pair_loader, train_loader
-from trainables.reid_data import test_loader as make_test_loader  # a test_* name would be collected
+import pytest
+import torch
+
+from datasets.decoded_cache import FileRows, decoded_rows
+from trainables.config import cache_size
+from trainables.reid.data import epoch_batches, eval_loader, train_loader
+
+CPU = torch.device("cpu")
 
 
 def test_proportional_epoch_covers_union_once():
@@ -41,32 +45,32 @@ def test_small_last_batch_dropped_and_divisibility():
         epoch_batches(17, 0, 15, gen_fraction=None, seed=0, epoch=0, world_size=2)
 
 
-def test_epoch_pairs_flags():
-    labels = np.repeat(np.arange(5), 4)
-    pairs = epoch_pairs(labels, 6, pos_fraction=1 / 3, seed=0, epoch=0)
-    real, gen = pairs[:20], pairs[20:]
-    assert real[:, 2].sum() == round(20 / 3) and (real[:, 3] == 1).all()
-    assert (labels[real[real[:, 2] == 1, 0]] == labels[real[real[:, 2] == 1, 1]]).all()
-    assert (gen[:, 0] >= 20).all() and (gen[:, 1] < 20).all() and (gen[:, 2:] == 0).all()
-
-
 @pytest.mark.parametrize("augment", ["pad_crop", "paper", "reference_code"])
-def test_loaders_pass_augment_to_the_transform(tiny_split, augment):
-    """reid.augment reaches build_transform: train and pair batches are image_size, test batches are larger in
-    the paper / reference_code pipelines (they test on the whole 256/224-scaled image)."""
+@pytest.mark.parametrize("source", ["files", "cache"])
+def test_loaders_pass_augment_to_the_device_pipeline(tiny_split, augment, source, tmp_path):
+    """reid.augment reaches the device augmentation: train and pair batches are image_size, normalised floats; test
+    batches are larger in the paper / reference_code pipelines (they test on the whole 256/224-scaled image). Rows
+    decoded from the files and from the cache give the same test batches."""
     size, recs = (56, 28), tiny_split.train[:4]
-    test_size = size if augment == "pad_crop" else pre_crop_size(size)
-    train = next(iter(train_loader(recs, [[0, 1]], size, workers=0, augment=augment)))
-    pairs = next(iter(pair_loader(recs, np.array([[0, 1, 0, 1]]), [[0]], size, workers=0, augment=augment)))
-    test = next(iter(make_test_loader(recs, size, batch_size=2, workers=0, augment=augment)))
-    assert train["img"].shape == (2, 3, *size) and pairs["img1"].shape == pairs["img2"].shape == (1, 3, *size)
-    assert test["img"].shape == (2, 3, *test_size)
+    rows = FileRows(recs, cache_size(size, augment))
+    if source == "cache":
+        rows = decoded_rows(recs, cache_size(size, augment), tmp_path)
+    train = next(iter(train_loader(recs, rows, size, device=CPU, workers=0, augment=augment).epoch([[0, 1]], 0)))
+    pairs = train_loader(recs, rows, size, device=CPU, workers=0, augment=augment, pairs=True)
+    pair = next(iter(pairs.epoch([[(0, 1, 0, 1)]], 0)))
+    test = next(iter(eval_loader(recs, rows, batch_size=2, device=CPU, workers=0, augment=augment)))
+    assert train["img"].shape == (2, 3, *size) and train["img"].dtype == torch.float32
+    assert pair["img1"].shape == pair["img2"].shape == (1, 3, *size) and pair["verif"].tolist() == [True]
+    assert test["img"].shape == (2, 3, *cache_size(size, augment))
+    files = next(iter(eval_loader(recs, FileRows(recs, rows.image_size), batch_size=2, device=CPU, workers=0,
+                                  augment=augment)))
+    assert torch.equal(test["img"], files["img"])
 
 
 def test_loaders_reject_a_bad_augment(tiny_split):
     recs = tiny_split.train[:2]
-    for build in (lambda: train_loader(recs, [[0, 1]], (32, 16), workers=0, augment="bad"),
-                  lambda: pair_loader(recs, np.zeros((1, 4), np.int64), [[0]], (32, 16), workers=0, augment="bad"),
-                  lambda: make_test_loader(recs, (32, 16), batch_size=2, workers=0, augment="bad")):
+    rows = FileRows(recs, (32, 16))
+    for build in (lambda: train_loader(recs, rows, (32, 16), device=CPU, workers=0, augment="bad"),
+                  lambda: eval_loader(recs, rows, batch_size=2, device=CPU, workers=0, augment="bad")):
         with pytest.raises(ValueError, match="reid.augment='bad'"):
             build()

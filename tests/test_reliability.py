@@ -9,8 +9,9 @@ import pytest
 
 from orchestrator.config import load_config
 from tests.sweep_output import trial_table
-from trainables import runtime
-from trainables.reid import ReidInputs, load_trained, run_spec, train_reid
+from trainables import faults
+from trainables.config import ReidInputs
+from trainables.reid.loop import load_trained, run_spec, train_reid
 
 ROOT = Path(__file__).parents[1]
 
@@ -20,15 +21,16 @@ def _cfg(tiny_cfg, *extra):
 
 
 def _train(cfg, inputs, parent, name, max_failures=0, **kw):
-    return train_reid(cfg.reid, cfg.labels, inputs, run_spec(cfg.reid, parent, name, max_failures=max_failures), **kw)
+    run = run_spec(cfg.reid, parent, name, num_workers=cfg.reid.num_workers, max_failures=max_failures)
+    return train_reid(cfg.reid, cfg.labels, inputs, run, **kw)
 
 
 def test_failure_plan_parsing():
-    plan = runtime.FailurePlan.parse("rank=1,epoch=2,step=3,mode=exit,match=lsro")
+    plan = faults.FailurePlan.parse("rank=1,epoch=2,step=3,mode=exit,match=lsro")
     assert (plan.rank, plan.epoch, plan.step, plan.mode, plan.match) == (1, 2, 3, "exit", "lsro")
     for bad in ("rank=1", "epoch=x", "epoch=1,mode=boom", "epoch=1,colour=red"):
-        with pytest.raises(ValueError, match=runtime.FAILURE_ENV):
-            runtime.FailurePlan.parse(bad)
+        with pytest.raises(ValueError, match=faults.FAILURE_ENV):
+            faults.FailurePlan.parse(bad)
 
 
 def test_in_process_failure_then_rerun_matches_uninterrupted(tmp_path, tiny_root, tiny_store, tiny_cfg):
@@ -42,7 +44,7 @@ def test_in_process_failure_then_rerun_matches_uninterrupted(tmp_path, tiny_root
     assert state["epoch"] == 0  # the finished epoch's checkpoint survived the crash
     resumed = _train(cfg, inputs, tmp_path / "runs", "faulty", inject_failure="rank=0,epoch=1,step=1,mode=raise")
     for k in ("rank1", "rank5", "mAP"):
-        assert resumed[k] == pytest.approx(clean[k], abs=1e-6)
+        assert getattr(resumed, k) == pytest.approx(getattr(clean, k), abs=1e-6)
 
 
 @pytest.mark.slow
@@ -56,7 +58,7 @@ def test_killed_ray_train_worker_is_retried(tmp_path, tiny_root, tiny_store, tin
                     inject_failure="rank=1,epoch=1,step=1,mode=exit")
     assert (tmp_path / "runs" / "faulty" / ".failure_injected").is_file()
     for k in ("rank1", "mAP"):
-        assert faulty[k] == pytest.approx(clean[k], abs=1e-3)
+        assert getattr(faulty, k) == pytest.approx(getattr(clean, k), abs=1e-3)
 
 
 @pytest.mark.slow
@@ -64,7 +66,7 @@ def test_killed_ray_train_worker_is_retried(tmp_path, tiny_root, tiny_store, tin
 def test_sweep_retries_transient_and_reports_permanent_failures(tmp_path):
     from orchestrator import tracking
 
-    env = {**os.environ, runtime.FAILURE_ENV: "rank=0,epoch=1,step=0,mode=raise,match=lsro"}
+    env = {**os.environ, faults.FAILURE_ENV: "rank=0,epoch=1,step=0,mode=raise,match=lsro"}
     cmd = [sys.executable, "-m", "orchestrator.sweep", "--preset", "smoke", "--set", f"cluster.storage_path={tmp_path}",
            "--set", "cluster.num_cpus=3", "--set", "reid.epochs=2", "--set", "sweep.max_failures=1"]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
@@ -78,7 +80,7 @@ def test_sweep_retries_transient_and_reports_permanent_failures(tmp_path):
     assert "Δr1 vs baseline" in stats and "one seed: no test" in stats
 
     # a permanent failure: reported in the table with its error, the other trials complete
-    env[runtime.FAILURE_ENV] = "rank=0,epoch=0,step=0,mode=always,match=dmprl2"
+    env[faults.FAILURE_ENV] = "rank=0,epoch=0,step=0,mode=always,match=dmprl2"
     res = subprocess.run([*cmd, "--set", "sweep.methods=[lsro, dmprl2]", "--set", "reid.seed=5"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 1

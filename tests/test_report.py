@@ -1,12 +1,14 @@
 """The report compares each dataset and model only with its own published numbers, and says which row it matched."""
 
-from orchestrator.paper_numbers import BASELINE, TABLE_IV, TABLE_VII, paper_row
-from orchestrator.report import format_report, summarise
+import pytest
+
+from orchestrator.paper_numbers import paper_row
+from orchestrator.report import TrialResult, format_report, summarise
 
 
 def test_identification_runs_match_table_iv_on_the_ratio():
     row, note = paper_row("market1501", "ident", "dmprl2", 24000, 12936)
-    assert (row.table, row.num_gan, row.mAP, row.rank1) == ("IV", 24000, *TABLE_IV["dmprl2"][24000])
+    assert (row.table, row.num_gan, row.mAP, row.rank1) == ("IV", 24000, 58.59, 80.37)  # as printed in TIP 2019
     assert "1.86x" in note and not row.reference_only
     row, _ = paper_row("market1501", "ident", "lsro", 2 * 12936, 12936)  # 2.0x: nearest is 24k (1.86x)
     assert row.num_gan == 24000
@@ -20,7 +22,7 @@ def test_ratios_outside_the_papers_range_have_no_row():
 
 def test_two_stream_runs_compare_with_table_vii_not_iv():
     row, _ = paper_row("market1501", "twostream", "baseline", 0, 12936)
-    assert row.table == "VII" and (row.mAP, row.rank1) == TABLE_VII["market1501"]["baseline"]
+    assert row.table == "VII" and (row.mAP, row.rank1) == (64.09, 81.83)
     assert paper_row("market1501", "twostream", "dmprl2", 24000, 12936)[0].table == "VII"
     assert paper_row("market1501", "twostream", "lsro", 24000, 12936)[0] is None  # Table VII has no LSRO row
 
@@ -32,13 +34,11 @@ def test_each_dataset_only_with_its_own_numbers():
     row, note = paper_row("cuhk03np", "ident", "baseline", 0, 7365)
     assert row is None and "1,367" in note
     synth, _ = paper_row("synthetic", "ident", "baseline", 0, 466)
-    assert synth.reference_only and (synth.mAP, synth.rank1) == BASELINE
+    assert synth.reference_only and (synth.mAP, synth.rank1) == (52.68, 74.08)  # Table IV's baseline, for the gain
 
 
 def _row(dataset, model, method, n, seed, r1, setting="s1"):
-    return {"setting": setting, "preset": "cpu", "dataset": dataset, "model": model, "method": method, "num_gan": n,
-            "order": "paper", "keep": "None", "seed": seed, "rank1": r1, "mAP": r1 - 0.1, "num_train": 12936,
-            "single_baseline": "False"}
+    return TrialResult(setting, "cpu", dataset, model, method, n, "paper", "None", seed, r1, r1 - 0.1, 12936, False)
 
 
 def test_summary_keeps_datasets_models_and_settings_apart():
@@ -48,13 +48,25 @@ def test_summary_keeps_datasets_models_and_settings_apart():
     rows += [_row("market1501", "ident", "dmprl2", 24000, 0, 0.10, setting="s2")]  # another setting: not merged
     groups = summarise(rows)
     assert len(groups) == 4
-    dm = next(g for g in groups if g["method"] == "dmprl2" and g["setting"] == "s1")
-    d = dm["vs_baseline"]["rank1"]
+    dm = next(g for g in groups if g.method == "dmprl2" and g.setting == "s1")
+    d = dm.vs["baseline"]["rank1"]
     assert d.n == 3 and abs(d.mean - (5 + 0.1 / 3)) < 1e-6 and d.verdict == "better" and d.p < 0.05
-    other = next(g for g in groups if g["setting"] == "s2")
-    assert other["vs_baseline"] is None and other["rank1"].n == 1  # no baseline of its own setting
+    assert dm.paper_gain_rank1 == 80.37 - 74.08 and dm.seeds == [0, 1, 2]
+    other = next(g for g in groups if g.setting == "s2")
+    assert other.vs["baseline"] is None and other.rank1.n == 1  # no baseline of its own setting
     text = format_report(groups)
     assert "setting s1" in text and "setting s2" in text and "IV 24000" in text and "VII" in text
+
+
+def test_the_compute_matched_control_is_taken_at_the_same_number_of_images():
+    rows = [_row("market1501", "ident", "baseline", 0, s, 0.70) for s in range(2)]
+    rows += [_row("market1501", "ident", "baseline_matched", n, s, 0.72 + n / 1e6) for n in (12000, 24000)
+             for s in range(2)]
+    rows += [_row("market1501", "ident", "lsro", 24000, s, 0.75 + s / 100) for s in range(2)]
+    lsro = next(g for g in summarise(rows) if g.method == "lsro")
+    assert lsro.vs["baseline_matched"]["rank1"].mean == pytest.approx(1.1)  # 75.5 - 74.4: the one at 24,000
+    assert lsro.vs["baseline"]["rank1"].mean == pytest.approx(5.5)
+    assert "Δr1 vs baseline_matched" in format_report(summarise(rows))
 
 
 def test_statistics_and_verdicts():
@@ -94,5 +106,5 @@ def test_report_reads_one_sweep_and_never_merges_settings(tmp_path):
     assert latest[1] == "sweep-b-1"
     rows_b = collect(client, exp_id, latest[0])
     rows_a = collect(client, exp_id, find_sweep(client, exp_id, "sweep-a-1")[0])
-    assert len(rows_b) == 2 and {r["setting"] for r in rows_b} != {r["setting"] for r in rows_a}
+    assert len(rows_b) == 2 and {r.setting for r in rows_b} != {r.setting for r in rows_a}
     assert len(summarise(rows_a + rows_b)) == 2  # 12 and 30 epochs: never averaged as seeds

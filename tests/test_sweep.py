@@ -31,8 +31,8 @@ def test_smoke_sweep_end_to_end_and_cache_reuse(tmp_path, local_ray):
     from orchestrator.sweep import run_sweep
 
     out = run_sweep(_smoke(tmp_path))
-    assert {r["method"] for r in out.rows} == {"baseline", "lsro", "dmprl2"}
-    assert all(r["error"] is None and 0 <= r["rank1"] <= 1 for r in out.rows)
+    assert {r.spec.method for r in out.rows} == {"baseline", "lsro", "dmprl2"}
+    assert all(r.error is None and 0 <= r.rank1 <= 1 for r in out.rows)
     client, exp_id = tracking.setup(out.tracking_uri, "mprl", tmp_path)
     parent = client.get_run(out.parent_run_id)
     assert parent.info.status == "FINISHED"
@@ -60,7 +60,7 @@ def test_smoke_sweep_end_to_end_and_cache_reuse(tmp_path, local_ray):
     # the driver only orchestrates: every built stage and every trial ran in another process (a Ray worker)
     places = [s.data.tags["mprl.where"] for s in built] + [t.data.tags["mprl.where"] for t in trials]
     assert all(p.rsplit(" pid ", 1)[1] != str(os.getpid()) for p in places), places
-    assert out.driver_cpu_seconds < sum(s.seconds for s in out.stages.all()) + sum(r["seconds"] for r in out.rows)
+    assert out.driver_cpu_seconds < sum(s.seconds for s in out.stages.all()) + sum(r.seconds for r in out.rows)
 
 
 def _sweep_cmd(tmp_path, *extra):
@@ -114,13 +114,12 @@ def test_every_seed_trains_its_own_baseline_and_smprl_labels(tmp_path, local_ray
     assert sorted(out.stages.baselines) == [0, 1] and sorted(out.stages.smprl) == [0, 1]
     assert out.stages.baselines[0].key != out.stages.baselines[1].key
     assert out.stages.smprl[0].out.labels != out.stages.smprl[1].out.labels
-    base = {r["seed"]: r for r in out.rows if r["method"] == "baseline"}
-    assert base[0]["error"] is None and base[1]["error"] is None
-    assert (base[0]["rank1"], base[0]["mAP"]) == (out.stages.baselines[0].out.metrics["rank1"],
-                                                  out.stages.baselines[0].out.metrics["mAP"])
-    assert (base[1]["rank1"], base[1]["mAP"]) == (out.stages.baselines[1].out.metrics["rank1"],
-                                                  out.stages.baselines[1].out.metrics["mAP"])
-    assert base[0]["mAP"] != base[1]["mAP"]  # seed 1 is not seed 0's numbers again
+    base = {r.spec.seed: r for r in out.rows if r.spec.method == "baseline"}
+    assert base[0].error is None and base[1].error is None
+    for seed in (0, 1):  # each seed's baseline trial reports its seed's baseline stage
+        stage = out.stages.baselines[seed].out.result
+        assert (base[seed].rank1, base[seed].mAP) == (stage.rank1, stage.mAP)
+    assert base[0].mAP != base[1].mAP  # seed 1 is not seed 0's numbers again
     client, exp_id = tracking.setup(out.tracking_uri, "mprl", tmp_path)
     smprl = {int(t.data.params["reid.seed"]): t for t in _runs(client, exp_id, "trial")
              if t.data.params["labels.method"] == "smprl"}
@@ -146,12 +145,12 @@ def test_two_stream_and_every_other_method_run_and_learn(tmp_path, local_ray):
     from orchestrator.sweep import run_sweep
 
     two = run_sweep(_smoke(tmp_path, "reid.model=twostream", "reid.epochs=3", "gan.epochs=1"), log_models=False)
-    assert [r["error"] for r in two.rows] == [None] * 3 and all(0 <= r["rank1"] <= 1 for r in two.rows)
+    assert [r.error for r in two.rows] == [None] * 3 and all(0 <= r.rank1 <= 1 for r in two.rows)
     other = run_sweep(_smoke(tmp_path, "reid.epochs=3", "gan.epochs=1",
                              "sweep.methods=[allinone, pseudo, dmprl1, baseline_matched]",
                              "sweep.orders=[paper, reference_code]", "sweep.keeps=[null, 3]",
                              "sweep.search=random", "sweep.num_samples=4"), log_models=False)
-    assert len(other.rows) == 4 and all(r["error"] is None for r in other.rows)
+    assert len(other.rows) == 4 and all(r.error is None for r in other.rows)
     client, exp_id = tracking.setup(two.tracking_uri, "mprl", tmp_path)
     trials = _runs(client, exp_id, "trial")
     assert len(trials) == 7 and all(_learned(client, t.info.run_id) for t in trials

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from orchestrator.config import load_config
-from trainables.config import ReidConfig
-from trainables.reid import ReidInputs, lr_schedule, run_spec, train_reid, warmup_hook
+from trainables.config import ReidConfig, ReidInputs
+from trainables.reid.loop import build_model, lr_schedule, make_optimizer, run_spec, train_reid, warmup_hook
 
 STEPS = 4  # optimizer steps per epoch
 
@@ -86,7 +86,7 @@ def test_a_run_interrupted_in_warmup_resumes_to_the_same_model(tmp_path, tiny_ro
     inputs = ReidInputs(str(tiny_root))
 
     def train(name, **kw):  # every checkpoint kept, to compare each epoch's metrics
-        spec = dataclasses.replace(run_spec(cfg.reid, tmp_path / "runs", name), keep_checkpoints=3)
+        spec = dataclasses.replace(run_spec(cfg.reid, tmp_path / "runs", name, num_workers=0), keep_checkpoints=3)
         return train_reid(cfg.reid, cfg.labels, inputs, spec, **kw)
 
     train("whole", inject_failure="")
@@ -107,11 +107,8 @@ def test_a_run_interrupted_in_warmup_resumes_to_the_same_model(tmp_path, tiny_ro
 
 @pytest.mark.parametrize("name, kind", [("sgd", torch.optim.SGD), ("adam", torch.optim.Adam)])
 def test_the_optimizer_choice_builds_that_optimizer_with_both_lr_groups(name, kind):
-    from trainables.models import build_reid_model
-    from trainables.reid import make_optimizer
-
-    reid = ReidConfig(lr=0.5, new_lr_mult=2.0, optimizer=name)
-    model = build_reid_model("ident", 5, "tiny", 16, 0.5, pretrained="random")
+    reid = ReidConfig(lr=0.5, new_lr_mult=2.0, optimizer=name, backbone="tiny", embed_dim=16, pretrained="random")
+    model = build_model(reid, 5)
     opt = make_optimizer(reid, model.param_groups(reid.lr, new_lr_mult=reid.new_lr_mult, weight_decay=5e-4))
     assert type(opt) is kind
     assert [g["lr"] for g in opt.param_groups] == [0.5, 1.0]

@@ -1,10 +1,11 @@
 """The typed config sections that the training code reads: dataset, gan, reid, labels.
 
-A leaf module (stdlib only: no torch, nothing of this project), so ``datasets``-free training code, the
-orchestrator and the benchmarks all share one schema. Every section validates itself in ``__post_init__``: a value
-of the wrong type or an impossible value raises ``ValueError`` naming the dotted key and, for choices, the valid
+A leaf (stdlib and :mod:`trainables.methods` only): the training code, the orchestrator and the benchmarks share
+one schema, and the driver reads it without importing torch. Every section validates itself in ``__post_init__``:
+a wrong type or an impossible value raises ``ValueError`` naming the dotted key and, for choices, the valid
 options. :func:`build` turns nested plain data (YAML, a Ray config dict) into a section, :func:`to_dict` back.
-The root config, the sweep/cluster sections and the presets live in :mod:`orchestrator.config`.
+The root config, the sweep/cluster sections and the presets are :mod:`orchestrator.config`. At the bottom: what a
+re-ID run reads besides its config (:class:`ReidInputs`) and what it returns (:class:`ReidResult`).
 """
 
 from __future__ import annotations
@@ -17,23 +18,34 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Mapping, TypeVar
 
+from trainables.methods import DEFAULT_METHOD, LABEL_METHODS
+
 T = TypeVar("T")
 
 DATASETS = ("synthetic", "market1501", "dukemtmc", "cuhk03np")
 SYNTHETIC_COUNTS = ("market1501",)  # datasets/synthetic.py COUNTS (exact split sizes)
 BACKBONES = ("resnet18", "resnet34", "resnet50", "tiny")  # torchvision.models.<name>; tiny: 4 conv layers (rehearsal)
-REID_MODELS = ("ident", "twostream")  # trainables/models.py
-# trainables/labels.py implements these (and imports the lists from here)
-# baseline_matched: the compute-matched control, real images only but as many optimizer steps per epoch as a
-# method's run with labels.num_gan generated images (its extra batch slots are filled with more real images)
-LABEL_METHODS = ("baseline", "allinone", "pseudo", "lsro", "smprl", "dmprl1", "dmprl2", "baseline_matched")
+REID_MODELS = ("ident", "twostream")  # trainables/reid/models.py
+# LABEL_METHODS: trainables/methods.py, one row of traits per method
 LABEL_ORDERS = ("paper", "reference_code")
 BEFORE_SWITCH = ("ignore", "exclude")
-OPTIMIZERS = ("sgd", "adam")  # trainables/reid.py build_training
-AUGMENTS = ("pad_crop", "paper", "reference_code")  # datasets/torch_data.py build_transform
-PRETRAINED = ("imagenet", "random")  # trainables/models.py (or a path to a local torchvision state dict)
-DISTANCES = ("cosine", "euclidean")  # trainables/distance.py
-AP_MODES = ("standard", "market")  # trainables/evaluation.py
+OPTIMIZERS = ("sgd", "adam")  # trainables/reid/loop.py make_optimizer
+AUGMENTS = ("pad_crop", "paper", "reference_code")  # trainables/reid/augment.py
+PRETRAINED = ("imagenet", "random")  # trainables/reid/weights.py (or a path to a local torchvision state dict)
+DISTANCES = ("cosine", "euclidean")  # trainables/evaluation/distance.py
+AP_MODES = ("standard", "market")  # trainables/evaluation/ranking.py
+
+
+PRE_CROP_SCALE = 256 / 224  # the papers' resize before a 224x224 crop
+
+
+def cache_size(image_size: tuple[int, int], augment: str) -> tuple[int, int]:
+    """The size ``augment``'s rows are decoded at (trainables/reid/augment.py): ``image_size`` for pad_crop, else
+    ``image_size`` x 256/224 rounded (never a tie: 8h/7 is not k + 1/2), what paper / reference_code crop from."""
+    check_choice("reid.augment", augment, AUGMENTS)
+    if augment == "pad_crop":
+        return tuple(image_size)
+    return round(image_size[0] * PRE_CROP_SCALE), round(image_size[1] * PRE_CROP_SCALE)
 
 
 def check_choice(key: str, value: Any, options: tuple) -> None:
@@ -122,7 +134,7 @@ class GanConfig:
 
 @dataclass(frozen=True)
 class ReidConfig:
-    """Re-ID network and its training (research/mprl.md §4)."""
+    """Re-ID network and its training (docs/protocol.md, "Identification net" and "Two-stream net")."""
 
     model: str = "ident"  # ident | twostream
     backbone: str = "resnet50"
@@ -133,10 +145,7 @@ class ReidConfig:
     dropout: float = 0.5
     last_stride: int = 2
     image_size: tuple[int, int] = (256, 128)  # the network's input [H, W]
-    # pad_crop: resize to image_size, flip, pad 10 and random crop; test: resize (re-ID practice) | paper: resize
-    # to image_size * 256/224, random image_size crop, flip (TIP) | reference_code: resize to that size, random
-    # 85-100% crop resized to image_size, flip (vl_imreadjpeg) | test, both: the whole image at the larger size
-    augment: str = "pad_crop"
+    augment: str = "pad_crop"  # pad_crop (re-ID practice) | paper (TIP) | reference_code: trainables/reid/augment.py
     epochs: int = 50
     batch_size: int = 64  # global; split across workers
     lr: float = 0.01  # backbone rate; new layers get lr * new_lr_mult
@@ -152,14 +161,14 @@ class ReidConfig:
     optimizer: str = "sgd"
     momentum: float = 0.9
     nesterov: bool = True
-    weight_decay: float | None = None  # None = per label method (1e-4; 5e-4 for dmprl1/dmprl2)
+    weight_decay: float | None = None  # None = the label method's (trainables/methods.py)
     gen_fraction: float | None = None  # share of generated images per batch; None = proportional to counts
     pos_fraction: float | None = None  # two-stream positive pairs; None = the reference's 1/2 -> 1/5 schedule
     num_workers: int = 1  # Ray Train workers (0 = in-process)
     use_gpu: bool = False
     loader_workers: int = 2  # DataLoader processes per Ray Train worker
-    # read images from the decoded uint8 cache and augment on the training device (one loader for the run);
-    # false: decode and augment each JPEG per epoch in the loader workers (the earlier path and random stream)
+    # read the images from the decoded uint8 cache (false: decode each file on every read, in the loader workers);
+    # either way they are augmented on the training device
     decoded_cache: bool = True
     max_steps: int | None = None  # cap on optimizer steps per epoch (the scale rehearsal); None = every batch
     amp: bool = True  # bf16 autocast (GPU only)
@@ -168,10 +177,10 @@ class ReidConfig:
     # evaluation, ASHA and any "best" choice read; the test split is evaluated once, for the final model
     val_ids: int = 0
     eval_every: int = 0  # evaluate the validation split every N epochs (needs val_ids > 0; 0 = never)
-    # save a checkpoint (what a retried or resumed run restarts from) every N epochs and after the last one;
-    # written by a background thread, the latest kept
-    checkpoint_every: int = 5
+    checkpoint_every: int = 5  # a checkpoint (what a retry or resume starts from) every N epochs and the last
     distance: str = "cosine"
+    # k-reciprocal re-ranking (Zhong et al. 2017; k1=20, k2=6, lambda=0.3) of every evaluation's distances
+    rerank: bool = False
     flip_test: bool = True
     ap: str = "standard"  # standard (torchreid) | market (the devkit; the paper's numbers)
     seed: int = 0
@@ -208,8 +217,9 @@ class ReidConfig:
         if self.pos_fraction is not None and not 0 < self.pos_fraction < 1:
             raise ValueError(f"reid.pos_fraction={self.pos_fraction} must be in (0, 1)")
         check_positive("reid.loader_workers", self.loader_workers, allow_zero=True)
-        if not isinstance(self.decoded_cache, bool):
-            raise ValueError(f"reid.decoded_cache={self.decoded_cache!r} must be true or false")
+        for key in ("decoded_cache", "rerank"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"reid.{key}={getattr(self, key)!r} must be true or false")
         if self.max_steps is not None:
             check_positive("reid.max_steps", self.max_steps)
         check_positive("reid.eval_every", self.eval_every, allow_zero=True)
@@ -223,14 +233,14 @@ class ReidConfig:
 
 @dataclass(frozen=True)
 class LabelsConfig:
-    """Virtual labels for generated images (research/mprl.md §2; trainables/labels.py)."""
+    """Virtual labels for generated images (docs/labels.md; trainables/reid/labels.py)."""
 
-    method: str = "lsro"
+    method: str = DEFAULT_METHOD
     num_gan: int = 0  # generated images used by this run (the first num_gan of the store)
     order: str = "paper"  # paper | reference_code (the published MATLAB's indexing)
     keep: int | None = None  # MpRL truncation: only the `keep` most likely classes carry weight
-    gen_weight: float | None = None  # lambda; None = the method's default (0.1 pseudo/dmprl2, else 1)
-    switch_epoch: float = 0.4  # fraction of training after which pseudo/dmprl2 turn on (epoch 20 of 50)
+    gen_weight: float | None = None  # lambda; None = the method's default (trainables/methods.py)
+    switch_epoch: float = 0.4  # fraction of training after which switched methods turn on (epoch 20 of 50)
     switch_at: int | None = None  # the same as an absolute epoch (the paper's "epoch 20"); overrides switch_epoch
     before_switch: str = "ignore"  # ignore: sampled, zero loss (Algorithm 1) | exclude: not sampled
     real_smoothing: float = 0.0
@@ -348,3 +358,41 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             raise ValueError(f"{key} must be a string, got {value!r}")
         return value
     raise TypeError(f"unsupported annotation {hint!r} for {key}")  # a bug in this module, not user input
+
+
+# ------------------------------------------------------------------------------------- run hand-offs
+
+METRICS = ("rank1", "rank5", "rank10", "mAP")  # fractions in [0, 1]; the names Tune, MLflow and the report share
+
+
+@dataclass(frozen=True)
+class ReidInputs:
+    """What a re-ID run reads besides its config: the dataset, the generated store and the static labels' name."""
+
+    data_root: str
+    store_root: str | None = None
+    smprl_labels: str | None = None  # name of the label file in the store (static-rank methods only)
+    # the decoded-image cache folder (the decode stages' output); None: ``decoded`` beside the run's folder,
+    # filled in-process on first use
+    cache_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class ReidResult:
+    """What a finished re-ID run returns (and the baseline stage records): its final model's test metrics."""
+
+    rank1: float  # fractions in [0, 1]
+    rank5: float
+    rank10: float
+    mAP: float
+    mINP: float
+    cmc: tuple[float, ...]  # [max_rank]
+    skipped_queries: int
+    epoch: int  # the last epoch trained (0-based)
+    num_classes: int  # K, training identities
+    num_gan: int  # extra images trained on (generated, or real repeats for the compute-matched control)
+    num_train: int  # real training images
+
+    def metrics(self) -> dict[str, float]:
+        """The final test metrics by their shared names (METRICS, then mINP)."""
+        return {**{k: getattr(self, k) for k in METRICS}, "mINP": self.mINP}

@@ -1,7 +1,8 @@
 """Inference passes over models that may be mid-training: one context manager for eval mode.
 
-Used by feature extraction (trainables/distance.py), the sMpRL rank prediction (trainables/labels.py) and
-GAN sample grids, so that each restores the caller's train/eval mode the same way. Imports only torch.
+Used by feature extraction (trainables/evaluation/distance.py), the sMpRL rank prediction
+(trainables/reid/labels.py) and GAN sample grids, so that each restores the caller's train/eval mode the same way.
+Imports only torch.
 """
 
 from __future__ import annotations

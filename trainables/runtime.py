@@ -31,6 +31,8 @@ import torch
 from trainables import checkpoints
 from trainables.checkpoints import METRICS_FILE, STATE_FILE  # noqa: F401 (public names)
 from trainables.checkpoints import latest as latest_checkpoint  # noqa: F401
+from trainables.logs import configure_logging
+from trainables.placement import LOGICAL_GPUS_ENV, node_label
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,6 @@ class _LocalRun:
     writer: checkpoints.Writer
 
 
-LOGICAL_GPUS_ENV = "MPRL_LOGICAL_GPUS"  # "1": GPUs that nodes advertise may be logical (tests, the rehearsal)
 _LOCAL: contextvars.ContextVar[_LocalRun | None] = contextvars.ContextVar("mprl_local_run", default=None)
 
 
@@ -72,6 +73,7 @@ _LOCAL: contextvars.ContextVar[_LocalRun | None] = contextvars.ContextVar("mprl_
 
 def fit(loop: Callable[[dict], Any], config: dict, spec: RunSpec) -> Any:
     """Run ``loop(config)`` as described in the module docstring; returns rank 0's return value."""
+    configure_logging()  # this process's messages show (a stage task, a Tune trial)
     if spec.num_workers == 0:
         run = _LocalRun(spec, checkpoints.Writer(spec.run_dir))
         token = _LOCAL.set(run)
@@ -118,6 +120,7 @@ def _fit_ray(loop: Callable[[dict], Any], config: dict, spec: RunSpec) -> Any:
 
 
 def _ray_worker_entry(train_config: dict) -> Any:
+    configure_logging()  # a Ray Train worker process
     return train_config["loop"](train_config["config"])
 
 
@@ -164,21 +167,6 @@ def _granted_gpus() -> list:
         return list(ray.get_gpu_ids()) if ray.is_initialized() else []
     except Exception:  # noqa: BLE001 - outside a Ray worker
         return []
-
-
-def node_label() -> str:
-    """``node <ip> (<node id prefix>)`` inside Ray, else the host name: where this process runs."""
-    import socket
-
-    try:
-        import ray
-
-        if ray.is_initialized():
-            ctx = ray.get_runtime_context()
-            return f"node {ray.util.get_node_ip_address()} ({ctx.get_node_id()[:12]})"
-    except Exception:  # noqa: BLE001
-        pass
-    return f"host {socket.gethostname()}"
 
 
 def wrap_model(model: torch.nn.Module, *, find_unused_parameters: bool = False) -> torch.nn.Module:
@@ -268,55 +256,3 @@ def _tune_report(metrics: dict, done: checkpoints.Written | None) -> None:
     with tempfile.TemporaryDirectory() as tmp:  # Tune copies it into the trial's storage
         checkpoints.write_manifest(Path(tmp), done, metrics)
         ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(tmp))
-
-
-# ------------------------------------------------------------------------------------- fault injection
-
-FAILURE_ENV = "MPRL_INJECT_FAILURE"
-
-
-@dataclass(frozen=True)
-class FailurePlan:
-    """Make one rank fail once at (epoch, step): the test hook for worker-failure recovery.
-
-    Spec string: ``"rank=1,epoch=1,step=2,mode=exit[,match=lsro]"``. ``mode``: ``exit`` (``os._exit``: a dead
-    worker process), ``raise`` (an exception, once), ``always`` (raise on every attempt: a permanent failure) or
-    ``always_exit`` (``os._exit`` on every attempt: a process that keeps dying, like an OOM kill).
-    ``match`` limits it to runs whose name contains that text. "Once" is remembered by a marker file in the run
-    folder, so the retried worker goes on.
-    """
-
-    rank: int
-    epoch: int
-    step: int
-    mode: str = "raise"
-    match: str = ""
-
-    @classmethod
-    def parse(cls, spec: str) -> "FailurePlan":
-        try:
-            fields = dict(item.split("=", 1) for item in spec.split(",") if item)
-            plan = cls(int(fields.pop("rank", 0)), int(fields.pop("epoch")), int(fields.pop("step", 0)),
-                       fields.pop("mode", "raise"), fields.pop("match", ""))
-        except (KeyError, ValueError) as err:
-            raise ValueError(f"{FAILURE_ENV}={spec!r} must look like rank=1,epoch=1,step=2,mode=exit ({err})") from None
-        if fields or plan.mode not in ("exit", "raise", "always", "always_exit"):
-            raise ValueError(f"{FAILURE_ENV}={spec!r}: unknown keys {sorted(fields)} or mode {plan.mode!r} "
-                             f"(exit | raise | always | always_exit)")
-        return plan
-
-    def maybe_fail(self, run_dir: str, run_name: str, rank: int, epoch: int, step: int) -> None:
-        if (rank, epoch, step) != (self.rank, self.epoch, self.step) or self.match not in run_name:
-            return
-        marker = Path(run_dir) / ".failure_injected"
-        if self.mode == "always_exit":
-            os._exit(17)
-        if self.mode == "always":
-            raise RuntimeError(f"injected permanent failure at rank {rank}, epoch {epoch}, step {step}")
-        if marker.exists():
-            return
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(f"rank={rank} epoch={epoch} step={step}\n")
-        if self.mode == "exit":
-            os._exit(17)
-        raise RuntimeError(f"injected failure at rank {rank}, epoch {epoch}, step {step}")

@@ -1,0 +1,5 @@
+"""Re-ID evaluation without a model: ranking metrics (``ranking``), features and distances (``distance``), k-reciprocal
+re-ranking (``rerank``). ``trainables.evaluation.evaluate_rank`` is the project's stable entry point
+(docs/architecture.md, "Stable interfaces"), so it is importable from the package itself."""
+
+from trainables.evaluation.ranking import RankResult, evaluate, evaluate_rank  # noqa: F401

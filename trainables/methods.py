@@ -1,0 +1,90 @@
+"""The label methods, one row each: everything the code needs to know about a method besides its target rule.
+
+A leaf module (stdlib only), read by the training code, the orchestrator (planning, folding, the report) and the
+benchmarks alike, so that no other module compares method names. Adding a method is one row here, plus a target
+rule in :mod:`trainables.reid.labels` when none of the existing ones fits (``docs/labels.md``, "Adding a method").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# How a generated image's target q is made (trainables/reid/labels.py ``TARGET_RULES``):
+TARGET_RULES = (
+    "extra_class",  # all mass on a (K+1)-th class (All-in-one)
+    "argmax",  # one-hot on the most likely real class (one-hot pseudo label)
+    "uniform",  # 1/K on every real class (LSRO)
+    "static_ranks",  # MpRL weights from ranks the real-data baseline predicted once (sMpRL stage)
+    "dynamic_ranks",  # MpRL weights from the ranks of the image's own current logits (dMpRL)
+)
+RANK_RULES = ("static_ranks", "dynamic_ranks")
+
+
+@dataclass(frozen=True)
+class Method:
+    """The traits of one label method (TIP 2019 Sec. III; the reference code's per-method scripts)."""
+
+    # the target rule of its generated images; None: the method draws no generated images
+    targets: str | None
+    # its generated images carry loss only from labels.switch_epoch on (Algorithm 1: pseudo, dMpRL-II)
+    switched: bool = False
+    gen_weight: float = 1.0  # default lambda, the weight of a generated image's loss
+    weight_decay: float = 1e-4  # the reference code's default for this method (reid.weight_decay=None)
+    # the labels.num_gan extra batch slots hold repeated REAL images (the compute-matched control)
+    real_repeats: bool = False
+    control: bool = False  # a reference: the report takes every method's paired difference against it
+
+    def __post_init__(self) -> None:
+        if self.targets is not None and self.targets not in TARGET_RULES:
+            raise ValueError(f"Method.targets={self.targets!r}: choose one of {TARGET_RULES} or None")
+
+    @property
+    def generated(self) -> bool:
+        """Trains on generated images (needs the GAN, the generation stage and a store)."""
+        return self.targets is not None
+
+    @property
+    def extra_images(self) -> bool:
+        """Its runs add labels.num_gan images to the real ones (generated, or real repeats)."""
+        return self.generated or self.real_repeats
+
+    @property
+    def ranked(self) -> bool:
+        """labels.order and labels.keep matter (MpRL weights come from class ranks)."""
+        return self.targets in RANK_RULES
+
+    @property
+    def static_ranks(self) -> bool:
+        """Needs the sMpRL stage: ranks predicted once by the real-data baseline."""
+        return self.targets == "static_ranks"
+
+    @property
+    def extra_class(self) -> bool:
+        """The classifier has K + 1 outputs (the extra one dropped at test time)."""
+        return self.targets == "extra_class"
+
+
+BASELINE = "baseline"  # real images only: every sweep trains it per seed as a stage, and folds to it
+METHODS: dict[str, Method] = {
+    BASELINE: Method(None, gen_weight=0.0, control=True),
+    "allinone": Method("extra_class"),
+    "pseudo": Method("argmax", switched=True, gen_weight=0.1, weight_decay=5e-4),  # LSRO paper Sec. 4.2
+    "lsro": Method("uniform"),
+    "smprl": Method("static_ranks"),
+    "dmprl1": Method("dynamic_ranks", weight_decay=5e-4),
+    "dmprl2": Method("dynamic_ranks", switched=True, gen_weight=0.1, weight_decay=5e-4),
+    # as many optimizer steps as a run with labels.num_gan generated images, from real images only: separates
+    # "more training" from "the labels"
+    "baseline_matched": Method(None, gen_weight=0.0, real_repeats=True, control=True),
+}
+LABEL_METHODS = tuple(METHODS)
+DEFAULT_METHOD = "lsro"  # labels.method unless a preset or the command line says otherwise
+
+
+def method(name: str) -> Method:
+    """The traits of ``name``; ValueError naming ``labels.method`` and the valid ones otherwise."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"labels.method={name!r} is not valid; choose one of "
+                         f"{', '.join(map(repr, LABEL_METHODS))}") from None
