@@ -29,6 +29,9 @@ from pathlib import Path
 from typing import Any, Callable, Collection
 from urllib.parse import urlsplit
 
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
 from orchestrator.resources import runs_in_process, scales_on_demand
 from trainables.placement import LOGICAL_GPUS_ENV, node_name
 
@@ -168,7 +171,6 @@ def check_storage_and_tracking(cfg: Any, num_nodes: int, *, node_ips: Collection
 
 def alive_nodes() -> list[dict[str, Any]]:
     """``ray.nodes()`` entries of the nodes that are alive (needs ``ray.init``)."""
-    import ray
 
     return [n for n in ray.nodes() if n.get("Alive")]
 
@@ -177,8 +179,6 @@ def on_every_node(fn: Callable[[Any], Any], arg: Any, nodes: list[dict[str, Any]
                   timeout_s: float = 120.0) -> dict[str, Any]:
     """``{node name: fn(arg)}``, ``fn`` run by one small Ray task pinned to each node (no CPU); ValueError naming
     ``what`` when not every node answers within ``timeout_s`` (a node without free memory, a hung mount)."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     probe = ray.remote(num_cpus=0, max_retries=0)(fn)
     refs = {node_name(n["NodeManagerAddress"], n["NodeID"]): probe.options(
@@ -256,7 +256,6 @@ def preflight(cfg: Any) -> None:
     A cluster whose head advertises ``tune_driver`` (the files in ``clusters/``) adds GPU workers on demand,
     so it counts as multi-node even while only the head is up.
     """
-    import ray
 
     nodes = alive_nodes()
     expected = max(len(nodes), 2) if scales_on_demand(ray.cluster_resources()) else len(nodes)
@@ -272,7 +271,6 @@ def preflight(cfg: Any) -> None:
 def connect(cfg: Any) -> None:
     """``ray.init`` for a sweep or a training CLI: the cluster at ``cluster.address``, else a fresh local instance
     of ``cluster.num_cpus`` CPUs (0: max(3, the machine's))."""
-    import ray
 
     if ray.is_initialized():
         return
@@ -293,7 +291,6 @@ def start_local_ray(num_cpus: int, *, env: dict[str, str] | None = None, dashboa
     """A fresh local Ray instance (``address="local"``: never one some other user's ``ray start`` left on this
     machine). ``dashboard``: with the dashboard, on a free port that the State API address is pinned to (inherited by
     the workers; with other Ray instances on the machine auto-detection fails). ``options`` go to ``ray.init``."""
-    import ray
 
     if dashboard:
         port = free_port()

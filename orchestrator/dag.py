@@ -17,6 +17,8 @@ import dataclasses
 import time
 from typing import Callable
 
+import ray
+
 from datasets.files import atomic_write_bytes
 from orchestrator.resources import ray_options
 from orchestrator.stage_cache import ERROR, Paths, StageResult, lookup, run_stage
@@ -57,7 +59,6 @@ class StageGraph:
 
     def start(self) -> "StageGraph":
         """Reuse cached stages, submit the others (in topological order); returns at once."""
-        import ray
 
         task = ray.remote(max_retries=1)(execute)  # a retry only for a lost worker/node, not for an error
         for name, node in self.plan.nodes.items():
@@ -75,7 +76,6 @@ class StageGraph:
 
     def poll(self, timeout: float | None = 0) -> None:
         """Collect the stages that finished (waiting up to ``timeout`` s for the first one; None = for all)."""
-        import ray
 
         if not self._refs:
             return
@@ -111,7 +111,6 @@ class StageGraph:
 
     def close(self) -> None:
         """Cancel stages still running (an interrupted sweep) and forget the graph."""
-        import ray
 
         for ref in self._refs.values():
             ray.cancel(ref, force=True)

@@ -1,6 +1,5 @@
-"""Plots logged as run artifacts (PNG files): a trial's CMC curve, the report's paired gains. matplotlib is imported
-lazily, through the object-oriented Agg canvas (no pyplot, no global backend switch), so importing this module
-stays cheap and headless-safe."""
+"""Plots logged as run artifacts (PNG files): a trial's CMC curve, the report's paired gains. One style, drawn on
+matplotlib's object-oriented Agg canvas (no pyplot, no global backend switch): headless-safe."""
 
 from __future__ import annotations
 
@@ -8,6 +7,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 if TYPE_CHECKING:
     from orchestrator.report import Group
@@ -71,8 +72,6 @@ def plot_gains(groups: Sequence["Group"], control: str, path: str | Path) -> Pat
 
 
 def _figure(size: tuple[float, float]) -> tuple[Any, Any]:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
     fig = Figure(figsize=size, dpi=120)
     FigureCanvasAgg(fig)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import ray
+
 DRIVER_RESOURCE = "tune_driver"  # advertised by the head node in clusters/*.yaml
 DRIVER_SHARE = 0.01  # one driver trial's share: the head's CPUs, not this, limit how many run there
 WORKER_RESOURCE = "mprl_worker"  # advertised (1000 units) by the worker nodes of clusters/*.yaml
@@ -61,7 +63,6 @@ def compute_resources(cpus: float, gpus: float, cluster_resources: Mapping[str, 
 
 def _cluster_resources() -> dict[str, float]:
     """The connected cluster's resources ({} before ``ray.init``: plain requests, e.g. for offline checks)."""
-    import ray
 
     return ray.cluster_resources() if ray.is_initialized() else {}
 
@@ -115,7 +116,6 @@ def max_concurrent(cfg: Any) -> int:
     """Trials that fit the cluster at once (``sweep.max_concurrent`` when set)."""
     if cfg.sweep.max_concurrent:
         return cfg.sweep.max_concurrent
-    import ray
 
     have = ray.cluster_resources()
     if runs_in_process(cfg):
@@ -133,7 +133,6 @@ def max_concurrent(cfg: Any) -> int:
 
 def check_resources(cfg: Any) -> None:
     """Refuse, before any stage runs, worker counts that the Ray cluster can never place (Ray would wait forever)."""
-    import ray
 
     have = ray.cluster_resources()
     if scales_on_demand(have):  # GPU workers join when trials ask for them

@@ -18,8 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from datasets import synthetic
+from datasets.check import check_images
 from datasets.files import file_sha256
 from datasets.generated import GeneratedStore
+from datasets.market1501 import load
 from orchestrator.config import Config, DatasetConfig, config_hash
 from orchestrator.resources import generation_helpers, ray_options, stage_resources, train_workers
 from orchestrator.stage_cache import (
@@ -33,7 +36,7 @@ from orchestrator.stage_cache import (
     StageResult,
     stage_key,
 )
-from trainables.config import ReidInputs
+from trainables.config import ReidInputs, cache_size
 from trainables.methods import BASELINE, method
 
 
@@ -139,7 +142,6 @@ def dataset_path(dataset: DatasetConfig, cache: Path) -> Path:
 
 def dataset_root(dataset: DatasetConfig, cache: Path) -> Path:
     """The dataset root: ``dataset.root`` for real data; the synthetic set drawn (once) under ``cache``."""
-    from datasets import synthetic
 
     root = dataset_path(dataset, cache)
     if dataset.root:
@@ -155,8 +157,6 @@ def dataset_root(dataset: DatasetConfig, cache: Path) -> Path:
 
 def check_dataset(dataset: DatasetConfig) -> None:
     """Before any cluster time: a real or given synthetic root must parse (names, layout); nothing is decoded."""
-    from datasets import synthetic
-    from datasets.market1501 import load
 
     if dataset.name == "synthetic" and dataset.root:  # an existing synthetic tree is only read, never written
         root = Path(dataset.root).expanduser()
@@ -172,8 +172,6 @@ def dataset_node(cfg: Config, paths: Paths, resources: dict[str, float]) -> Stag
     dataset, cache = cfg.dataset, paths.datasets
 
     def build(folder: Path) -> DatasetOut:
-        from datasets.check import check_images
-        from datasets.market1501 import load
 
         root = dataset_root(dataset, cache)
         split = load(root)
@@ -270,7 +268,6 @@ def decode_node(cfg: Config, source: StageNode, cache_dir: str, resources: dict[
     The files are content-named in the shared ``cache_dir`` (a changed image gets a new file); the stage records
     which ones it wrote or found, and its check wants them all present.
     """
-    from trainables.config import cache_size
 
     size = cache_size(cfg.reid.image_size, cfg.reid.augment)
     workers = max(1, int(resources.get("CPU", 1)))
@@ -278,7 +275,6 @@ def decode_node(cfg: Config, source: StageNode, cache_dir: str, resources: dict[
 
     def build(folder: Path, src: StageResult) -> DecodedOut:
         from datasets.decoded_cache import decoded_rows
-        from datasets.market1501 import load
 
         if stage == "decode":
             split = load(src.out.root)

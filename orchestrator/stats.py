@@ -12,6 +12,8 @@ import statistics
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
+from scipy import stats
+
 ALPHA = 0.05
 
 
@@ -52,7 +54,6 @@ def paired(method: Mapping[int, float], reference: Mapping[int, float]) -> Paire
     s = summary(diffs)
     p = None
     if s.n > 1:
-        from scipy import stats
 
         p = 1.0 if s.std == 0 and s.mean == 0 else float(stats.ttest_rel([method[k] for k in seeds],
                                                                         [reference[k] for k in seeds]).pvalue)
@@ -72,6 +73,5 @@ def verdict(n: int, mean: float, p: float | None) -> str:
 def _half_width(std: float, n: int) -> float | None:
     if n < 2:
         return None
-    from scipy import stats
 
     return float(stats.t.ppf(1 - ALPHA / 2, n - 1) * std / math.sqrt(n))

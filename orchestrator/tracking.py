@@ -9,6 +9,7 @@ absolute artifact root (Ray changes the working directory of trials).
 from __future__ import annotations
 
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -65,7 +66,6 @@ def check_reachable(tracking_uri: str, timeout_s: float = 5.0) -> None:
     """Fail within seconds, naming the URI, when an HTTP tracking server does not answer."""
     if not tracking_uri.startswith(("http://", "https://")):
         return
-    import urllib.request
 
     try:
         urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=timeout_s).read()

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+import ray
+
 from orchestrator import cluster, resources
 from orchestrator.config import LABEL_METHODS, PRESETS, Config, choices_help, config_hash, load_config
 from orchestrator.stages import dataset_root
@@ -78,7 +80,6 @@ def _ray_if(cfg: Config, num_workers: int) -> Iterator[None]:
     if num_workers < 1:
         yield
         return
-    import ray
 
     cluster.connect(cfg)
     try:

@@ -16,11 +16,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+import mlflow
+import numpy as np
+import ray.tune
+from mlflow.tracking import MlflowClient
 from ray.tune import Callback
+from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import Searcher
 
-from orchestrator import resources, tracking
+from orchestrator import dag, resources, tracking, trial_actor
 from orchestrator.config import Config, flat_dict, replace
+from orchestrator.plots import plot_cmc
 from orchestrator.stage_cache import BaselineOut, read_output, wait_finished
 from orchestrator.trials import EPOCH_METRICS, TrialContext, TrialRow, TrialSpec, cost
 from trainables.config import ReidResult
@@ -40,8 +46,6 @@ def run_trial(config: dict, ctx: TrialContext, tracking_uri: str, started: float
     its state) is reported to Tune again and not retrained. ``started``: ``time.perf_counter()`` when the worker
     began the trial (before the imports its actor's first trial pays, :mod:`orchestrator.trial_actor`).
     """
-    import mlflow
-    from mlflow.tracking import MlflowClient
 
     mlflow.set_tracking_uri(tracking_uri)  # tracking.log_model logs through the fluent API
     trial = TrialSpec.from_key(config["trial"])
@@ -85,7 +89,6 @@ ALREADY_FINISHED = "mprl_already_finished"  # in the Tune result of a trial whos
 def _already_finished(client, run_id: str) -> bool:
     """True for a FINISHED run: its final metrics go to Tune again (the table reads them), nothing trains.
     Otherwise an earlier attempt's error is kept as ``mprl.previous_error``, so a retry that succeeds is clean."""
-    import ray.tune
 
     run = client.get_run(run_id)
     if run.info.status == "FINISHED":
@@ -114,7 +117,6 @@ def _train(cfg: Config, ctx: TrialContext, trial: TrialSpec) -> ReidResult:
 
 
 def _reuse_baseline(baseline: BaselineOut, client, run_id: str) -> ReidResult:
-    import ray.tune
 
     client.set_tag(run_id, "mprl.reused_stage", baseline.run_dir)
     result = baseline.result
@@ -124,7 +126,6 @@ def _reuse_baseline(baseline: BaselineOut, client, run_id: str) -> ReidResult:
 
 def _finish(client, run_id: str, cfg: Config, trial: TrialSpec, result: ReidResult, ctx: TrialContext,
             start: float) -> None:
-    from orchestrator.plots import plot_cmc
 
     tracking.log_metrics(client, run_id, {f"final_{k}": v for k, v in result.metrics().items()})
     tracking.log_params(client, run_id, {"data.num_train": result.num_train, "data.num_classes": result.num_classes})
@@ -145,7 +146,6 @@ def _finish(client, run_id: str, cfg: Config, trial: TrialSpec, result: ReidResu
 
 
 def _log_model(client, run_id: str, cfg: Config, run_dir: Path) -> None:
-    import numpy as np
 
     from trainables.reid.loop import load_trained
 
@@ -167,9 +167,7 @@ def tune_trials(cfg: Config, trials: list[TrialSpec], ctx: TrialContext, experim
     The stages of the sweep's :class:`~orchestrator.dag.StageGraph` (registered under ``experiment.name``) run
     meanwhile; :class:`ReadySearcher` hands Tune each trial once its inputs exist.
     """
-    import ray.tune
 
-    from orchestrator import trial_actor  # run_trial behind a light import: actors start fast (see there)
 
     # the trainable, with its parameters, is built anew by every run and resume (Tuner.restore takes it again)
     trainable = ray.tune.with_resources(
@@ -193,8 +191,6 @@ def tune_trials(cfg: Config, trials: list[TrialSpec], ctx: TrialContext, experim
 
 
 def _tune_config(cfg: Config, searcher: Searcher, num_samples: int):
-    import ray.tune
-    from ray.tune.schedulers import ASHAScheduler
 
     scheduler = None
     if cfg.sweep.asha:  # epochs without validation carry no metric; ASHA decides at the ones that do
@@ -235,7 +231,6 @@ class ReadySearcher(Searcher):
         return True  # the trial list is the search space; ASHA reads its own metric
 
     def suggest(self, trial_id: str) -> dict | str | None:
-        from orchestrator import dag
 
         if not self.pending:
             return Searcher.FINISHED
@@ -295,8 +290,6 @@ class EpochLogger(Callback):
         return {**self.__dict__, "_client": None, "_runs": {}}
 
     def _run(self, trial) -> tuple[Any, str]:
-        import mlflow
-        from mlflow.tracking import MlflowClient
 
         uri = mlflow.get_tracking_uri()
         if self._client is None or self._client.tracking_uri != uri:
