@@ -19,6 +19,7 @@ import torch
 
 from orchestrator.tables import cell, format_table  # noqa: F401  (format_table: re-exported for bench/*)
 from trainables.methods import BASELINE, method
+from trainables.seeding import Stream, derive_seed, torch_generator
 
 if TYPE_CHECKING:
     from orchestrator.config import Config
@@ -212,7 +213,7 @@ def _reid_loader(b: Bench, rank: int, world: int):
 def _tensors(b: Bench, what: str, rank: int, world: int) -> list[dict]:
     """In-memory batches of this rank (pinned on CUDA): re-ID dicts as the training loader yields them (images
     normalised), or DCGAN batches as its loader yields them (uint8 rows)."""
-    g = torch.Generator().manual_seed(b.seed * 1000 + rank)
+    g = torch_generator(Stream.BENCH, b.seed, rank)
     local = (b.batch if what == "reid" else b.gan_batch) // world
     idx = torch.arange(local)
     n_gen = round(local * b.gen_share) if method(b.method).generated else 0
@@ -241,10 +242,10 @@ def epoch_data(b: Bench, what: str, steps: int, epoch: int, rank: int = 0, world
     from trainables.reid.data import ListBatchSampler
 
     train = _split(b.data_root).train
-    batches = cycle_batches(len(train), b.batch if what == "reid" else b.gan_batch, steps, seed=b.seed + epoch,
-                            rank=rank, world_size=world)
+    batches = cycle_batches(len(train), b.batch if what == "reid" else b.gan_batch, steps,
+                            seed=derive_seed(Stream.BENCH_BATCHES, b.seed, epoch), rank=rank, world_size=world)
     if what == "reid":
-        return _reid_loader(b, rank, world).epoch(batches, b.seed, rank, epoch)
+        return _reid_loader(b, rank, world).epoch(batches, derive_seed(Stream.REID_AUGMENT, b.seed, rank, epoch))
     rows = image_rows(train, b.gan_size, DEFAULT_CACHE / "decoded" if b.data == "cache" else None)
     return DataLoader(DecodedDataset(train, rows), batch_sampler=ListBatchSampler(batches),
                       num_workers=b.loader_workers, pin_memory=b.cuda, collate_fn=as_batch)

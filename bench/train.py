@@ -58,6 +58,7 @@ from trainables.gan.train import gan_images
 from trainables.methods import BASELINE, LABEL_METHODS, method
 from trainables.reid import loop as reid_module
 from trainables.reid.engine import ident_step, train_one_epoch
+from trainables.seeding import Stream, seed_everything
 
 TARGET_RATIO = 0.95
 H100_TARGET = 2000.0  # images/s, ResNet-50 at 256x128
@@ -73,7 +74,7 @@ class PlainReid:
 
         cfg, self.b, self.device = bench_config(b), b, torch.device(b.device)
         r, self.cl, self.amp = cfg.reid, b.cuda and b.channels_last, b.cuda and b.amp
-        torch.manual_seed(b.seed)
+        seed_everything(Stream.REID_INIT, b.seed, 0)  # as reid_loop
         self.classes = num_outputs(reid_module.label_spec(cfg.reid, cfg.labels, num_classes(b)))
         model = reid_module.build_model(r, self.classes, device_type=self.device.type).to(self.device)
         wd = reid_module.weight_decay(cfg.reid, cfg.labels)
@@ -109,7 +110,7 @@ def reid_worker(config: dict) -> dict:
     """Per-worker loop: ``reid.build_training`` (model, SGD, DDP wrap) + ``train_one_epoch``, as ``reid_loop``
     runs them."""
     b, cfg, ctx = Bench(**config["bench"]), from_dict(config["cfg"]), runtime.context()
-    torch.manual_seed(b.seed)
+    seed_everything(Stream.REID_INIT, b.seed, ctx.rank)  # as reid_loop
     spec = reid_module.label_spec(cfg.reid, cfg.labels, num_classes(b))
     wd = reid_module.weight_decay(cfg.reid, cfg.labels)
     model, optimizer, _ = reid_module.build_training(cfg.reid, spec, wd, ctx)
@@ -135,7 +136,7 @@ def _gan_setup(b: Bench, wrap: Callable[[torch.nn.Module], torch.nn.Module]):
     from trainables.gan.nets import Discriminator, Generator
 
     gan = bench_config(b).gan
-    torch.manual_seed(gan.seed)
+    seed_everything(Stream.GAN_INIT, gan.seed)  # as gan_loop
     G = wrap(Generator(gan.latent_dim, gan.image_size, gan.g_width))
     D = wrap(Discriminator(gan.image_size, gan.d_width))
     opt_g = torch.optim.Adam(G.parameters(), lr=gan.lr, betas=(gan.beta1, gan.beta2))

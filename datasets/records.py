@@ -64,12 +64,13 @@ def relabel(records: Iterable[Record]) -> tuple[tuple[Record, ...], dict[int, in
     return out, pid2label
 
 
-def hold_out(split: Split, num_ids: int, seed: int = 0) -> tuple[Split, Split]:
+def hold_out(split: Split, num_ids: int, rng: np.random.Generator) -> tuple[Split, Split]:
     """(training split without ``num_ids`` identities, a validation split built from them).
 
     The validation split follows the test protocol: per held-out identity and camera one image is a query and
     the rest are gallery images, so every query has a cross-camera match. Only identities seen by two cameras or
-    more are held out, chosen by ``seed`` (the same for every training seed: one validation set per dataset).
+    more are held out, drawn from ``rng`` (the training code passes the same one for every seed: one validation set
+    per dataset).
     The remaining training images are relabelled 0..K'-1. For model selection and early stopping, never the test set.
     """
     by_pid: dict[int, list[Record]] = {}
@@ -79,7 +80,7 @@ def hold_out(split: Split, num_ids: int, seed: int = 0) -> tuple[Split, Split]:
     if not 1 <= num_ids <= len(eligible) or num_ids >= len(by_pid) - 1:
         raise ValueError(f"reid.val_ids={num_ids}: {split.root or 'the dataset'} has {len(by_pid)} training ids, "
                          f"{len(eligible)} of them in 2+ cameras; hold out 1..{min(len(eligible), len(by_pid) - 2)}")
-    held = set(np.random.default_rng([seed, 29]).choice(eligible, size=num_ids, replace=False).tolist())
+    held = set(rng.choice(eligible, size=num_ids, replace=False).tolist())
     query, gallery = [], []
     for pid in sorted(held):
         for cam in sorted({r.camid for r in by_pid[pid]}):

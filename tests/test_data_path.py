@@ -51,7 +51,7 @@ def test_cache_finds_subsets_and_rebuilds_only_changed_images(tmp_path, tiny_spl
     train = tiny_split.train
     rows = decoded_rows(train, SIZE, tmp_path)
     assert len(rows.files) == 1 and keys_path(rows.files[0]).is_file()
-    sub, _ = hold_out(tiny_split, 1)  # a subset, relabelled: the same file and rows
+    sub, _ = hold_out(tiny_split, 1, np.random.default_rng(0))  # a subset, relabelled: the same file and rows
     again = decoded_rows(sub.train, SIZE, tmp_path, build=False)
     assert again.files == rows.files
     paths = [r.path for r in train]
@@ -72,14 +72,14 @@ def test_one_persistent_loader_keeps_each_epochs_batch_order(tmp_path, tiny_spli
     loader = train_loader(train, rows, SIZE, device=torch.device("cpu"), workers=1)
     pids, seen = set(), []
     for epoch in range(3):
-        batches = epoch_batches(len(train), 0, 8, gen_fraction=None, seed=5, epoch=epoch)
-        got = [b["index"].tolist() for b in loader.epoch(batches, 5, 0, epoch)]
+        batches = epoch_batches(len(train), 0, 8, gen_fraction=None, rng=np.random.default_rng([5, epoch]))
+        got = [b["index"].tolist() for b in loader.epoch(batches, epoch)]
         assert got == batches and len(loader) == len(batches)
         pids |= {w.pid for w in loader.loader._iterator._workers}
         seen.append(batches)
     assert len(pids) == 1  # the same worker process every epoch
-    first = [b["img"] for b in loader.epoch(seen[0], 5, 0, 0)]
-    again = [b["img"] for b in loader.epoch(seen[0], 5, 0, 0)]  # a replayed epoch: the same crops and flips
+    first = [b["img"] for b in loader.epoch(seen[0], 0)]
+    again = [b["img"] for b in loader.epoch(seen[0], 0)]  # a replayed epoch: the same crops and flips
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     assert first[0].dtype == torch.float32 and first[0].shape == (8, 3, *SIZE)
 

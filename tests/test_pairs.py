@@ -49,7 +49,7 @@ def test_pos_fraction_schedule() -> None:
 
 def test_epoch_pairs_flags():
     labels = np.repeat(np.arange(5), 4)
-    pairs = epoch_pairs(labels, 6, pos_fraction=1 / 3, seed=0, epoch=0)
+    pairs = epoch_pairs(labels, 6, pos_fraction=1 / 3, rng=np.random.default_rng(0))
     real, gen = pairs[:20], pairs[20:]
     assert real[:, 2].sum() == round(20 / 3) and (real[:, 3] == 1).all()
     assert (labels[real[real[:, 2] == 1, 0]] == labels[real[real[:, 2] == 1, 1]]).all()

@@ -6,20 +6,25 @@ import torch
 from datasets.decoded_cache import FileRows, decoded_rows
 from trainables.config import cache_size
 from trainables.reid.data import epoch_batches, eval_loader, train_loader
+from trainables.seeding import Stream, numpy_rng
 
 CPU = torch.device("cpu")
 
 
+def _rng(seed: int, epoch: int):
+    return numpy_rng(Stream.REID_BATCHES, seed, epoch)
+
+
 def test_proportional_epoch_covers_union_once():
-    b = epoch_batches(50, 30, 16, gen_fraction=None, seed=0, epoch=0)
+    b = epoch_batches(50, 30, 16, gen_fraction=None, rng=_rng(0, 0))
     flat = [i for batch in b for i in batch]
     assert len(flat) == len(set(flat)) and set(flat) <= set(range(80)) and len(flat) == 80
-    assert b != epoch_batches(50, 30, 16, gen_fraction=None, seed=0, epoch=1)  # reshuffled per epoch
-    assert b == epoch_batches(50, 30, 16, gen_fraction=None, seed=0, epoch=0)  # deterministic
+    assert b != epoch_batches(50, 30, 16, gen_fraction=None, rng=_rng(0, 1))  # reshuffled per epoch
+    assert b == epoch_batches(50, 30, 16, gen_fraction=None, rng=_rng(0, 0))  # deterministic
 
 
 def test_gen_fraction_gives_exact_mix():
-    b = epoch_batches(64, 10, 16, gen_fraction=0.25, seed=1, epoch=0)
+    b = epoch_batches(64, 10, 16, gen_fraction=0.25, rng=_rng(1, 0))
     assert len(b) == 64 // 12 + 1
     for batch in b[:-1]:
         assert sum(i >= 64 for i in batch) == 4 and len(batch) == 16
@@ -29,8 +34,8 @@ def test_gen_fraction_gives_exact_mix():
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_shards_partition_the_global_batches(world):
-    one = epoch_batches(70, 20, 16, gen_fraction=None, seed=3, epoch=2)
-    shards = [epoch_batches(70, 20, 16, gen_fraction=None, seed=3, epoch=2, rank=r, world_size=world)
+    one = epoch_batches(70, 20, 16, gen_fraction=None, rng=_rng(3, 2))
+    shards = [epoch_batches(70, 20, 16, gen_fraction=None, rng=_rng(3, 2), rank=r, world_size=world)
               for r in range(world)]
     assert len({len(s) for s in shards}) == 1  # every rank runs the same number of steps
     for step, batch in enumerate(one[: len(shards[0])]):
@@ -39,10 +44,10 @@ def test_shards_partition_the_global_batches(world):
 
 
 def test_small_last_batch_dropped_and_divisibility():
-    b = epoch_batches(17, 0, 16, gen_fraction=None, seed=0, epoch=0)
+    b = epoch_batches(17, 0, 16, gen_fraction=None, rng=_rng(0, 0))
     assert [len(x) for x in b] == [16]
     with pytest.raises(ValueError, match="reid.batch_size=15"):
-        epoch_batches(17, 0, 15, gen_fraction=None, seed=0, epoch=0, world_size=2)
+        epoch_batches(17, 0, 15, gen_fraction=None, rng=_rng(0, 0), world_size=2)
 
 
 @pytest.mark.parametrize("augment", ["pad_crop", "paper", "reference_code"])

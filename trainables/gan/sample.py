@@ -3,10 +3,10 @@
 ``generator.pt`` holds ``{"G": state_dict, "latent_dim", "image_size", "g_width", "epochs"}``: everything needed
 to rebuild :class:`trainables.gan.nets.Generator` without the training run. :func:`generate` fills a
 :class:`datasets.generated.GeneratedStore` shard by shard. Shard ``c`` draws its latents from a CPU
-``torch.Generator`` seeded from ``(seed, c)`` and runs G in eval mode (BatchNorm running statistics, so an
-image does not depend on its batch), so the pool is the same whoever renders a shard, and an interrupted
-generation is completed by the next call (only ``missing_chunks()`` are rendered). The store's meta records the
-generator file's sha256: a store made by another generator is refused, never reused.
+``torch.Generator`` of ``Stream.GENERATION`` at ``(seed, c)`` and runs G in eval mode (BatchNorm running
+statistics, so an image does not depend on its batch), so the pool is the same whoever renders a shard, and an
+interrupted generation is completed by the next call (only ``missing_chunks()`` are rendered). The store's meta
+records the generator file's sha256: a store made by another generator is refused, never reused.
 
 Rendering is done by long-lived workers that load G once: the calling process itself, plus optional Ray actors
 (``helpers``, e.g. one per further GPU) that take shards from the same pending list as soon as each is placed
@@ -29,7 +29,7 @@ from datasets.files import atomic_write_bytes, file_sha256
 from datasets.generated import GeneratedStore
 from trainables.gan.nets import Generator, sample_latent
 from trainables.placement import process_label
-from trainables.seeding import derive_seed
+from trainables.seeding import Stream, derive_seed
 
 GENERATOR_FILE = "generator.pt"
 EXPORT_KEYS = ("G", "latent_dim", "image_size", "g_width", "epochs")
@@ -78,7 +78,7 @@ def load_generator(path: str | Path, device: torch.device | str = "cpu") -> Gene
 
 def chunk_seed(seed: int, chunk: int) -> int:
     """The latent seed of one chunk: a function of (seed, chunk) only."""
-    return derive_seed(seed, chunk)
+    return derive_seed(Stream.GENERATION, seed, chunk)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

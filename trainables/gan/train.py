@@ -2,8 +2,8 @@
 
 ``gan_loop`` is the per-worker loop run by :func:`trainables.runtime.fit` (a Ray Train worker group, or
 in this process for a run spec with 0 workers). Every global batch is the same whatever the number of workers: the
-epoch's permutation depends on ``seed + epoch`` only and each global batch is cut into ``world_size`` equal
-parts. Per-epoch random state (latents, flips) is reseeded from ``(seed + rank, epoch)``, so a resumed run
+epoch's permutation depends on ``(seed, epoch)`` only and each global batch is cut into ``world_size`` equal
+parts. Per-epoch random state (latents, flips) is reseeded from ``(seed, rank, epoch)``, so a resumed run
 continues exactly as an uninterrupted one. :func:`train_gan` runs it and exports ``generator.pt``;
 :func:`trainables.gan.sample.generate` samples the generated-image store from that file. It reads the ``gan``
 config section only; the command line lives with the presets: ``python -m orchestrator.train gan --help``.
@@ -28,7 +28,7 @@ from trainables.config import GanConfig, build, to_dict
 from trainables.gan.nets import Discriminator, Generator, d_loss, g_loss, sample_latent
 from trainables.gan.sample import GENERATOR_FILE, export_generator, read_export
 from trainables.modes import eval_mode
-from trainables.seeding import seed_everything
+from trainables.seeding import Stream, seed_everything, torch_generator
 
 ARCH_FIELDS = ("image_size", "latent_dim", "g_width", "d_width")  # a checkpoint must match these to resume
 RESULT_FIELDS = ("image_size", "latent_dim", "g_width", "d_width", "epochs", "batch_size", "lr", "beta1", "beta2",
@@ -39,8 +39,8 @@ GPU_LOADER_WORKERS = 4  # DataLoader processes per worker on GPU; CPU workers de
 
 
 class GlobalBatchSampler(Sampler[int]):
-    """This rank's indices for one epoch (call ``set_epoch``): the permutation of ``seed + epoch``, cut into full
-    global batches of ``batch_size``, of which this rank takes part ``rank`` of ``world_size``."""
+    """This rank's indices for one epoch (call ``set_epoch``): the epoch's permutation (``Stream.GAN_ORDER``), cut
+    into full global batches of ``batch_size``, of which this rank takes part ``rank`` of ``world_size``."""
 
     def __init__(self, n: int, batch_size: int, rank: int, world_size: int, seed: int) -> None:
         self.n, self.batch_size, self.rank, self.world_size, self.seed = n, batch_size, rank, world_size, seed
@@ -55,7 +55,7 @@ class GlobalBatchSampler(Sampler[int]):
         return self.steps * self.local
 
     def __iter__(self) -> Iterator[int]:
-        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        order = torch.randperm(self.n, generator=torch_generator(Stream.GAN_ORDER, self.seed, self.epoch))
         order = order[: self.steps * self.batch_size].view(self.steps, self.world_size, self.local)
         return iter(order[:, self.rank].reshape(-1).tolist())
 
@@ -106,7 +106,7 @@ def train_epoch(G: torch.nn.Module, D: torch.nn.Module, opt_g: torch.optim.Optim
 def gan_loop(config: dict) -> dict[str, Any]:
     """Per-worker DCGAN training; ``config = {"gan": to_dict(gan), "data_root": str}``. Returns rank 0's result."""
     gan, ctx = build(GanConfig, config["gan"], "gan."), runtime.context()
-    torch.manual_seed(gan.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+    seed_everything(Stream.GAN_INIT, gan.seed)  # the same initial weights on every rank (DDP broadcasts rank 0's)
     G, D = Generator(gan.latent_dim, gan.image_size, gan.g_width), Discriminator(gan.image_size, gan.d_width)
     state = runtime.load_state()
     if state is not None:
@@ -120,12 +120,12 @@ def gan_loop(config: dict) -> dict[str, Any]:
         opt_g.load_state_dict(state["opt_g"])
         opt_d.load_state_dict(state["opt_d"])
     loader = _loader(config["data_root"], gan, ctx, config.get("cache_dir"))
-    fixed_z = sample_latent(GRID * GRID, gan.latent_dim, torch.Generator().manual_seed(gan.seed), ctx.device)
+    fixed_z = sample_latent(GRID * GRID, gan.latent_dim, torch_generator(Stream.GAN_FIXED_Z, gan.seed), ctx.device)
     start = 0 if state is None else state["epoch"] + 1
     previous = (state or {}).get("metrics", {})  # returned as is when there is nothing left to train
     result = {"epoch": start - 1, **{k: previous.get(k, float("nan")) for k in ("loss_d", "loss_g")}}
     for epoch in range(start, gan.epochs):
-        seed_everything(gan.seed + ctx.rank, epoch)  # latents, flips: (seed + rank, epoch) only
+        seed_everything(Stream.GAN_EPOCH, gan.seed, ctx.rank, epoch)  # latents, flips: (seed, rank, epoch) only
         loader.sampler.set_epoch(epoch)
         t0 = time.perf_counter()
         sums, steps = train_epoch(G, D, opt_g, opt_d, loader, gan.latent_dim, ctx.device, epoch, gan.max_steps)

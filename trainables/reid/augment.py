@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 
 from trainables.config import AUGMENTS, cache_size, check_choice
-from trainables.seeding import derive_seed
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -147,9 +146,9 @@ class DeviceAugment:
         self.augment, self.image_size, self.device, self.train = augment, tuple(image_size), device, train
         self.generator = torch.Generator().manual_seed(0)
 
-    def reseed(self, *seed: int) -> None:
+    def reseed(self, seed: int) -> None:
         """Seed the draws (per epoch: a resumed run replays an epoch's crops and flips)."""
-        self.generator.manual_seed(derive_seed(*seed))
+        self.generator.manual_seed(seed)
 
     def __call__(self, batch: dict) -> dict:
         non_blocking = self.device.type == "cuda"

@@ -26,9 +26,10 @@ from trainables.reid.augment import DeviceAugment
 Rows = DecodedRows | FileRows
 
 
-def epoch_batches(n_real: int, n_gen: int, batch_size: int, *, gen_fraction: float | None, seed: int,
-                  epoch: int, rank: int = 0, world_size: int = 1) -> list[list[int]]:
-    """This rank's batches for one epoch (indices < n_real are real, the rest generated).
+def epoch_batches(n_real: int, n_gen: int, batch_size: int, *, gen_fraction: float | None, rng: np.random.Generator,
+                  rank: int = 0, world_size: int = 1) -> list[list[int]]:
+    """This rank's batches for one epoch (indices < n_real are real, the rest generated), drawn from ``rng`` (the
+    epoch's ``Stream.REID_BATCHES``: the same on every rank).
 
     ``gen_fraction=None``: one shuffled pass over real + generated (Algorithm 1 of the paper samples mini-batches
     from the union). ``gen_fraction=f``: one pass over the real images, each global batch holding
@@ -37,7 +38,6 @@ def epoch_batches(n_real: int, n_gen: int, batch_size: int, *, gen_fraction: flo
     """
     if batch_size % world_size:
         raise ValueError(f"reid.batch_size={batch_size} is not divisible by the {world_size} workers")
-    rng = np.random.default_rng([seed, epoch])
     if gen_fraction is None or n_gen == 0:
         order = rng.permutation(n_real + n_gen)
         batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
@@ -84,10 +84,10 @@ class EpochLoader:
         self.loader = DataLoader(dataset, batch_sampler=self.sampler, num_workers=workers, pin_memory=pin_memory,
                                  persistent_workers=workers > 0, collate_fn=as_batch)
 
-    def epoch(self, batches: Sequence[Sequence], *seed: int) -> "EpochLoader":
-        """Set this pass's batches and seed its augmentation draws with ``seed`` (e.g. seed, rank, epoch)."""
+    def epoch(self, batches: Sequence[Sequence], seed: int = 0) -> "EpochLoader":
+        """Set this pass's batches and seed its augmentation draws (``Stream.REID_AUGMENT`` of the epoch)."""
         self.sampler.batches = batches
-        self.prepare.reseed(*seed)
+        self.prepare.reseed(seed)
         return self
 
     def __len__(self) -> int:

@@ -33,7 +33,7 @@ from trainables.reid.labels import LabelSpec, num_outputs, samples_generated, sw
 from trainables.reid.models import build_reid_model
 from trainables.reid.pairs import epoch_pairs, pair_rows, pos_fraction_for_epoch
 from trainables.reid.weights import init_backbone
-from trainables.seeding import seed_everything
+from trainables.seeding import Stream, derive_seed, numpy_rng, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def reid_loop(config: dict) -> ReidResult | None:
     reid, labels = build(ReidConfig, config["reid"], "reid."), build(LabelsConfig, config["labels"], "labels.")
     inputs, ctx = ReidInputs(**config["inputs"]), runtime.context()  # [1] rank, world size, device
     inject: Injection | None = config.get("inject")
-    seed_everything(reid.seed, ctx.rank)
+    seed_everything(Stream.REID_INIT, reid.seed, ctx.rank)
     data = load_run_data(reid, labels, inputs)
     spec = label_spec(reid, labels, data.split.num_train_ids)
     model, optimizer, scheduler = build_training(reid, spec, weight_decay(reid, labels), ctx)
@@ -86,7 +86,7 @@ def reid_loop(config: dict) -> ReidResult | None:
     loader = _train_loader(reid, data, cache_dir, ctx)  # the run's one loader
     for epoch in range(start_epoch, reid.epochs):
         # Reseed per epoch: a run resumed from the epoch-(e-1) checkpoint replays epoch e exactly.
-        seed_everything(reid.seed, ctx.rank, epoch)
+        seed_everything(Stream.REID_EPOCH, reid.seed, ctx.rank, epoch)
         _next_epoch(loader, reid, data, spec, epoch, ctx)
         hook = _step_hook(warmup_hook(optimizer, reid, epoch, len(loader)), inject, ctx.rank, epoch)
         metrics = train_one_epoch(model, loader, optimizer, step_fn, epoch=epoch, device=ctx.device,
@@ -125,12 +125,12 @@ def load_run_data(reid: ReidConfig, labels: LabelsConfig, inputs: ReidInputs) ->
     the first ``labels.num_gan`` generated images (with their static ranks), or real repeats."""
     split, val = load(inputs.data_root), None
     if reid.val_ids:
-        split, val = hold_out(split, reid.val_ids)
+        split, val = hold_out(split, reid.val_ids, numpy_rng(Stream.VALIDATION_IDS))
     traits = method(labels.method)
     if not traits.extra_images or labels.num_gan == 0:
         return RunData(split, val, (), None)
     if traits.real_repeats:  # as many steps as num_gan generated images would add, real images
-        rng = np.random.default_rng([reid.seed, 17])
+        rng = numpy_rng(Stream.MATCHED_REPEATS, reid.seed)
         train = split.train
         cycle = np.concatenate([rng.permutation(len(train)) for _ in range(-(-labels.num_gan // len(train)))])
         return RunData(split, val, tuple(train[i] for i in cycle[:labels.num_gan]), None)
@@ -282,21 +282,23 @@ def _next_epoch(loader: EpochLoader, reid: ReidConfig, data: RunData, spec: Labe
     """Give ``loader`` this epoch's batches (this rank's share; pair rows for the two-stream net) and reseed its
     augmentation."""
     n_gen = len(data.extra) if samples_generated(spec, epoch) else 0
-    n_real, seed = len(data.split.train), reid.seed * 1000
+    augment = derive_seed(Stream.REID_AUGMENT, reid.seed, ctx.rank, epoch)
     if reid.model == "twostream":
         pair_batch = max(2, reid.batch_size // 2)  # pairs per step (the paper: 32)
         pos = reid.pos_fraction
         if pos is None:  # the reference's schedule, with its per-batch rounding
             pos = pos_fraction_for_epoch(epoch, batch_size=pair_batch)
         labels = np.array([rec.label for rec in data.split.train])
-        pairs = epoch_pairs(labels, n_gen, pos_fraction=pos, seed=seed, epoch=epoch)
-        batches = epoch_batches(len(pairs), 0, pair_batch, gen_fraction=None, seed=seed + 1, epoch=epoch,
-                                rank=ctx.rank, world_size=ctx.world_size)[:reid.max_steps]
-        loader.epoch(pair_rows(pairs, batches), reid.seed, ctx.rank, epoch)
+        pairs = epoch_pairs(labels, n_gen, pos_fraction=pos, rng=numpy_rng(Stream.PAIRS, reid.seed, epoch))
+        batches = epoch_batches(len(pairs), 0, pair_batch, gen_fraction=None,
+                                rng=numpy_rng(Stream.PAIR_BATCHES, reid.seed, epoch), rank=ctx.rank,
+                                world_size=ctx.world_size)[:reid.max_steps]
+        loader.epoch(pair_rows(pairs, batches), augment)
         return
-    batches = epoch_batches(n_real, n_gen, reid.batch_size, gen_fraction=reid.gen_fraction, seed=seed, epoch=epoch,
-                            rank=ctx.rank, world_size=ctx.world_size)[:reid.max_steps]
-    loader.epoch(batches, reid.seed, ctx.rank, epoch)
+    batches = epoch_batches(len(data.split.train), n_gen, reid.batch_size, gen_fraction=reid.gen_fraction,
+                            rng=numpy_rng(Stream.REID_BATCHES, reid.seed, epoch), rank=ctx.rank,
+                            world_size=ctx.world_size)[:reid.max_steps]
+    loader.epoch(batches, augment)
 
 
 def _log_epoch(rank: int, epoch: int, epochs: int, m: dict) -> None:

@@ -101,11 +101,10 @@ def sample_pairs(
     return idx1[perm], idx2[perm], same[perm]
 
 
-def epoch_pairs(real_labels: np.ndarray, n_gen: int, *, pos_fraction: float, seed: int, epoch: int) -> np.ndarray:
+def epoch_pairs(real_labels: np.ndarray, n_gen: int, *, pos_fraction: float, rng: np.random.Generator) -> np.ndarray:
     """One epoch of pairs, int64 [P, 4] = (idx1, idx2, same, verif_ok): one real pair per real image
     (``pos_fraction`` positives), and each generated image paired with a random real one. Pairs with a generated
-    image carry no verification loss (``verif_ok = 0``)."""
-    rng = np.random.default_rng([seed, epoch, 7])
+    image carry no verification loss (``verif_ok = 0``). ``rng``: the epoch's ``Stream.PAIRS``."""
     n_real = len(real_labels)
     i1, i2, same = sample_pairs(real_labels, n_real, pos_fraction=pos_fraction, rng=rng)
     rows = [np.stack([i1, i2, same.astype(np.int64), np.ones(n_real, dtype=np.int64)], 1)]
