@@ -42,8 +42,8 @@ def setting_of(params: dict[str, str]) -> str:
 
 
 @dataclass(frozen=True)
-class TrialResult:
-    """One finished trial run of a sweep, as the report reads it from MLflow."""
+class Settings:
+    """What a trial was, besides its seed: its setting hash (every non-swept field), dataset, model and method."""
 
     setting: str
     preset: str
@@ -53,46 +53,44 @@ class TrialResult:
     num_gan: int
     order: str
     keep: str
-    seed: int
-    rank1: float  # fractions in [0, 1]
-    mAP: float
-    num_train: int
-    single_baseline: bool
 
     @property
     def group(self) -> tuple:
         """What a group of seeds shares."""
         return (self.setting, self.dataset, self.model, self.method, self.num_gan, self.order, self.keep)
 
+    def same_setting(self, other: "Settings") -> bool:
+        return (self.setting, self.dataset, self.model) == (other.setting, other.dataset, other.model)
+
 
 @dataclass(frozen=True)
-class Group:
+class TrialResult(Settings):
+    """One finished trial run of a sweep, as the report reads it from MLflow."""
+
+    seed: int = 0
+    rank1: float = float("nan")  # fractions in [0, 1]
+    mAP: float = float("nan")
+    num_train: int = 0
+    single_baseline: bool = False
+
+
+@dataclass(frozen=True)
+class Group(Settings):
     """Trials that differ only in the seed: their statistics, paired differences and the published row."""
 
-    setting: str
-    preset: str
-    dataset: str
-    model: str
-    method: str
-    num_gan: int
-    order: str
-    keep: str
-    by_seed: dict[str, dict[int, float]]  # "rank1" / "mAP" -> seed -> value in percent
-    rank1: Summary
-    mAP: Summary
-    ratio: float | None  # generated / real training images
-    paper: PaperRow | None
-    paper_note: str
-    single_baseline: bool
+    by_seed: dict[str, dict[int, float]] = field(default_factory=dict)  # "rank1" / "mAP" -> seed -> percent
+    rank1: Summary | None = None
+    mAP: Summary | None = None
+    ratio: float | None = None  # generated / real training images
+    paper: PaperRow | None = None
+    paper_note: str = ""
+    single_baseline: bool = False
     vs: dict[str, dict[str, Paired | None]] = field(default_factory=dict)  # control -> metric -> paired difference
     paper_gain_rank1: float | None = None  # the published rank-1 gain over the published baseline
 
     @property
     def seeds(self) -> list[int]:
         return sorted(self.by_seed["rank1"])
-
-    def same_setting(self, other: "Group") -> bool:
-        return (self.setting, self.dataset, self.model) == (other.setting, other.dataset, other.model)
 
 
 def latest_sweep(client, exp_id: str) -> tuple[str, str] | None:
@@ -157,9 +155,9 @@ def _group(rs: list[TrialResult]) -> Group:
     num_train = max(x.num_train for x in rs)
     paper, note = paper_row(r0.dataset, r0.model, r0.method, r0.num_gan, num_train)
     by_seed = {k: {x.seed: 100 * getattr(x, k) for x in rs} for k in ("rank1", "mAP")}
-    return Group(r0.setting, r0.preset, r0.dataset, r0.model, r0.method, r0.num_gan, r0.order, r0.keep, by_seed,
-                 summary(list(by_seed["rank1"].values())), summary(list(by_seed["mAP"].values())),
-                 ratio(r0.num_gan, num_train), paper, note, r0.single_baseline)
+    return Group(*(getattr(r0, f.name) for f in dataclasses.fields(Settings)), by_seed=by_seed,
+                 rank1=summary(list(by_seed["rank1"].values())), mAP=summary(list(by_seed["mAP"].values())),
+                 ratio=ratio(r0.num_gan, num_train), paper=paper, paper_note=note, single_baseline=r0.single_baseline)
 
 
 def _reference(groups: list[Group], g: Group, control: str) -> Group | None:
