@@ -15,8 +15,10 @@ from trainables.reid.augment import (
     DeviceAugment,
     augment_batch,
     draw_params,
+    gathered_crops,
     normalize,
     pad_for,
+    sliced_crops,
 )
 
 SIZE = (32, 16)
@@ -69,13 +71,12 @@ def test_normalize_is_totensor_then_normalize():
 
 def test_cpu_slices_equal_the_accelerator_gather():
     """augment_batch's two crop paths (a slice per image on the CPU, one gather elsewhere) give the same pixels."""
-    from trainables.reid.augment import _gathered_crops, _sliced_crops
-
     img = _images(16, (40, 24))
     g = torch.Generator().manual_seed(3)
     top, left = torch.randint(0, 9, (16,), generator=g), torch.randint(0, 9, (16,), generator=g)
     flip = torch.rand(16, generator=g) < 0.5
-    assert torch.equal(_sliced_crops(img, top, left, flip, SIZE), _gathered_crops(img, top, left, flip, SIZE))
+    boxes = dict(top=top, left=left, flip=flip, image_size=SIZE)
+    assert torch.equal(sliced_crops(img, **boxes), gathered_crops(img, **boxes))
 
 
 @pytest.mark.parametrize("augment", ["pad_crop", "paper", "reference_code"])

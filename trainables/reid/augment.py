@@ -101,12 +101,13 @@ def augment_batch(img: torch.Tensor, augment: str, image_size: tuple[int, int], 
         pad = pad_for(image_size)
         img = F.pad(img, (0, 0, pad, pad, pad, pad))  # zeros around H and W of [B, H, W, 3]
         left = torch.where(p.flip, 2 * pad - left, left)  # flip-then-crop as crop-then-flip
-    crops = _sliced_crops if img.device.type == "cpu" else _gathered_crops
+    crops = sliced_crops if img.device.type == "cpu" else gathered_crops
     return crops(img, p.top, left, p.flip, image_size)
 
 
-def _gathered_crops(img: torch.Tensor, top: torch.Tensor, left: torch.Tensor, flip: torch.Tensor,
-                    image_size: tuple[int, int]) -> torch.Tensor:
+def gathered_crops(img: torch.Tensor, top: torch.Tensor, left: torch.Tensor, flip: torch.Tensor,
+                   image_size: tuple[int, int]) -> torch.Tensor:
+    """uint8 [B, H', W', 3] -> [B, h, w, 3]: every crop (and flip) in one gather, on the images' device."""
     h, w = image_size
     dev = img.device
     rows = top.to(dev)[:, None] + torch.arange(h, device=dev)  # [B, h]
@@ -116,8 +117,9 @@ def _gathered_crops(img: torch.Tensor, top: torch.Tensor, left: torch.Tensor, fl
     return img[batch, rows[:, :, None], cols[:, None, :]]  # [B, h, w, 3]
 
 
-def _sliced_crops(img: torch.Tensor, top: torch.Tensor, left: torch.Tensor, flip: torch.Tensor,
-                  image_size: tuple[int, int]) -> torch.Tensor:
+def sliced_crops(img: torch.Tensor, top: torch.Tensor, left: torch.Tensor, flip: torch.Tensor,
+                 image_size: tuple[int, int]) -> torch.Tensor:
+    """The same pixels as :func:`gathered_crops`, a slice per image (faster on the CPU)."""
     h, w = image_size
     out = torch.empty((len(img), h, w, 3), dtype=img.dtype)
     for i, (t, c, f) in enumerate(zip(top.tolist(), left.tolist(), flip.tolist())):
