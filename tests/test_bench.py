@@ -1,4 +1,4 @@
-"""The benchmarks run at a tiny size and print their tables; the decoded cache yields ImageDataset's samples."""
+"""The benchmarks run at a tiny size and print their tables (bench.train, bench.data, bench.sweep)."""
 
 from __future__ import annotations
 

@@ -188,7 +188,7 @@ class LabelSpec:
     num_classes: int  # K, number of real training identities
     order: str = "paper"  # MpRL rank order: "paper" | "reference_code"
     keep: int | None = None  # MpRL: keep the v largest weights (None = all K)
-    gen_weight: float | None = None  # lambda; None -> default_gen_weight(method)
+    gen_weight: float | None = None  # lambda; None -> the method's (trainables/methods.py)
     switch_epoch: int = 0  # absolute 0-based epoch from which pseudo/dmprl2 are active
     before_switch: str = "ignore"  # "ignore": sampled with weight 0 | "exclude": not sampled
     real_smoothing: float = 0.0  # label smoothing epsilon for real images
