@@ -50,7 +50,7 @@ def test_smoke_sweep_end_to_end_and_cache_reuse(tmp_path, local_ray):
 
     # a second sweep over another label method reuses the GAN, the generated images and the baseline
     second = run_sweep(_smoke(tmp_path, "sweep.methods=[smprl]"))
-    assert second.rows[0]["error"] is None and second.stages.gan.cached and second.stages.baselines[0].cached
+    assert second.rows[0].error is None and second.stages.gan.cached and second.stages.baselines[0].cached
     stages = _runs(client, exp_id, "stage")
     built = [s for s in stages if s.data.tags["mprl.cached"] == "false"]
     assert sorted(s.info.run_name for s in built) == ["stage:baseline", "stage:dataset", "stage:decode",
