@@ -7,7 +7,7 @@
 #   GPU_SUITE_DRY=1 bash bench/gpu_suite.sh   # tiny sizes on the CPU: checks the script itself
 #
 # Rows: CUDA tests; ResNet-50 256x128 bf16 channels-last training in memory (pure compute), end to end through
-# the JPEG DataLoader, and end to end through the decoded cache with device augmentation (ours/plain = that vs in
+# the JPEG files (decoded per read in the loader workers), and end to end through the decoded cache, both augmented on the device (ours/plain = that vs in
 # memory); loader capacity per core, JPEG vs cache; DCGAN 128x128; Market-1501-scale evaluation (3,368 x 15,913) on the GPU; one epoch of the
 # `paper` preset (ResNet-50, 224x224 paper crops, bf16) on a Market-scale synthetic dataset (751 training ids).
 set -uo pipefail
@@ -53,7 +53,7 @@ if "$PY" -c "import pytest" 2>/dev/null; then
 fi
 step "ResNet-50 ${R50_SIZE} bf16, in memory" "$PY" -m bench.train --what reid --backbone resnet50 --size $R50_SIZE \
   --batch $R50_BATCH --device $DEV $AMP --data synthetic --steps $STEPS --warmup $WARM --repeats $REP
-step "ResNet-50 ${R50_SIZE} bf16, JPEG DataLoader (${LOADERS} workers)" "$PY" -m bench.train --what reid \
+step "ResNet-50 ${R50_SIZE} bf16, JPEG files decoded per read + device augmentation (${LOADERS} workers)" "$PY" -m bench.train --what reid \
   --backbone resnet50 --size $R50_SIZE --batch $R50_BATCH --device $DEV $AMP --data images --ids $IDS \
   --loader-workers $LOADERS --steps $STEPS --warmup $WARM --repeats $REP
 step "ResNet-50 ${R50_SIZE} bf16, decoded cache + device augmentation (${LOADERS} workers) vs in memory" "$PY" -m bench.train \

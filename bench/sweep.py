@@ -175,8 +175,16 @@ def run(args: argparse.Namespace, storage: Path) -> tuple[list[list], list[list]
     planned = build_trials(cfg)
     counts = {"gan": trainings(stages, "stage:gan"), "baselines": trainings(stages, f"stage:{BASELINE}"),
               "gan_expected": int(any(t.num_gan > 0 for t in planned)),
-              "baselines_expected": int(any(t.method == BASELINE or method(t.method).static_ranks for t in planned))}
+              "baselines_expected": len(plan_baseline_seeds(cfg, planned))}
     return phases, rows, counts, cfg
+
+
+def plan_baseline_seeds(cfg: Config, planned: list) -> set[int]:
+    """The seeds whose baseline the sweep trains: baseline trials', and the static-rank methods' (one seed with
+    ``sweep.single_baseline``)."""
+    seeds = {t.seed for t in planned if t.method == BASELINE}
+    ranked = {t.seed for t in planned if method(t.method).static_ranks}
+    return seeds | ({cfg.reid.seed} if cfg.sweep.single_baseline and ranked else ranked)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,8 +42,8 @@ from trainables.methods import LABEL_METHODS
 
 SEARCHES = ("grid", "random")
 TEST_METRICS = (*METRICS, "mINP")  # of the test split: reported, never selected on
-# Fields of the gan / reid sections that change where or how fast a run goes, not what it produces: no stage key,
-# sweep name or report setting includes them (reid.amp is not one: bf16 changes the numbers).
+# Fields of the gan / reid sections that change where or how fast a run goes, not what it produces: no stage key or
+# report setting includes them (reid.amp is not one: bf16 changes the numbers).
 RUNTIME_FIELDS = ("num_workers", "use_gpu", "loader_workers", "channels_last")
 PRESETS = ("smoke", "cpu", "paper", "paper-twostream", "rehearsal")
 

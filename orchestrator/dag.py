@@ -23,6 +23,7 @@ from datasets.files import atomic_write_bytes
 from orchestrator.resources import ray_options
 from orchestrator.stage_cache import ERROR, Paths, StageResult, lookup, run_stage
 from orchestrator.stages import Plan, StageNode
+from trainables.logs import configure_logging
 from trainables.placement import process_label
 
 # sweep name -> its graph, in this driver process. The one piece of module state: Tune pickles the searcher with the
@@ -39,6 +40,7 @@ def active(sweep: str) -> "StageGraph":
 
 def execute(paths: Paths, node: StageNode, *deps: StageResult) -> StageResult:
     """Body of a stage's Ray task: build (or reuse) the node's output; records where it ran and its CPU time."""
+    configure_logging()  # the stage's messages show (a worker process)
     cpu = time.process_time()
     res = run_stage(paths, node.stage, node.key, node.kind, lambda folder: node.build(folder, *deps), node.check)
     return dataclasses.replace(res, where=process_label(), cpu_seconds=round(time.process_time() - cpu, 1),

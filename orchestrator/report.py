@@ -27,6 +27,7 @@ from orchestrator.plots import plot_gains
 from orchestrator.stats import Paired, Summary, paired, summary
 from orchestrator.tables import format_table
 from orchestrator.trials import TrialSpec
+from trainables.logs import configure_logging
 from trainables.methods import BASELINE, METHODS, method
 
 SWEPT = (*TrialSpec(BASELINE, 0).overrides(), "trial")  # what differs between the trials of one setting
@@ -226,6 +227,7 @@ def sweep_statistics(tracking_uri: str, experiment: str, storage: Path, parent: 
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_logging()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--experiment", default="mprl")
     p.add_argument("--tracking-uri", default=None, help="default: sqlite:///<--storage>/mlflow.db")

@@ -38,6 +38,7 @@ from orchestrator.stage_cache import (
 )
 from trainables.config import ReidInputs, cache_size
 from trainables.methods import BASELINE, method
+from trainables.seeding import STREAMS  # the random streams' scheme: part of the keys of stages that draw them
 
 
 @dataclass(frozen=True)
@@ -202,8 +203,8 @@ def gan_node(cfg: Config, dataset: str, resources: dict[str, float], cache_dir: 
             return [f"{path} is missing"]
         return [] if file_sha256(path) == out.sha256 else [f"{path} does not match its recorded checksum"]
 
-    return StageNode("gan", stage_key(cfg, "dataset", "gan"), GanOut, (dataset,), resources, build, check,
-                     "**/samples.png")
+    key = stage_key(cfg, "dataset", "gan", extra={"streams": STREAMS})
+    return StageNode("gan", key, GanOut, (dataset,), resources, build, check, "**/samples.png")
 
 
 def generate_node(cfg: Config, gan: StageNode, n: int, resources: dict[str, float]) -> StageNode:
@@ -226,7 +227,7 @@ def generate_node(cfg: Config, gan: StageNode, n: int, resources: dict[str, floa
         except Exception as err:  # noqa: BLE001 - a damaged table or shard: rebuild, never fail the sweep here
             return [f"{type(err).__name__}: {err}"]
 
-    key = stage_key(cfg, "dataset", "gan", extra={"n": n})
+    key = stage_key(cfg, "dataset", "gan", extra={"n": n, "streams": STREAMS})
     return StageNode("generate", key, GeneratedOut, (gan.name,), resources, build, check)
 
 
@@ -234,7 +235,7 @@ def baseline_key(cfg: Config, seed: int | None = None) -> str:
     """The baseline stage's key: dataset, re-ID settings (with the seed) and real-label smoothing."""
     if seed is not None:
         cfg = dataclasses.replace(cfg, reid=dataclasses.replace(cfg.reid, seed=seed))
-    return stage_key(cfg, "dataset", "reid", "labels.real_smoothing")
+    return stage_key(cfg, "dataset", "reid", "labels.real_smoothing", extra={"streams": STREAMS})
 
 
 def baseline_node(cfg: Config, inputs: tuple[str, ...], seed: int, resources: dict[str, float],

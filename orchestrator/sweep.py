@@ -124,8 +124,9 @@ def _log_stage(run: tracking.SweepRun, paths: stage_cache.Paths, node: stages.St
         fields = vars(stage.out)
         tracking.log_params(run.client, run_id, {k: v for k, v in fields.items()
                                                  if not (isinstance(v, tuple) or dataclasses.is_dataclass(v))})
-        result = fields.get("result")  # a baseline's final test metrics
-        tracking.log_metrics(run.client, run_id, {**(result.metrics() if result else {}), "seconds": stage.seconds,
+        result = fields.get("result")  # a baseline's final test metrics and counts
+        scalars = {k: v for k, v in dataclasses.asdict(result).items() if k != "cmc"} if result else {}
+        tracking.log_metrics(run.client, run_id, {**scalars, "seconds": stage.seconds,
                                                   "cpu_seconds": stage.cpu_seconds})
         if stage.where:
             run.client.set_tag(run_id, "mprl.where", stage.where)

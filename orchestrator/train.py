@@ -7,6 +7,8 @@
 configuration. Both draw the synthetic dataset under ``--out`` when the config names it. Every input is checked
 before Ray starts. A run with at most one worker trains in this process (as a sweep's trial does,
 ``orchestrator.resources``); ``--set reid.num_workers=N`` (N >= 2) starts a local Ray for a Train worker group.
+Devices follow the config (``gan.use_gpu`` / ``reid.use_gpu``, as in a sweep): a visible GPU is not used unless
+asked for.
 """
 
 from __future__ import annotations
@@ -27,13 +29,14 @@ from orchestrator.stages import dataset_root
 from trainables.config import ReidInputs
 from trainables.logs import configure_logging
 from trainables.methods import method
+from trainables.seeding import STREAMS
 
 
 def gan_run_name(cfg: Config) -> str:
-    """A deterministic run name from the dataset and the GAN fields the result depends on."""
+    """A deterministic run name from the dataset, the GAN fields the result depends on and the seeding scheme."""
     from trainables.gan.train import RESULT_FIELDS
 
-    return "gan-" + config_hash(cfg, "dataset", *(f"gan.{k}" for k in RESULT_FIELDS))
+    return f"gan-{config_hash(cfg, 'dataset', *(f'gan.{k}' for k in RESULT_FIELDS))}-s{STREAMS}"
 
 
 def run_gan(cfg: Config, out: Path, num_images: int, seed: int) -> int:
@@ -81,8 +84,10 @@ def _ray_if(cfg: Config, num_workers: int) -> Iterator[None]:
         yield
         return
 
+    cluster.check_address(cfg.cluster.address)
     cluster.connect(cfg)
     try:
+        resources.check_resources(cfg)  # more workers than the cluster has: say so now, not after 900 s
         yield
     finally:
         ray.shutdown()

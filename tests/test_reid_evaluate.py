@@ -48,3 +48,15 @@ def test_rerank_switch_changes_the_distances_ranked(model, tiny_split):
 def test_rerank_is_a_checked_boolean():
     with pytest.raises(ValueError, match="reid.rerank='yes' must be true or false"):
         ReidConfig(rerank="yes")
+
+
+def test_rerank_on_a_split_too_small_fails_before_training(tiny_split):
+    from trainables.reid.evaluate import check_rerank
+
+    reid = ReidConfig(rerank=True)
+    check_rerank(reid, tiny_split, "test")  # large enough
+    small = dataclasses.replace(tiny_split, query=tiny_split.query[:2], gallery=tiny_split.gallery[:5])
+    with pytest.raises(ValueError, match="reid.rerank=true needs more than 20 query \\+ gallery images; the "
+                                         "validation split has 7"):
+        check_rerank(reid, small, "validation")
+    check_rerank(ReidConfig(rerank=False), small, "validation")  # off: nothing to check

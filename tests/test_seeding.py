@@ -7,6 +7,7 @@ import ast
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from trainables.seeding import Stream, derive_seed, numpy_rng, seed_everything, torch_generator
@@ -55,3 +56,22 @@ def test_no_module_does_arithmetic_on_seeds(tmp_path):
     probe = tmp_path / "probe.py"  # the check itself finds what it looks for
     probe.write_text("def f(cfg, rank, seed):\n    return cfg.seed * 1000 + rank, seed + 1\n")
     assert len(_seed_arithmetic(probe)) == 2
+
+
+def test_a_checkpoint_of_another_scheme_is_not_resumed():
+    from trainables.seeding import STREAMS, check_streams
+
+    check_streams({"streams": STREAMS}, "re-ID")
+    for old in ({}, {"streams": STREAMS - 1}):  # written before the streams were named: scheme 1
+        with pytest.raises(ValueError, match="re-ID checkpoint to resume was made under seeding scheme 1"):
+            check_streams(old, "re-ID")
+
+
+def test_the_stages_that_draw_random_numbers_key_on_the_scheme(monkeypatch):
+    from orchestrator import stages
+    from orchestrator.config import load_config
+
+    cfg = load_config("smoke")
+    before = stages.baseline_key(cfg)
+    monkeypatch.setattr(stages, "STREAMS", 99)
+    assert stages.baseline_key(cfg) != before

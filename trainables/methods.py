@@ -37,6 +37,9 @@ class Method:
     def __post_init__(self) -> None:
         if self.targets is not None and self.targets not in TARGET_RULES:
             raise ValueError(f"Method.targets={self.targets!r}: choose one of {TARGET_RULES} or None")
+        if self.targets is not None and self.real_repeats:
+            raise ValueError("a Method fills its extra batch slots with generated images (targets) or with real "
+                             "repeats (real_repeats), not both")
 
     @property
     def generated(self) -> bool:

@@ -5,16 +5,24 @@ Distinct tuples give statistically independent streams, and no seed is ever adde
 so (seed 0, rank 1) is not (seed 1, rank 0), and the crops of an epoch are not the numbers its dropout draws. The
 same tuple gives the same stream on any machine, so a resumed run replays an epoch exactly. The synthetic dataset
 (``datasets/``, which imports nothing of the training code) draws from its own ``dataset.synthetic_seed``.
+
+``STREAMS`` numbers the scheme: the keys of the stages that draw random numbers include it, and a checkpoint made
+under another scheme is not resumed, so nothing cached under one scheme is mixed into a run of the other. torch
+is imported by the two functions that need it: the driver reads ``STREAMS`` without importing torch.
 """
 
 from __future__ import annotations
 
 import enum
 import random
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
+if TYPE_CHECKING:
+    import torch
+
+STREAMS = 2  # 1: the scheme before named streams (until 2026-12-07); bump when any stream's derivation changes
 _MASK = (1 << 64) - 1  # SeedSequence takes non-negative integers
 
 
@@ -50,13 +58,26 @@ def numpy_rng(stream: Stream, *parts: int) -> np.random.Generator:
 
 def torch_generator(stream: Stream, *parts: int) -> torch.Generator:
     """A CPU torch generator of the stream at these coordinates (the same numbers whatever the training device)."""
+    import torch
+
     return torch.Generator().manual_seed(derive_seed(stream, *parts))
 
 
 def seed_everything(stream: Stream, *parts: int) -> int:
     """Seed Python's, numpy's and torch's global generators from the stream's seed; returns it."""
+    import torch
+
     seed = derive_seed(stream, *parts)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     return seed
+
+
+def check_streams(state: dict, what: str) -> None:
+    """ValueError when a checkpoint ``state`` was written under another seeding scheme (no ``streams`` entry: 1)."""
+    saved = state.get("streams", 1)
+    if saved != STREAMS:
+        raise ValueError(f"the {what} checkpoint to resume was made under seeding scheme {saved}, this code uses "
+                         f"{STREAMS} (trainables/seeding.py): its epochs would not replay; use another run name or "
+                         f"storage path")

@@ -1,4 +1,4 @@
-"""Re-ID embeddings and query-gallery distances (the input of trainables/evaluation.py's ranking).
+"""Re-ID embeddings and query-gallery distances (the input of trainables/evaluation/ranking.py).
 
 `extract_features` embeds a loader's images (flip test-time augmentation, L2 normalisation);
 `compute_distance` turns query and gallery features into a [Q, G] distance matrix, chunked to bound memory.

@@ -1,6 +1,6 @@
 """k-reciprocal re-ranking (Zhong et al., CVPR 2017), numpy/scipy: refine a query-gallery distance matrix.
 
-An optional add-on on top of trainables/evaluation.py (imports run rerank -> evaluation), so `re_rank` is
+An optional add-on on top of trainables/evaluation/ranking.py (imports run rerank -> ranking), so `re_rank` is
 imported from here, not from trainables.evaluation.
 """
 

@@ -28,7 +28,7 @@ from trainables.config import GanConfig, build, to_dict
 from trainables.gan.nets import Discriminator, Generator, d_loss, g_loss, sample_latent
 from trainables.gan.sample import GENERATOR_FILE, export_generator, read_export
 from trainables.modes import eval_mode
-from trainables.seeding import Stream, seed_everything, torch_generator
+from trainables.seeding import STREAMS, Stream, check_streams, seed_everything, torch_generator
 
 ARCH_FIELDS = ("image_size", "latent_dim", "g_width", "d_width")  # a checkpoint must match these to resume
 RESULT_FIELDS = ("image_size", "latent_dim", "g_width", "d_width", "epochs", "batch_size", "lr", "beta1", "beta2",
@@ -138,6 +138,7 @@ def gan_loop(config: dict) -> dict[str, Any]:
 
 
 def _check_resumable(state: dict, gan: GanConfig) -> None:
+    check_streams(state, "DCGAN")
     saved, want = state["gan_config"], to_dict(gan)
     for key in ARCH_FIELDS:
         if saved[key] != want[key]:
@@ -190,7 +191,7 @@ def _report(metrics: dict, G: torch.nn.Module, D: torch.nn.Module, opt_g: torch.
         return
     g, d = runtime.unwrap(G), runtime.unwrap(D)
     state = {"epoch": metrics["epoch"], "G": g.state_dict(), "D": d.state_dict(), "opt_g": opt_g.state_dict(),
-             "opt_d": opt_d.state_dict(), "gan_config": to_dict(gan), "metrics": dict(metrics)}
+             "opt_d": opt_d.state_dict(), "gan_config": to_dict(gan), "metrics": dict(metrics), "streams": STREAMS}
     with tempfile.TemporaryDirectory() as tmp:
         grid = Path(tmp) / SAMPLES_FILE
         save_sample_grid(g, fixed_z, grid)

@@ -34,12 +34,23 @@ def evaluate_model(model: torch.nn.Module, split: Split, reid: ReidConfig, devic
     dist = compute_distance(qf, gf, metric=reid.distance)
     if reid.rerank:
         dist = re_rank(dist, compute_distance(qf, qf, metric=reid.distance),
-                       compute_distance(gf, gf, metric=reid.distance))
+                       compute_distance(gf, gf, metric=reid.distance), k1=RERANK_K1)
     res = evaluate(dist, q_pids, g_pids, q_camids, g_camids, max_rank=min(50, len(split.gallery)), ap=reid.ap)
     cmc = [float(v) for v in res.cmc]
     return {"rank1": cmc[0], "rank5": cmc[min(4, len(cmc) - 1)], "rank10": cmc[min(9, len(cmc) - 1)],
             "mAP": float(res.mAP), "mINP": float(res.mINP), "cmc": cmc,
             "skipped_queries": int(res.num_skipped_queries)}
+
+
+RERANK_K1 = 20  # re_rank's k1: the neighbours each image's k-reciprocal set is built from
+
+
+def check_rerank(reid: ReidConfig, split: Split, what: str) -> None:
+    """Before training: ``reid.rerank`` needs more than k1 query + gallery images in every split it ranks."""
+    n = len(split.query) + len(split.gallery)
+    if reid.rerank and n <= RERANK_K1:
+        raise ValueError(f"reid.rerank=true needs more than {RERANK_K1} query + gallery images; the {what} split has "
+                         f"{n} (raise reid.val_ids, or turn reid.rerank off)")
 
 
 def eval_batches(records: Sequence[Record], reid: ReidConfig, device: torch.device,

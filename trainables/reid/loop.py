@@ -28,12 +28,12 @@ from trainables.faults import Injection
 from trainables.methods import method
 from trainables.reid.data import EpochLoader, epoch_batches, train_loader
 from trainables.reid.engine import StepFn, ident_step, pair_step, train_one_epoch
-from trainables.reid.evaluate import evaluate_model
+from trainables.reid.evaluate import check_rerank, evaluate_model
 from trainables.reid.labels import LabelSpec, num_outputs, samples_generated, switch_epoch_for
 from trainables.reid.models import build_reid_model
 from trainables.reid.pairs import epoch_pairs, pair_rows, pos_fraction_for_epoch
 from trainables.reid.weights import init_backbone
-from trainables.seeding import Stream, derive_seed, numpy_rng, seed_everything
+from trainables.seeding import STREAMS, Stream, check_streams, derive_seed, numpy_rng, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,9 @@ def reid_loop(config: dict) -> ReidResult | None:
     inject: Injection | None = config.get("inject")
     seed_everything(Stream.REID_INIT, reid.seed, ctx.rank)
     data = load_run_data(reid, labels, inputs)
+    for split, what in ((data.split, "test"), (data.val, "validation")):
+        if split is not None:
+            check_rerank(reid, split, what)  # fails now, not after the training
     spec = label_spec(reid, labels, data.split.num_train_ids)
     model, optimizer, scheduler = build_training(reid, spec, weight_decay(reid, labels), ctx)
     start_epoch, final = _resume(model, optimizer, scheduler)  # [2] the latest checkpoint, if any
@@ -104,7 +107,8 @@ def reid_loop(config: dict) -> ReidResult | None:
         if ctx.rank == 0:
             state = {"epoch": epoch, "model": runtime.unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "final": final, "num_classes": spec.num_classes,
-                     "num_outputs": num_outputs(spec), "reid": to_dict(reid), "labels": to_dict(labels)}
+                     "num_outputs": num_outputs(spec), "reid": to_dict(reid), "labels": to_dict(labels),
+                     "streams": STREAMS}
         runtime.report(metrics, state=state)  # [3] metrics every epoch, rank 0's checkpoint
     return _result(final, reid, data) if ctx.rank == 0 else None
 
@@ -249,6 +253,7 @@ def _resume(model, optimizer, scheduler) -> tuple[int, dict]:
     state = runtime.load_state()
     if state is None:
         return 0, {}
+    check_streams(state, "re-ID")
     runtime.unwrap(model).load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     # a pure function of the epoch; checkpoints written by the earlier StepLR lack the lambdas' entry
