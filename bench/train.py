@@ -15,10 +15,11 @@ timed epochs of ``--steps`` steps; img/s is the median over the timed epochs (gl
 inside the loop), wall_s the whole variant including Ray start-up, setup_s = wall_s - time inside epochs.
 The plain loop and ours in-process run interleaved, epoch by epoch (A B A B ...), so that drift and other load
 on the machine hit both alike; their ratio (the median of the epoch pairs' ratios) is the number to watch.
-``--data synthetic`` feeds in-memory tensors (pure compute), ``--data images`` decodes the JPEGs of a synthetic
-Market-format dataset through the JPEG DataLoader, ``--data cache`` reads them from the decoded-image cache through
-the training run's persistent loader with device augmentation (end to end); ``--plain-in-memory`` keeps the plain
-loop on in-memory tensors, so ours/plain is end to end vs in memory. The GPU target (H100, ResNet-50, 256x128):
+``--data synthetic`` feeds in-memory tensors (pure compute); ``--data images`` decodes the JPEGs of a synthetic
+Market-format dataset on every read (in the loader workers) and ``--data cache`` reads them from the decoded-image
+cache, both through the training run's persistent loader with device augmentation (end to end);
+``--plain-in-memory`` keeps the plain loop on in-memory tensors, so ours/plain is end to end vs in memory. The GPU
+target (H100, ResNet-50, 256x128):
 
     python -m bench.train --what reid --backbone resnet50 --size 256 128 --batch 128 --device cuda --amp \
         --channels-last --data synthetic --steps 50 --warmup 10 --repeats 5 --ray
