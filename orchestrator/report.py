@@ -24,6 +24,7 @@ from orchestrator import tracking
 from orchestrator.config import RUNTIME_FIELDS
 from orchestrator.paper_numbers import PaperRow, paper_row, ratio
 from orchestrator.plots import plot_gains
+from orchestrator.stage_cache import PoolQualityOut
 from orchestrator.stats import Paired, Summary, paired, summary
 from orchestrator.tables import format_table
 from orchestrator.trials import TrialSpec
@@ -73,6 +74,7 @@ class TrialResult(Settings):
     mAP: float = float("nan")
     num_train: int = 0
     single_baseline: bool = False
+    lr_scheme: str = "paper"  # reid.lr_scheme (part of the setting hash: an ablation is a setting of its own)
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,7 @@ class Group(Settings):
     paper: PaperRow | None = None
     paper_note: str = ""
     single_baseline: bool = False
+    lr_scheme: str = "paper"
     vs: dict[str, dict[str, Paired | None]] = field(default_factory=dict)  # control -> metric -> paired difference
     paper_gain_rank1: float | None = None  # the published rank-1 gain over the published baseline
 
@@ -126,7 +129,8 @@ def collect(client, exp_id: str, parent: str) -> list[TrialResult]:
             order=p.get("labels.order", "paper"), keep=p.get("labels.keep", "None"), seed=int(p.get("reid.seed", 0)),
             rank1=m["final_rank1"], mAP=m.get("final_mAP", float("nan")),
             num_train=int(p.get("data.num_train", 0) or 0),
-            single_baseline=p.get("sweep.single_baseline", "False") == "True"))
+            single_baseline=p.get("sweep.single_baseline", "False") == "True",
+            lr_scheme=p.get("reid.lr_scheme", "paper")))
     return rows
 
 
@@ -158,7 +162,8 @@ def _group(rs: list[TrialResult]) -> Group:
     by_seed = {k: {x.seed: 100 * getattr(x, k) for x in rs} for k in ("rank1", "mAP")}
     return Group(*(getattr(r0, f.name) for f in dataclasses.fields(Settings)), by_seed=by_seed,
                  rank1=summary(list(by_seed["rank1"].values())), mAP=summary(list(by_seed["mAP"].values())),
-                 ratio=ratio(r0.num_gan, num_train), paper=paper, paper_note=note, single_baseline=r0.single_baseline)
+                 ratio=ratio(r0.num_gan, num_train), paper=paper, paper_note=note, single_baseline=r0.single_baseline,
+                 lr_scheme=r0.lr_scheme)
 
 
 def _reference(groups: list[Group], g: Group, control: str) -> Group | None:
@@ -202,8 +207,8 @@ def format_report(groups: list[Group]) -> str:
 def _setting_block(setting: str, gs: list[Group]) -> str:
     g0 = gs[0]
     protocol = "one baseline labels every seed (paper)" if g0.single_baseline else "per-seed baselines"
-    head = (f"setting {setting}: preset {g0.preset}, dataset {g0.dataset}, model {g0.model}; "
-            f"sMpRL labels from {protocol}")
+    head = (f"setting {setting}: preset {g0.preset}, dataset {g0.dataset}, model {g0.model}, learning rates "
+            f"{g0.lr_scheme}; sMpRL labels from {protocol}")
     others = [c for c in CONTROLS if c != BASELINE]
     body = []
     for g in gs:
@@ -219,11 +224,22 @@ def _setting_block(setting: str, gs: list[Group]) -> str:
     return head + "\n" + format_table(cols, body, align="lrlrrrrrl" + "r" * len(others) + "rlrr")
 
 
+def pool_quality(client, exp_id: str, parent: str) -> str:
+    """The quality of each generated pool the sweep used (its pool_quality stage runs), or ""."""
+    filt = (f"tags.`{tracking.TAG_KIND}` = 'stage' and attributes.status = 'FINISHED' and "
+            f"tags.`{tracking.TAG_PARENT}` = '{parent}' and tags.`{tracking.TAG_KEY}` LIKE 'pool_quality:%'")
+    runs = client.search_runs([exp_id], filt, max_results=100)
+    return "\n".join(PoolQualityOut.from_metrics(r.data.metrics, r.data.params.get("sheet", "?")).summary()
+                     for r in runs)
+
+
 def sweep_statistics(tracking_uri: str, experiment: str, storage: Path, parent: str) -> str:
-    """The statistics block of one sweep (what the sweep prints after its per-trial table)."""
+    """The statistics block of one sweep (what the sweep prints after its per-trial table), then its pools' quality."""
     client, exp_id = tracking.setup(tracking_uri, experiment, storage)
     groups = summarise(collect(client, exp_id, parent))
-    return format_report(groups) if groups else "no finished trials: no statistics"
+    text = format_report(groups) if groups else "no finished trials: no statistics"
+    pools = pool_quality(client, exp_id, parent)
+    return text + (f"\n\n{pools}" if pools else "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -246,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     if not groups:
         print(f"no finished trials in experiment {args.experiment!r} at {uri}", file=sys.stderr)
         return 1
-    text = f"sweep {found[1]} (parent run {found[0]})\n\n" + format_report(groups)
+    pools = pool_quality(client, exp_id, found[0])
+    text = f"sweep {found[1]} (parent run {found[0]})\n\n" + format_report(groups) + (f"\n\n{pools}" if pools else "")
     print(text)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.out) if args.out else Path(tmp)

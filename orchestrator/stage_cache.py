@@ -73,6 +73,62 @@ class SmprlOut:
 
 
 @dataclass(frozen=True)
+class PoolQualityOut:
+    """A generated pool against the real training images (``trainables.reid.pool_quality``): pixel statistics
+    (0..255, RGB), the Fréchet distance of their baseline embeddings (and of two halves of the real images: the
+    noise floor), the baseline's mean max-softmax, and the real-vs-generated sheet."""
+
+    sheet: str
+    fd: float
+    fd_real_halves: float
+    real_n: int
+    gen_n: int
+    real_mean: tuple[float, float, float]
+    gen_mean: tuple[float, float, float]
+    real_std: tuple[float, float, float]
+    gen_std: tuple[float, float, float]
+    real_contrast: float
+    gen_contrast: float
+    real_confidence: float
+    gen_confidence: float
+
+    def metrics(self) -> dict[str, float]:
+        """The scalars MLflow keeps (a tuple as one metric per channel)."""
+        out: dict[str, float] = {}
+        for k, v in dataclasses.asdict(self).items():
+            if isinstance(v, (tuple, list)):
+                out.update({f"{k}_{c}": float(x) for c, x in zip("RGB", v)})
+            elif isinstance(v, (int, float)):
+                out[k] = float(v)
+        return out
+
+    @classmethod
+    def from_metrics(cls, metrics: dict[str, float], sheet: str) -> "PoolQualityOut":
+        """Rebuilt from what :meth:`metrics` logged (the report reads MLflow)."""
+        values: dict[str, Any] = {"sheet": sheet}
+        for f in dataclasses.fields(cls):
+            if f.name == "sheet":
+                continue
+            if f.name.endswith(("_mean", "_std")):
+                values[f.name] = tuple(metrics[f"{f.name}_{c}"] for c in "RGB")
+            else:
+                values[f.name] = int(metrics[f.name]) if f.name.endswith("_n") else metrics[f.name]
+        return cls(**values)
+
+    def summary(self) -> str:
+        """One paragraph for the sweep's output and the report."""
+        def rgb(v: tuple) -> str:
+            return "/".join(f"{x:.0f}" for x in v)
+
+        return (f"generated pool vs real training images (n={self.gen_n} vs {self.real_n}): mean RGB "
+                f"{rgb(self.gen_mean)} vs {rgb(self.real_mean)}, per-channel std {rgb(self.gen_std)} vs "
+                f"{rgb(self.real_std)}, per-image contrast {self.gen_contrast:.1f} vs {self.real_contrast:.1f}; "
+                f"Fréchet distance in the baseline's feature space {self.fd:.2f} (two halves of the real images: "
+                f"{self.fd_real_halves:.2f}); baseline's mean max-softmax {self.gen_confidence:.3f} vs "
+                f"{self.real_confidence:.3f}; sheet {self.sheet}")
+
+
+@dataclass(frozen=True)
 class StageResult(Generic[T]):
     stage: str
     key: str
@@ -95,9 +151,10 @@ class Stages:
     baselines: dict[int, StageResult[BaselineOut]] = field(default_factory=dict)  # seed -> its baseline
     smprl: dict[int, StageResult[SmprlOut]] = field(default_factory=dict)  # seed -> its static labels
     decoded: tuple[StageResult, ...] = ()  # the decoded-image cache stages (real, generated)
+    pool_quality: StageResult[PoolQualityOut] | None = None
 
     def all(self) -> list[StageResult]:
-        return [s for s in (self.dataset, *self.decoded, self.gan, self.generate) if s] + [
+        return [s for s in (self.dataset, *self.decoded, self.gan, self.generate, self.pool_quality) if s] + [
             *self.baselines.values(), *self.smprl.values()]
 
     def seconds(self) -> dict[str, float]:

@@ -32,11 +32,12 @@ from orchestrator.stage_cache import (
     GanOut,
     GeneratedOut,
     Paths,
+    PoolQualityOut,
     SmprlOut,
     StageResult,
     stage_key,
 )
-from trainables.config import ReidInputs, cache_size
+from trainables.config import RENDER_FIELDS, ReidInputs, cache_size
 from trainables.methods import BASELINE, method
 from trainables.seeding import STREAMS  # the random streams' scheme: part of the keys of stages that draw them
 
@@ -79,12 +80,14 @@ class Plan:
     decoded: str | None = None  # the real images' decode stage (None: reid.decoded_cache is off)
     decoded_gen: str | None = None  # the generated images' decode stage
     cache_dir: str | None = None  # the decoded-image cache folder the trials read (ReidInputs.cache_dir)
+    pool_quality: str | None = None  # the generated pool against the real images (no trial waits for it)
 
-    def needs(self, method_name: str, seed: int) -> tuple[str, ...]:
+    def needs(self, method_name: str, seed: int, reuses_baseline: bool = True) -> tuple[str, ...]:
         """The stages a trial of ``method_name`` and ``seed`` reads (it starts once they are finished): a baseline
-        trial reuses its seed's baseline stage; the others read the real images, and the generated ones or the
-        static labels when their method trains on them."""
-        if method_name == BASELINE:
+        trial reuses its seed's baseline stage (unless ``reuses_baseline`` is false: the learning-rate ablation's
+        baselines train); the others read the real images, and the generated ones or the static labels when their
+        method trains on them."""
+        if method_name == BASELINE and reuses_baseline:
             return (self.baselines[seed],)
         traits = method(method_name)
         real = (self.dataset,) + ((self.decoded,) if self.decoded else ())
@@ -125,11 +128,18 @@ def plan_stages(cfg: Config, paths: Paths, needs: list[tuple[str, int, int]]) ->
     real = (dataset, decoded) if decoded else (dataset,)
     baselines = {seed: add(baseline_node(cfg, real, seed, stage_resources(cfg, "reid"), cache))
                  for seed in sorted({s for m, _, s in needs if m == BASELINE} | set(label_seed.values()))}
+    quality = None
+    if generate is not None:  # measured in the feature space of reid.seed's baseline (sMpRL's with single_baseline)
+        if cfg.reid.seed not in baselines:
+            baselines[cfg.reid.seed] = add(baseline_node(cfg, real, cfg.reid.seed, stage_resources(cfg, "reid"), cache))
+        quality = add(pool_quality_node(cfg, nodes[dataset], nodes[baselines[cfg.reid.seed]], nodes[generate],
+                                        stage_resources(cfg, "smprl")))
     smprl, labels = {}, {}
     for seed in smprl_seeds:  # with single_baseline every seed shares one (cached) label file
         node = smprl_node(cfg, nodes[baselines[label_seed[seed]]], nodes[generate], stage_resources(cfg, "smprl"))
         smprl[seed], labels[seed] = add(node), node.name
-    return Plan(nodes, dataset, root, gan, generate, store, baselines, smprl, labels, decoded, decoded_gen, cache)
+    return Plan(nodes, dataset, root, gan, generate, store, baselines, smprl, labels, decoded, decoded_gen, cache,
+                quality)
 
 
 # ------------------------------------------------------------------------------------------ stages
@@ -186,15 +196,23 @@ def dataset_node(cfg: Config, paths: Paths, resources: dict[str, float]) -> Stag
     return StageNode("dataset", stage_key(cfg, "dataset"), DatasetOut, (), resources, build, check)
 
 
+def gan_key(cfg: Config) -> str:
+    """The DCGAN stage's key: the dataset, the gan fields the generator depends on (not how a pool is rendered from
+    it: ``RENDER_FIELDS``), the identities held out of training (``reid.val_ids``) and the seeding scheme."""
+    fields = [f"gan.{f.name}" for f in dataclasses.fields(cfg.gan) if f.name not in RENDER_FIELDS]
+    return stage_key(cfg, "dataset", *fields, extra={"streams": STREAMS, "val_ids": cfg.reid.val_ids})
+
+
 def gan_node(cfg: Config, dataset: str, resources: dict[str, float], cache_dir: str | None = None) -> StageNode:
-    """DCGAN training: in the stage's task (one worker), or a Ray Train worker group the task drives."""
-    gan, workers = cfg.gan, train_workers(cfg, "gan")
+    """DCGAN training: in the stage's task (one worker), or a Ray Train worker group the task drives. The identities
+    the re-ID runs hold out for validation are not trained on."""
+    gan, workers, val_ids = cfg.gan, train_workers(cfg, "gan"), cfg.reid.val_ids
 
     def build(folder: Path, data: StageResult) -> GanOut:
         from trainables.gan.train import train_gan
 
         generator = train_gan(gan, data.out.root, folder, "train", num_workers=workers,
-                              cache_dir=cache_dir)  # images decoded once
+                              cache_dir=cache_dir, val_ids=val_ids)  # images decoded once
         return GanOut(str(generator), gan.epochs, file_sha256(generator))
 
     def check(folder: Path, out: GanOut) -> list[str]:
@@ -203,20 +221,20 @@ def gan_node(cfg: Config, dataset: str, resources: dict[str, float], cache_dir: 
             return [f"{path} is missing"]
         return [] if file_sha256(path) == out.sha256 else [f"{path} does not match its recorded checksum"]
 
-    key = stage_key(cfg, "dataset", "gan", extra={"streams": STREAMS})
-    return StageNode("gan", key, GanOut, (dataset,), resources, build, check, "**/samples.png")
+    return StageNode("gan", gan_key(cfg), GanOut, (dataset,), resources, build, check, "**/samples.png")
 
 
-def generate_node(cfg: Config, gan: StageNode, n: int, resources: dict[str, float]) -> StageNode:
+def generate_node(cfg: Config, trained: StageNode, n: int, resources: dict[str, float]) -> StageNode:
     """Generation: this stage's worker renders shards and, on a GPU cluster, one helper per other GPU joins it."""
     seed, use_gpu, helpers, options = cfg.gan.seed, cfg.gan.use_gpu, generation_helpers(cfg), ray_options(resources)
+    gan = cfg.gan
 
     def build(folder: Path, gan_res: StageResult) -> GeneratedOut:
-        from trainables.gan.sample import generate
+        from trainables.gan.sample import Rendering, generate
         from trainables.runtime import device_for
 
         out = generate(gan_res.out.generator, folder / "store", n, seed=seed, device=device_for(use_gpu),
-                       helpers=helpers, helper_resources=options)
+                       helpers=helpers, helper_resources=options, render=Rendering.of(gan))
         (folder / "workers.json").write_text(json.dumps(out.workers, indent=1))
         return GeneratedOut(str(out.store.root), out.store.n)
 
@@ -227,8 +245,8 @@ def generate_node(cfg: Config, gan: StageNode, n: int, resources: dict[str, floa
         except Exception as err:  # noqa: BLE001 - a damaged table or shard: rebuild, never fail the sweep here
             return [f"{type(err).__name__}: {err}"]
 
-    key = stage_key(cfg, "dataset", "gan", extra={"n": n, "streams": STREAMS})
-    return StageNode("generate", key, GeneratedOut, (gan.name,), resources, build, check)
+    key = stage_key(cfg, extra={"gan": trained.key, "n": n, "render": [getattr(cfg.gan, f) for f in RENDER_FIELDS]})
+    return StageNode("generate", key, GeneratedOut, (trained.name,), resources, build, check)
 
 
 def baseline_key(cfg: Config, seed: int | None = None) -> str:
@@ -292,6 +310,25 @@ def decode_node(cfg: Config, source: StageNode, cache_dir: str, resources: dict[
 
     key = stage_key(cfg, extra={"source": source.key, "size": list(size)})
     return StageNode(stage, key, DecodedOut, (source.name,), resources, build, check)
+
+
+def pool_quality_node(cfg: Config, dataset: StageNode, baseline: StageNode, generated: StageNode,
+                      resources: dict[str, float]) -> StageNode:
+    """The generated pool against the real training images (``trainables.reid.pool_quality``), in the feature space
+    of ``baseline``; its sheet is logged with the stage's MLflow run."""
+    key = stage_key(cfg, extra={"baseline": baseline.key, "generate": generated.key})
+    reid = cfg.reid
+
+    def build(folder: Path, data: StageResult, base: StageResult, gen: StageResult) -> PoolQualityOut:
+        from trainables.reid.pool_quality import measure_pool
+
+        return PoolQualityOut(**measure_pool(base.out.run_dir, gen.out.store, data.out.root, reid, folder))
+
+    def check(folder: Path, out: PoolQualityOut) -> list[str]:
+        return [] if Path(out.sheet).is_file() else [f"{out.sheet} is missing"]
+
+    return StageNode("pool_quality", key, PoolQualityOut, (dataset.name, baseline.name, generated.name), resources,
+                     build, check, "pool_sheet.png")
 
 
 def smprl_node(cfg: Config, baseline: StageNode, generated: StageNode, resources: dict[str, float]) -> StageNode:

@@ -72,7 +72,7 @@ def run_sweep(cfg: Config, *, resume: bool = False, log_models: bool = True) -> 
     graph = None
     try:
         trials = build_trials(cfg)
-        plan = stages.plan_stages(cfg, paths, [(t.method, t.num_gan, t.seed) for t in trials])
+        plan = stages.plan_stages(cfg, paths, [(t.method, t.num_gan, t.seed) for t in trials if t.lr_scheme is None])
         graph = dag.StageGraph(plan, paths, name, on_done=lambda *a: _log_stage(run, paths, *a))
         graph.start()
         rows = _run_trials(cfg, trials, plan, run, resume=resume, log_models=log_models)
@@ -107,7 +107,8 @@ def _stages(plan: stages.Plan, graph: dag.StageGraph) -> stage_cache.Stages:
     return stage_cache.Stages(got(plan.dataset), plan.gan and got(plan.gan), plan.generate and got(plan.generate),
                            {s: got(n) for s, n in plan.baselines.items() if got(n)},
                            {s: got(n) for s, n in plan.smprl.items() if got(n)},
-                           tuple(got(n) for n in (plan.decoded, plan.decoded_gen) if n and got(n)))
+                           tuple(got(n) for n in (plan.decoded, plan.decoded_gen) if n and got(n)),
+                           plan.pool_quality and got(plan.pool_quality))
 
 
 def _log_stage(run: tracking.SweepRun, paths: stage_cache.Paths, node: stages.StageNode,
@@ -126,6 +127,7 @@ def _log_stage(run: tracking.SweepRun, paths: stage_cache.Paths, node: stages.St
                                                  if not (isinstance(v, tuple) or dataclasses.is_dataclass(v))})
         result = fields.get("result")  # a baseline's final test metrics and counts
         scalars = {k: v for k, v in dataclasses.asdict(result).items() if k != "cmc"} if result else {}
+        scalars.update(stage.out.metrics() if hasattr(stage.out, "metrics") else {})  # e.g. the pool's quality
         tracking.log_metrics(run.client, run_id, {**scalars, "seconds": stage.seconds,
                                                   "cpu_seconds": stage.cpu_seconds})
         if stage.where:
@@ -157,7 +159,8 @@ def _run_trials(cfg: Config, trials: list[TrialSpec], plan: stages.Plan, run: tr
                        smprl_labels=dict(plan.smprl_labels),
                        seed_links={seed: _links(plan.baselines.get(seed), plan.smprl.get(seed))
                                    for seed in {*plan.baselines, *plan.smprl}},
-                       needs={t.key: tuple(map(folder, plan.needs(t.method, t.seed))) for t in trials},
+                       needs={t.key: tuple(map(folder, plan.needs(t.method, t.seed, t.reuses_baseline)))
+                              for t in trials},
                        log_models=log_models)
     rows = [_read_back(run, run_ids[row.key], row)
             for row in tune_trials(cfg, trials, ctx, paths.tune / name, resume, run.tracking_uri)]

@@ -36,11 +36,20 @@ def gan_run_name(cfg: Config) -> str:
     """A deterministic run name from the dataset, the GAN fields the result depends on and the seeding scheme."""
     from trainables.gan.train import RESULT_FIELDS
 
-    return f"gan-{config_hash(cfg, 'dataset', *(f'gan.{k}' for k in RESULT_FIELDS))}-s{STREAMS}"
+    held = f"-v{cfg.reid.val_ids}" if cfg.reid.val_ids else ""
+    return f"gan-{config_hash(cfg, 'dataset', *(f'gan.{k}' for k in RESULT_FIELDS))}-s{STREAMS}{held}"
+
+
+def store_name(cfg: Config) -> str:
+    """The CLI's generated-store folder: ``generated`` for the running-statistics fixed-map rendering, else named by
+    its rendering (a store rendered otherwise is never overwritten)."""
+    gan = cfg.gan
+    parts = (["bn_batch"] if gan.sample_bn == "batch" else []) + (["stretch"] if gan.save_stretch else [])
+    return "-".join(["generated", *parts])
 
 
 def run_gan(cfg: Config, out: Path, num_images: int, seed: int) -> int:
-    from trainables.gan.sample import generate
+    from trainables.gan.sample import Rendering, generate
     from trainables.gan.train import SAMPLES_FILE, sample_grid_path, train_gan
     from trainables.runtime import device_for
 
@@ -48,9 +57,11 @@ def run_gan(cfg: Config, out: Path, num_images: int, seed: int) -> int:
     workers = resources.train_workers(cfg, "gan")
     with _ray_if(cfg, workers):
         t0 = time.perf_counter()
-        gen_path = train_gan(cfg.gan, root, out / "runs", gan_run_name(cfg), num_workers=workers)
+        gen_path = train_gan(cfg.gan, root, out / "runs", gan_run_name(cfg), num_workers=workers,
+                             val_ids=cfg.reid.val_ids)
         t1 = time.perf_counter()
-        store = generate(gen_path, out / "generated", num_images, seed=seed, device=device_for(cfg.gan.use_gpu))
+        store = generate(gen_path, out / store_name(cfg), num_images, seed=seed, device=device_for(cfg.gan.use_gpu),
+                         render=Rendering.of(cfg.gan))
     grid = sample_grid_path(gen_path.parent)
     if grid is not None:
         shutil.copyfile(grid, out / SAMPLES_FILE)

@@ -30,21 +30,32 @@ class TrialSpec:
     order: str = "paper"
     keep: int | None = None
     seed: int = 0
+    lr_scheme: str | None = None  # None: the config's reid.lr_scheme; else the learning-rate ablation's
 
     @property
     def key(self) -> str:
         keep = "all" if self.keep is None else self.keep
-        return f"{self.method}-n{self.num_gan}-{self.order}-k{keep}-s{self.seed}"
+        lr = "" if self.lr_scheme is None else f"-lr{self.lr_scheme}"
+        return f"{self.method}-n{self.num_gan}-{self.order}-k{keep}-s{self.seed}{lr}"
 
     @classmethod
     def from_key(cls, key: str) -> "TrialSpec":
         """The inverse of :attr:`key` (what Tune's search space and live table hold)."""
-        method, n, order, keep, seed = key.split("-")
-        return cls(method, int(n[1:]), order, None if keep == "kall" else int(keep[1:]), int(seed[1:]))
+        method, n, order, keep, seed, *lr = key.split("-")
+        return cls(method, int(n[1:]), order, None if keep == "kall" else int(keep[1:]), int(seed[1:]),
+                   lr[0][2:] if lr else None)
 
     def overrides(self) -> dict[str, Any]:
+        """The config fields this trial sets. ``reid.lr_scheme`` only for the ablation's trials: it is not a swept
+        field of the report, so they form their own setting (with their own baselines)."""
+        lr = {} if self.lr_scheme is None else {"reid.lr_scheme": self.lr_scheme}
         return {"labels.method": self.method, "labels.num_gan": self.num_gan, "labels.order": self.order,
-                "labels.keep": self.keep, "reid.seed": self.seed}
+                "labels.keep": self.keep, "reid.seed": self.seed, **lr}
+
+    @property
+    def reuses_baseline(self) -> bool:
+        """A baseline trial of the config's own learning-rate scheme: its seed's baseline stage is its result."""
+        return self.method == BASELINE and self.lr_scheme is None
 
 
 @dataclass(frozen=True)
@@ -73,15 +84,15 @@ def normalise(t: TrialSpec) -> TrialSpec:
     has no order or keep (the compute-matched control keeps its #GAN: the number of steps it matches)."""
     traits = method(t.method)
     if not traits.extra_images or t.num_gan == 0:
-        return TrialSpec(BASELINE, 0, "paper", None, t.seed)
+        return TrialSpec(BASELINE, 0, "paper", None, t.seed, t.lr_scheme)
     if not traits.ranked:
-        return TrialSpec(t.method, t.num_gan, "paper", None, t.seed)
+        return TrialSpec(t.method, t.num_gan, "paper", None, t.seed, t.lr_scheme)
     return t
 
 
 def cost(t: TrialSpec) -> tuple[int, int]:
     """Sort key, longest first: a baseline trial reuses its stage (instant); more generated images, more steps."""
-    return (0 if t.method == BASELINE else 1, t.num_gan)
+    return (0 if t.reuses_baseline else 1, t.num_gan)
 
 
 def build_trials(cfg: Config) -> list[TrialSpec]:
@@ -97,6 +108,16 @@ def build_trials(cfg: Config) -> list[TrialSpec]:
                     for keep in s.keeps:
                         t = normalise(TrialSpec(name, n, order, keep, seed))
                         seen.setdefault(t.key, t)
+    for scheme in s.lr_schemes:  # the learning-rate ablation: every method (its own baselines) at lr_schemes_at
+        for seed in s.seeds:
+            for name in s.methods:
+                if method(name).static_ranks:  # their labels come from the config's scheme's baseline
+                    continue
+                for n in s.num_gan:
+                    if s.lr_schemes_at and n not in s.lr_schemes_at:
+                        continue
+                    t = normalise(TrialSpec(name, n, "paper", None, seed, scheme))
+                    seen.setdefault(t.key, t)
     trials = list(seen.values())
     if s.search == "random":
         rng = random.Random(f"{s.seeds}-{s.num_samples}")

@@ -30,7 +30,6 @@ from orchestrator.plots import plot_cmc
 from orchestrator.stage_cache import BaselineOut, read_output, wait_finished
 from orchestrator.trials import EPOCH_METRICS, TrialContext, TrialRow, TrialSpec, cost
 from trainables.config import ReidResult
-from trainables.methods import BASELINE
 from trainables.placement import process_label
 
 CHECKPOINT_METRICS = ("checkpoint_mb", "checkpoint_write_s", "checkpoint_stall_s")  # at the epochs that wrote one
@@ -60,7 +59,7 @@ def run_trial(config: dict, ctx: TrialContext, tracking_uri: str, started: float
     try:
         for folder in ctx.needs.get(trial.key, ()):  # a failed input stage fails the trial with its message
             wait_finished(folder)
-        if trial.method == BASELINE and trial.seed in ctx.baselines:  # this seed's baseline stage
+        if trial.reuses_baseline and trial.seed in ctx.baselines:  # this seed's baseline stage
             result = _reuse_baseline(read_output(ctx.baselines[trial.seed], BaselineOut), client, run_id)
         else:
             result = _train(cfg, ctx, trial)

@@ -155,7 +155,7 @@ def test_paper_presets_are_the_papers_grid_and_resolve_without_warnings(caplog):
     import logging
     import warnings
 
-    from orchestrator.trials import build_trials
+    from orchestrator.trials import TrialSpec, build_trials
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -165,14 +165,25 @@ def test_paper_presets_are_the_papers_grid_and_resolve_without_warnings(caplog):
     assert not caplog.records
     trials = build_trials(paper)
     per_seed = [t for t in trials if t.seed == 0]
-    assert len(trials) == 120 and len(per_seed) == 40  # Table IV (1 + 6 x 6) + the rank-order ablation (3)
-    assert {t.num_gan for t in per_seed if t.method == "allinone"} == {12000, 18000, 24000, 30000, 36000, 48000}
+    # Table IV (1 + 6 x 6) + the rank-order ablation (3) + the learning-rate ablation at 24k (baseline + 5 methods:
+    # sMpRL's labels would come from the other scheme's baseline)
+    assert len(trials) == 138 and len(per_seed) == 46
+    assert {t.num_gan for t in per_seed if t.method == "allinone" and t.lr_scheme is None} == {
+        12000, 18000, 24000, 30000, 36000, 48000}
     assert {(t.method, t.num_gan) for t in per_seed if t.order == "reference_code"} == {
         ("smprl", 24000), ("dmprl1", 24000), ("dmprl2", 24000)}
+    ablation = [t for t in per_seed if t.lr_scheme is not None]
+    assert {(t.method, t.num_gan, t.lr_scheme) for t in ablation} == {
+        ("baseline", 0, "paper"), *((m, 24000, "paper") for m in ("allinone", "pseudo", "lsro", "dmprl1", "dmprl2"))}
+    assert all(TrialSpec.from_key(t.key) == t for t in trials) and not any(t.reuses_baseline for t in ablation)
     r = paper.reid
     assert (r.image_size, r.augment, r.epochs, r.lr_step_epoch, r.pretrained) == ((224, 224), "paper", 50, 40,
                                                                                   "imagenet")
-    assert paper.labels.switch_at == 20 and r.lr * r.new_lr_mult == pytest.approx(0.1)
+    assert paper.labels.switch_at == 20 and r.lr * r.new_lr_mult == pytest.approx(0.1)  # the paper scheme's FC rate
+    assert r.lr_scheme == "reference_code" and two.reid.lr_scheme == "reference_code"  # what made Table IV
+    for cfg in (paper, two):  # the pool as layumi/Person-reID_GAN@6621e2c rendered it
+        g = cfg.gan
+        assert (g.arch, g.g_steps, g.sample_bn, g.save_stretch, g.batch_size) == ("lsro", 2, "batch", True, 64)
     assert (two.reid.model, two.reid.epochs, two.reid.lr_step_epoch, two.labels.switch_at) == ("twostream", 60, 40, 20)
     assert two.reid.batch_size // 2 == 32 and len(build_trials(two)) == 9  # 32 pairs; Table VII x 3 seeds
 
@@ -180,6 +191,14 @@ def test_paper_presets_are_the_papers_grid_and_resolve_without_warnings(caplog):
 def test_orders_at_must_be_swept():
     with pytest.raises(ValueError, match="sweep.orders_at contains 5"):
         load_config("smoke", overrides=["sweep.orders_at=[5]"])
+    with pytest.raises(ValueError, match="sweep.lr_schemes_at contains 5"):
+        load_config("smoke", overrides=["sweep.lr_schemes=[reference_code]", "sweep.lr_schemes_at=[5]"])
+    with pytest.raises(ValueError, match="repeats reid.lr_scheme='paper'"):
+        load_config("smoke", overrides=["sweep.lr_schemes=[paper]"])
+    for key, bad in (("gan.sample_bn", "eval"), ("gan.arch", "carpedm20"), ("reid.lr_scheme", "text"),
+                     ("sweep.lr_schemes", "[text]")):
+        with pytest.raises(ValueError, match=key.split(".")[1]):
+            load_config("smoke", overrides=[f"{key}={bad}"])
 
 
 def test_periodic_evaluation_and_asha_read_the_validation_split_only():

@@ -63,11 +63,11 @@ def test_generate_is_deterministic_and_resumes(tmp_path: Path, monkeypatch: pyte
 
     real_render, calls = generation.render_chunk, []
 
-    def interrupted(G, store, chunk, seed):  # renders the first shard, then crashes
+    def interrupted(G, store, chunk, seed, *render):  # renders the first shard, then crashes
         calls.append(chunk)
         if len(calls) > 1:
             raise RuntimeError("simulated crash")
-        return real_render(G, store, chunk, seed)
+        return real_render(G, store, chunk, seed, *render)
 
     monkeypatch.setattr(generation, "render_chunk", interrupted)
     with pytest.raises(RuntimeError, match="simulated crash"):
@@ -117,7 +117,7 @@ def _caller_waits_for_helpers(monkeypatch: pytest.MonkeyPatch, kill_first: bool 
     _RecordedPool.made.clear()
     monkeypatch.setattr(generation, "_HelperPool", _RecordedPool)
 
-    def render(G, store, chunk, seed):
+    def render(G, store, chunk, seed, *rendering):
         if _RecordedPool.made and not getattr(render, "waited", False):
             render.waited = True
             actors = _RecordedPool.made[0].actors
@@ -127,7 +127,7 @@ def _caller_waits_for_helpers(monkeypatch: pytest.MonkeyPatch, kill_first: bool 
                 with pytest.raises(ray.exceptions.RayActorError):
                     for _ in range(60):
                         ray.get(actors[0].ready.remote(), timeout=10)
-        return real_render(G, store, chunk, seed)
+        return real_render(G, store, chunk, seed, *rendering)
 
     monkeypatch.setattr(generation, "render_chunk", render)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from trainables.config import GAN_ARCHS
 from trainables.methods import LABEL_METHODS
 
 ROOT = Path(__file__).parents[1]
@@ -30,12 +31,14 @@ FORBIDDEN = {  # package -> top-level packages (or subpackages) it must never im
 RAY_TRAIN_ADAPTER = "trainables/runtime.py"  # the one training module that may touch ray.train
 RAY_CORE = {"trainables/gan/sample.py",  # generation's optional helper actors (ray.remote)
             "trainables/placement.py"}  # the node a process runs on, for messages
-LEAVES = ("trainables/config.py", "trainables/methods.py", "trainables/placement.py")  # stdlib + each other
+LEAVES = ("trainables/config.py", "trainables/schema.py", "trainables/methods.py", "trainables/placement.py")  # stdlib + each other
 # the modules where label-method names may be written (the traits table, the presets, the published numbers, the
 # stage names); everywhere else a method is a trait of trainables.methods
 METHOD_NAMES_IN = {"trainables/methods.py", "orchestrator/config.py", "orchestrator/paper_numbers.py",
                    "orchestrator/stages.py"}
 MAX_LINES = 400
+# gan.arch=lsro names the generator of LSRO's repository (layumi/Person-reID_GAN@6621e2c), not the label method
+GAN_ARCH_NAMES_IN = {"trainables/config.py", "trainables/gan/nets.py"}
 
 
 def imports(path: Path, package: str | None = None) -> list[tuple[int, str]]:
@@ -113,7 +116,8 @@ def _string_constants(path: Path) -> list[tuple[int, str]]:
 def test_label_method_names_are_written_in_few_modules():
     """A method's properties are traits (trainables/methods.py), not comparisons of its name spread over modules."""
     found = sorted({str(p.relative_to(ROOT)) for p in source_modules()
-                    for _, value in _string_constants(p) if value in LABEL_METHODS})
+                    for _, value in _string_constants(p) if value in LABEL_METHODS
+                    and not (value in GAN_ARCHS and str(p.relative_to(ROOT)) in GAN_ARCH_NAMES_IN)})
     assert set(found) <= METHOD_NAMES_IN, sorted(set(found) - METHOD_NAMES_IN)
 
 

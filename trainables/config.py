@@ -10,15 +10,11 @@ re-ID run reads besides its config (:class:`ReidInputs`) and what it returns (:c
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
-import types
-import typing
 from dataclasses import dataclass
-from typing import Any, Mapping, TypeVar
+from typing import Any, TypeVar
 
 from trainables.methods import DEFAULT_METHOD, LABEL_METHODS
+from trainables.schema import build, config_hash, get_path, to_dict  # noqa: F401 (the public names)
 
 T = TypeVar("T")
 
@@ -34,6 +30,11 @@ AUGMENTS = ("pad_crop", "paper", "reference_code")  # trainables/reid/augment.py
 PRETRAINED = ("imagenet", "random")  # trainables/reid/weights.py (or a path to a local torchvision state dict)
 DISTANCES = ("cosine", "euclidean")  # trainables/evaluation/distance.py
 AP_MODES = ("standard", "market")  # trainables/evaluation/ranking.py
+GAN_ARCHS = ("ours", "lsro")  # trainables/gan/nets.py: our DCGAN | the generator of layumi/Person-reID_GAN@6621e2c
+SAMPLE_BN = ("running", "batch")  # trainables/gan/sample.py: BatchNorm statistics the pool is rendered with
+# gan fields that change how the pool is rendered from a trained generator, not the generator (not in the GAN's key)
+RENDER_FIELDS = ("sample_bn", "save_stretch")
+LR_SCHEMES = ("paper", "reference_code")  # trainables/reid/models.py param_groups (docs/protocol.md)
 
 
 PRE_CROP_SCALE = 256 / 224  # the papers' resize before a 224x224 crop
@@ -118,10 +119,21 @@ class GanConfig:
     num_workers: int = 1  # Ray Train workers (0 = in-process, no worker group)
     use_gpu: bool = False
     max_steps: int | None = None  # cap on steps per epoch (the scale rehearsal); None = every batch
+    arch: str = "ours"  # ours | lsro: the 6621e2c generator (docs/protocol.md, "DCGAN")
+    g_steps: int = 1  # G updates per D update (the reference: 2, "Run g_optim twice")
+    # how the pool is rendered: running = BatchNorm running statistics (an image independent of its batch) |
+    # batch = batch statistics over fixed batches of gan.batch_size (the 6621e2c sampler), running ones untouched
+    sample_bn: str = "running"
+    save_stretch: bool = False  # each stored image byte-scaled to its own min..max (the reference's scipy save)
     seed: int = 0
 
     def __post_init__(self) -> None:
         check_image_size("gan.image_size", self.image_size)
+        check_choice("gan.arch", self.arch, GAN_ARCHS)
+        check_choice("gan.sample_bn", self.sample_bn, SAMPLE_BN)
+        check_positive("gan.g_steps", self.g_steps)
+        if not isinstance(self.save_stretch, bool):
+            raise ValueError(f"gan.save_stretch={self.save_stretch!r} must be true or false")
         if self.max_steps is not None:
             check_positive("gan.max_steps", self.max_steps)
         for key in ("latent_dim", "g_width", "d_width", "epochs", "batch_size"):
@@ -150,6 +162,10 @@ class ReidConfig:
     batch_size: int = 64  # global; split across workers
     lr: float = 0.01  # backbone rate; new layers get lr * new_lr_mult
     new_lr_mult: float = 10.0
+    # paper: the backbone at lr, the new layers at lr x new_lr_mult (the TIP text) | reference_code: the authors'
+    # MatConvNet multipliers per parameter class, BN without decay and BN moments at rate 0.001, the FC's scaled
+    # init; lr is then the conv filters' rate (docs/protocol.md "Learning rates"; trainables/reid/models.py)
+    lr_scheme: str = "paper"
     lr_step: float = 0.8  # lr x lr_gamma after this fraction of training (epoch 40 of 50)
     lr_step_epoch: int | None = None  # the same as an absolute epoch (the paper's "epoch 40"); overrides lr_step
     lr_gamma: float = 0.1
@@ -192,6 +208,7 @@ class ReidConfig:
         check_choice("reid.ap", self.ap, AP_MODES)
         check_choice("reid.augment", self.augment, AUGMENTS)
         check_choice("reid.optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("reid.lr_scheme", self.lr_scheme, LR_SCHEMES)
         if self.pretrained is not None and self.pretrained not in PRETRAINED and not self.pretrained.strip():
             raise ValueError("reid.pretrained must be imagenet, random, a file path, or null")
         if self.backbone == "tiny" and self.pretrained == "imagenet":
@@ -266,98 +283,6 @@ def check_workers(section: str, num_workers: int, batch_size: int) -> None:
     if num_workers > 1 and batch_size % num_workers:
         raise ValueError(
             f"{section}.batch_size={batch_size} is not divisible by {section}.num_workers={num_workers}")
-
-
-# ------------------------------------------------------------------------------------- conversion
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain, JSON-serialisable nested dict of a config dataclass (tuples become lists)."""
-    return json.loads(json.dumps(dataclasses.asdict(cfg)))
-
-
-def config_hash(cfg: Any, *fields: str, length: int = 12) -> str:
-    """A stable hash of the given dotted fields of a config dataclass (all of it when none are given)."""
-    tree = to_dict(cfg)
-    picked = {s: get_path(tree, s) for s in fields} if fields else tree
-    blob = json.dumps(picked, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()[:length]
-
-
-def get_path(tree: Mapping[str, Any], dotted: str) -> Any:
-    node: Any = tree
-    for part in dotted.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            raise ValueError(f"unknown config key {dotted!r}")
-        node = node[part]
-    return node
-
-
-def build(cls: type[T], data: Any, prefix: str = "") -> T:
-    """``cls`` (a config dataclass) from nested plain data; unknown keys and bad values raise ValueError."""
-    return _build(cls, data, prefix)
-
-
-def _build(cls: type, data: Any, prefix: str) -> Any:
-    if isinstance(data, cls):
-        return data
-    if not isinstance(data, Mapping):
-        raise ValueError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - fields)
-    if unknown:
-        raise ValueError(f"unknown config key {prefix + unknown[0]!r}; valid keys under "
-                         f"{prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(fields))}")
-    kwargs = {}
-    for name, value in data.items():
-        key, hint = prefix + name, hints[name]
-        if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value, key + ".")
-        else:
-            kwargs[name] = _coerce(value, hint, key)
-    return cls(**kwargs)
-
-
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Check/convert one leaf value against its annotation (int, float, str, bool, X | None, tuples)."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
-    if origin is tuple:
-        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
-            raise ValueError(f"{key} must be a list, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise ValueError(f"{key} must have {len(args)} elements, got {value!r}")
-        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise ValueError(f"{key} must be true or false, got {value!r}")
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ValueError(f"{key} must be an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{key} must be a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ValueError(f"{key} must be a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported annotation {hint!r} for {key}")  # a bug in this module, not user input
 
 
 # ------------------------------------------------------------------------------------- run hand-offs

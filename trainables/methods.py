@@ -81,6 +81,9 @@ METHODS: dict[str, Method] = {
     "baseline_matched": Method(None, gen_weight=0.0, real_repeats=True, control=True),
 }
 LABEL_METHODS = tuple(METHODS)
+# the two-stream net's weight decay for every method: the authors' two-stream scripts use 1e-4, dMpRL-II included
+# (Huang-3/MpRL-for-person-re-ID@0f663eb code/train/train_2stream_MpRL3.m:34, train_2stream_baseline.m)
+TWO_STREAM_WEIGHT_DECAY = 1e-4
 DEFAULT_METHOD = "lsro"  # labels.method unless a preset or the command line says otherwise
 
 

@@ -4,6 +4,11 @@ Paper configuration at 128×128: z (100-d, Uniform[-1, 1]) -> Linear to 4×4×10
 (1024->512->256->128->64->64, BN+ReLU) -> 5×5 stride-1 deconv to 3 channels -> tanh; D mirrors it with 5
 stride-2 5×5 convs (64..1024, LeakyReLU 0.2, BN except the first) -> Linear to one logit.
 
+``gan.arch=lsro`` is the generator of layumi/Person-reID_GAN@6621e2c (``DCGAN/model.py:302-331``), which drew
+LSRO's pool: the same projection and stride-2 stages, except that the last stride-2 deconv outputs the 3 colour
+channels, followed by BatchNorm + ReLU on that 3-channel map, then a 5×5 stride-1 deconv 3->3 and tanh; every layer
+has a bias (``ops.linear`` / ``ops.deconv2d``), 6 BatchNorm layers at 128×128. Its D equals ours at 128×128.
+
 Sizes: the number of stride-2 stages n is derived from ``gan.image_size`` (H, W): the larger side must be 4·2^n
 (n >= 1) and the smaller equal to it or half of it, so the seed map is 4×4, 4×2 or 2×4. Examples: (128, 128),
 (64, 64), (128, 64), (64, 32), (32, 32). Channel widths run base_width·2^(n-1) down to base_width.
@@ -96,6 +101,39 @@ class Generator(nn.Module):
         x = F.relu(self.project_bn(x))
         x = self.upsample(x)  # [B, base_width, H, W]
         return torch.tanh(self.to_rgb(x))  # [B, 3, H, W]
+
+
+class LsroGenerator(nn.Module):
+    """The 6621e2c generator (see the module docstring): z [B, latent_dim] -> image [B, 3, H, W] in [-1, 1]."""
+
+    def __init__(self, latent_dim: int = 100, out_size: tuple[int, int] = (128, 128), base_width: int = 64) -> None:
+        super().__init__()
+        if latent_dim < 1:
+            raise ValueError(f"gan.latent_dim must be >= 1, got {latent_dim!r}")
+        n, (h0, w0) = stage_plan(out_size)
+        widths = _widths(base_width, n)
+        self.latent_dim, self.out_size, self.seed_shape = latent_dim, tuple(out_size), (widths[0], h0, w0)
+        self.project = nn.Linear(latent_dim, widths[0] * h0 * w0)
+        self.project_bn = nn.BatchNorm2d(widths[0])
+        layers: list[nn.Module] = []
+        for k in range(n):
+            c_in, c_out = widths[k], widths[k + 1] if k + 1 < n else 3
+            layers += [nn.ConvTranspose2d(c_in, c_out, 5, 2, 2, output_padding=1), nn.BatchNorm2d(c_out),
+                       nn.ReLU(inplace=True)]
+        self.upsample = nn.Sequential(*layers)
+        self.to_rgb = nn.ConvTranspose2d(3, 3, 5, 1, 2)  # g_h5x: stride 1, same size
+        dcgan_init_(self)
+
+    forward = Generator.forward
+
+
+def build_generator(arch: str, latent_dim: int, out_size: tuple[int, int], base_width: int) -> nn.Module:
+    """The generator ``gan.arch`` names: ``ours`` (:class:`Generator`) or ``lsro`` (:class:`LsroGenerator`)."""
+    if arch == "ours":
+        return Generator(latent_dim, out_size, base_width)
+    if arch == "lsro":
+        return LsroGenerator(latent_dim, out_size, base_width)
+    raise ValueError(f"gan.arch={arch!r} is not valid; choose one of 'ours', 'lsro'")
 
 
 class Discriminator(nn.Module):

@@ -1,12 +1,24 @@
 """The trained generator as one file, and sampling N images from it into the generated-image store.
 
-``generator.pt`` holds ``{"G": state_dict, "latent_dim", "image_size", "g_width", "epochs"}``: everything needed
-to rebuild :class:`trainables.gan.nets.Generator` without the training run. :func:`generate` fills a
-:class:`datasets.generated.GeneratedStore` shard by shard. Shard ``c`` draws its latents from a CPU
-``torch.Generator`` of ``Stream.GENERATION`` at ``(seed, c)`` and runs G in eval mode (BatchNorm running
-statistics, so an image does not depend on its batch), so the pool is the same whoever renders a shard, and an
-interrupted generation is completed by the next call (only ``missing_chunks()`` are rendered). The store's meta
-records the generator file's sha256: a store made by another generator is refused, never reused.
+``generator.pt`` holds ``{"G": state_dict, "latent_dim", "image_size", "g_width", "epochs", "arch"}``: everything
+needed to rebuild the generator (:func:`trainables.gan.nets.build_generator`) without the training run.
+:func:`generate` fills a :class:`datasets.generated.GeneratedStore` shard by shard. Shard ``c`` draws its latents
+from a CPU ``torch.Generator`` of ``Stream.GENERATION`` at ``(seed, c)``, so the pool is the same whoever renders a
+shard, and an interrupted generation is completed by the next call (only ``missing_chunks()`` are rendered). The
+store's meta records the generator file's sha256 and the :class:`Rendering`: a store made by another generator or
+rendered otherwise is refused, never reused.
+
+How a pool is rendered (``gan.sample_bn``, ``gan.save_stretch``; docs/protocol.md "DCGAN"):
+
+- ``running``: G in eval mode, BatchNorm with its running statistics: an image does not depend on its batch
+  (the later standalone DCGAN-tensorflow's ``sampler(train=False)``).
+- ``batch``: BatchNorm with the statistics of fixed batches of ``gan.batch_size`` latents (the sampler of
+  layumi/Person-reID_GAN@6621e2c, which rendered LSRO's pool, calls its batch norms with ``train=True``); the
+  running statistics are neither used nor updated. A shard holds whole batches (its size is a multiple of the
+  batch) and a short last batch is filled up with extra latents that are rendered and dropped, so every image is
+  normalised with a batch of exactly ``gan.batch_size``: an image depends on its seed, shard and batch only.
+- ``save_stretch``: each image byte-scaled to its own min..max (``scipy.misc.imsave`` / ``imresize`` on a float
+  array, the reference's ``save_images``) instead of the fixed map [-1, 1] -> [0, 255].
 
 Rendering is done by long-lived workers that load G once: the calling process itself, plus optional Ray actors
 (``helpers``, e.g. one per further GPU) that take shards from the same pending list as soon as each is placed
@@ -16,24 +28,50 @@ Helpers write to ``store_root`` themselves, so on several nodes it must be share
 
 from __future__ import annotations
 
+import contextlib
 import io
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from datasets.files import atomic_write_bytes, file_sha256
 from datasets.generated import GeneratedStore
-from trainables.gan.nets import Generator, sample_latent
+from trainables.gan.nets import build_generator, sample_latent
 from trainables.placement import process_label
 from trainables.seeding import Stream, derive_seed
 
 GENERATOR_FILE = "generator.pt"
-EXPORT_KEYS = ("G", "latent_dim", "image_size", "g_width", "epochs")
-SUB_BATCH = 250  # images per G forward inside a shard (fixed: results must not depend on the device)
+EXPORT_KEYS = ("G", "latent_dim", "image_size", "g_width", "epochs")  # + "arch" (absent in older files: ours)
+SUB_BATCH = 250  # images per G forward inside a shard in running mode (fixed: results must not depend on the device)
+
+
+@dataclass(frozen=True)
+class Rendering:
+    """How a pool is rendered from a generator (see the module docstring); ``batch_size`` matters in batch mode."""
+
+    sample_bn: str = "running"  # running | batch
+    batch_size: int = 64
+    stretch: bool = False
+
+    @classmethod
+    def of(cls, gan: Any) -> "Rendering":
+        """The rendering a :class:`trainables.config.GanConfig` asks for."""
+        return cls(gan.sample_bn, gan.batch_size, gan.save_stretch)
+
+    def meta(self) -> dict[str, Any]:
+        """What the store records (a store rendered otherwise is refused)."""
+        bn = {"bn": "batch", "bn_batch": self.batch_size} if self.sample_bn == "batch" else {"bn": "running"}
+        return {**bn, "stretch": self.stretch}
+
+    def chunk_size(self, requested: int) -> int:
+        """Shards of whole batches in batch mode."""
+        if self.sample_bn != "batch":
+            return requested
+        return self.batch_size * max(1, requested // self.batch_size)
 HELPER_QUEUE = 2  # shards handed to one helper at a time: it renders the next while the caller is busy
 
 
@@ -43,7 +81,7 @@ def export_generator(state: dict[str, Any], path: str | Path) -> Path:
     """Write the generator of a training checkpoint ``state`` to ``path`` atomically (temp file + rename)."""
     gan = state["gan_config"]
     payload = {"G": state["G"], "latent_dim": int(gan["latent_dim"]), "image_size": [int(s) for s in gan["image_size"]],
-               "g_width": int(gan["g_width"]), "epochs": int(state["epoch"]) + 1}
+               "g_width": int(gan["g_width"]), "epochs": int(state["epoch"]) + 1, "arch": gan.get("arch", "ours")}
     path = Path(path)
     buf = io.BytesIO()
     torch.save(payload, buf)
@@ -66,10 +104,10 @@ def read_export(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_generator(path: str | Path, device: torch.device | str = "cpu") -> Generator:
+def load_generator(path: str | Path, device: torch.device | str = "cpu") -> torch.nn.Module:
     """Rebuild the exported generator in eval mode on ``device``."""
     data = read_export(path)
-    G = Generator(data["latent_dim"], tuple(data["image_size"]), data["g_width"])
+    G = build_generator(data.get("arch", "ours"), data["latent_dim"], tuple(data["image_size"]), data["g_width"])
     G.load_state_dict(data["G"])
     return G.to(device).eval()
 
@@ -81,20 +119,52 @@ def chunk_seed(seed: int, chunk: int) -> int:
     return derive_seed(Stream.GENERATION, seed, chunk)
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """[B, 3, H, W] in [-1, 1] -> uint8 [B, H, W, 3]."""
-    x = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+def to_uint8(images: torch.Tensor, stretch: bool = False) -> np.ndarray:
+    """[B, 3, H, W] in [-1, 1] -> uint8 [B, H, W, 3]: the fixed map [-1, 1] -> [0, 255], or with ``stretch`` each
+    image's own min..max -> 0..255 (scipy's ``bytescale``, which ``imsave`` / ``imresize`` apply to a float image:
+    ``(x - min) * 255 / (max - min) + 0.5``, truncated)."""
+    if not stretch:
+        x = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return x.permute(0, 2, 3, 1).cpu().numpy()
+    flat = images.float().flatten(1)  # [B, 3HW]
+    lo, hi = flat.min(1).values[:, None, None, None], flat.max(1).values[:, None, None, None]
+    scale = 255.0 / (hi - lo).clamp_min(1e-12)  # a constant image maps to 0 (scipy: cscale 0 -> 1)
+    x = ((images.float() - lo) * scale + 0.5).clamp(0, 255).floor().to(torch.uint8)
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
-def render_chunk(G: Generator, store: GeneratedStore, chunk: int, seed: int) -> np.ndarray:
+@contextlib.contextmanager
+def batch_statistics(G: torch.nn.Module) -> Iterator[None]:
+    """G's BatchNorm layers normalise with the statistics of the batch and leave their running statistics alone
+    (``track_running_stats`` off in training mode); every other layer and the flags are restored afterwards."""
+    norms = [m for m in G.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.training, m.track_running_stats) for m in norms]
+    try:
+        for m in norms:
+            m.train()
+            m.track_running_stats = False
+        yield
+    finally:
+        for m, (training, tracking) in zip(norms, saved):
+            m.train(training)
+            m.track_running_stats = tracking
+
+
+def render_chunk(G: torch.nn.Module, store: GeneratedStore, chunk: int, seed: int,
+                 render: Rendering = Rendering()) -> np.ndarray:
     """The images of ``chunk`` (uint8 [B, H, W, 3]); G must be in eval mode."""
     start, stop = store.chunk_range(chunk)
+    n = stop - start
+    if n == 0:
+        return np.zeros((0, *store.info["image_size"], 3), np.uint8)
     device = next(G.parameters()).device
-    z = sample_latent(stop - start, G.latent_dim, generator=torch.Generator().manual_seed(chunk_seed(seed, chunk)))
-    with torch.inference_mode():
-        out = [G(zb.to(device)) for zb in z.split(SUB_BATCH)]  # [b, 3, H, W] each
-    return to_uint8(torch.cat(out)) if out else np.zeros((0, *store.info["image_size"], 3), np.uint8)
+    batch = render.batch_size if render.sample_bn == "batch" else SUB_BATCH
+    drawn = -(-n // batch) * batch if render.sample_bn == "batch" else n  # a short last batch is filled up
+    z = sample_latent(drawn, G.latent_dim, generator=torch.Generator().manual_seed(chunk_seed(seed, chunk)))
+    mode = batch_statistics(G) if render.sample_bn == "batch" else contextlib.nullcontext()
+    with torch.inference_mode(), mode:
+        out = torch.cat([G(zb.to(device)) for zb in z.split(batch)])[:n]  # [n, 3, H, W]
+    return to_uint8(out, render.stretch)
 
 
 class ShardRenderer:
@@ -104,10 +174,10 @@ class ShardRenderer:
     """
 
     def __init__(self, generator_path: str | Path, store_root: str | Path, seed: int,
-                 device: torch.device | str) -> None:
+                 device: torch.device | str, render: Rendering = Rendering()) -> None:
         self.G = load_generator(generator_path, device)
         self.store = GeneratedStore(store_root)
-        self.seed = seed
+        self.seed, self.render_as = seed, render
         self.label = process_label()
 
     def ready(self) -> str:
@@ -116,7 +186,7 @@ class ShardRenderer:
     def render(self, chunks: Sequence[int]) -> str:
         """Render and write the shards ``chunks``; returns this worker's label."""
         for c in chunks:
-            self.store.write_chunk(c, render_chunk(self.G, self.store, c, self.seed))
+            self.store.write_chunk(c, render_chunk(self.G, self.store, c, self.seed, self.render_as))
         return self.label
 
 
@@ -139,22 +209,22 @@ class Generated:
 
 def generate(generator_path: str | Path, store_root: str | Path, n: int, *, device: torch.device | str,
              seed: int = 0, chunk_size: int = 100, helpers: int = 0,
-             helper_resources: dict[str, Any] | None = None) -> Generated:
+             helper_resources: dict[str, Any] | None = None, render: Rendering = Rendering()) -> Generated:
     """Fill (or complete) the store at ``store_root`` with ``n`` images of the exported generator.
 
     The caller renders shards on ``device`` (``trainables.runtime.device_for(gan.use_gpu)``). ``helpers > 0``
     with Ray initialised also starts that many Ray actors with ``ray.remote(**helper_resources)`` (default
     ``{"num_cpus": 1}``; e.g. ``{"num_gpus": 1}``), which share the pending shards; without Ray the caller renders
     everything. Helpers render on the caller's device type (CPU and GPU round differently: the pool must not depend
-    on who renders).
+    on who renders). ``render``: how (:class:`Rendering`; in batch mode the shards hold whole batches).
     """
     if helpers < 0:
         raise ValueError(f"generate(helpers={helpers}) must be >= 0")
     path = Path(generator_path).resolve()
     info = read_export(path)
-    meta = {"generator_sha256": file_sha256(path), "seed": seed, "latent": "uniform[-1,1]", "bn": "eval"}
+    meta = {"generator_sha256": file_sha256(path), "seed": seed, "latent": "uniform[-1,1]", **render.meta()}
     store = GeneratedStore.create(store_root, n=n, image_size=tuple(info["image_size"]), meta=meta,
-                                  chunk_size=chunk_size)
+                                  chunk_size=render.chunk_size(chunk_size))
     if store.complete:
         return Generated(store, {})
     device = torch.device(device)
@@ -163,8 +233,9 @@ def generate(generator_path: str | Path, store_root: str | Path, n: int, *, devi
     pool = None
     try:
         if helpers and len(pending) > 1 and _ray_initialized():
-            pool = _HelperPool(path, store.root, seed, device.type, helpers, helper_resources or {"num_cpus": 1})
-        _render_all(ShardRenderer(path, store.root, seed, device), pending, pool, workers)
+            pool = _HelperPool(path, store.root, seed, device.type, helpers, helper_resources or {"num_cpus": 1},
+                               render)
+        _render_all(ShardRenderer(path, store.root, seed, device, render), pending, pool, workers)
     finally:
         if pool is not None:
             pool.close()
@@ -195,11 +266,12 @@ class _HelperPool:
     """Ray actors rendering shards beside the caller. Only running actors are ever waited on; an actor that
     dies gives its handed-out shards back to the pending list."""
 
-    def __init__(self, path: Path, root: Path, seed: int, device: str, count: int, resources: dict[str, Any]) -> None:
+    def __init__(self, path: Path, root: Path, seed: int, device: str, count: int, resources: dict[str, Any],
+                 render: Rendering) -> None:
         import ray
 
         actor_cls = ray.remote(**resources)(ShardRenderer)
-        self.actors = [actor_cls.remote(str(path), str(root), seed, device) for _ in range(count)]
+        self.actors = [actor_cls.remote(str(path), str(root), seed, device, render) for _ in range(count)]
         self.starting = {a.ready.remote(): a for a in self.actors}  # ready() ref -> actor not yet seen running
         self.queued: dict[Any, int] = {}  # running actor -> shards handed to it and not yet returned
         self.running: dict[Any, tuple[Any, int]] = {}  # render() ref -> (actor, shard)

@@ -23,16 +23,17 @@ from torchvision.utils import save_image
 
 from datasets.decoded_cache import DecodedDataset, as_batch, image_rows
 from datasets.market1501 import load as load_split
+from datasets.records import hold_out
 from trainables import runtime
 from trainables.config import GanConfig, build, to_dict
-from trainables.gan.nets import Discriminator, Generator, d_loss, g_loss, sample_latent
+from trainables.gan.nets import Discriminator, build_generator, d_loss, g_loss, sample_latent
 from trainables.gan.sample import GENERATOR_FILE, export_generator, read_export
 from trainables.modes import eval_mode
-from trainables.seeding import STREAMS, Stream, check_streams, seed_everything, torch_generator
+from trainables.seeding import STREAMS, Stream, check_streams, numpy_rng, seed_everything, torch_generator
 
-ARCH_FIELDS = ("image_size", "latent_dim", "g_width", "d_width")  # a checkpoint must match these to resume
-RESULT_FIELDS = ("image_size", "latent_dim", "g_width", "d_width", "epochs", "batch_size", "lr", "beta1", "beta2",
-                 "seed")  # what the trained generator depends on (not num_workers / use_gpu)
+ARCH_FIELDS = ("image_size", "latent_dim", "g_width", "d_width", "arch")  # a checkpoint must match these to resume
+RESULT_FIELDS = ("image_size", "latent_dim", "g_width", "d_width", "arch", "epochs", "batch_size", "lr", "beta1",
+                 "beta2", "g_steps", "max_steps", "seed")  # what the generator depends on (not workers, GPU, rendering)
 SAMPLES_FILE = "samples.png"
 GRID = 8  # the fixed-noise sample grid is GRID x GRID
 GPU_LOADER_WORKERS = 4  # DataLoader processes per worker on GPU; CPU workers decode in-process
@@ -63,19 +64,24 @@ class GlobalBatchSampler(Sampler[int]):
 # ------------------------------------------------------------------------------------- one step / epoch
 
 def train_step(G: torch.nn.Module, D: torch.nn.Module, opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer,
-               real: torch.Tensor, latent_dim: int) -> torch.Tensor:
-    """One DCGAN update (D, then G with the non-saturating loss). Returns [loss_d, loss_g, D(x), D(G(z))]."""
+               real: torch.Tensor, latent_dim: int, g_steps: int = 1) -> torch.Tensor:
+    """One DCGAN update: D, then ``g_steps`` G updates with the non-saturating loss on the same latents (the
+    reference runs ``g_optim`` twice per batch, each on a fresh G(z)). Returns [loss_d, loss_g (the last G
+    update's), D(x), D(G(z))]."""
     z = sample_latent(real.shape[0], latent_dim, device=real.device)
     fake = G(z)  # [B, 3, H, W]
     opt_d.zero_grad(set_to_none=True)
     loss_d, logit_real, logit_fake = d_loss(D, real, fake)  # logits [B] each
     loss_d.backward()
     opt_d.step()
-    opt_g.zero_grad(set_to_none=True)
-    with _no_sync(D):  # D's gradients from the G step are discarded: skip their all-reduce
-        loss_g = g_loss(D, fake)
-        loss_g.backward()
-    opt_g.step()
+    for k in range(g_steps):
+        if k:
+            fake = G(z)  # the updated G on the same latents
+        opt_g.zero_grad(set_to_none=True)
+        with _no_sync(D):  # D's gradients from the G step are discarded: skip their all-reduce
+            loss_g = g_loss(D, fake)
+            loss_g.backward()
+        opt_g.step()
     return torch.stack([loss_d.detach(), loss_g.detach(), torch.sigmoid(logit_real.detach()).mean(),
                         torch.sigmoid(logit_fake.detach()).mean()])
 
@@ -86,13 +92,13 @@ def _no_sync(model: torch.nn.Module) -> contextlib.AbstractContextManager:
 
 def train_epoch(G: torch.nn.Module, D: torch.nn.Module, opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer,
                 loader: DataLoader, latent_dim: int, device: torch.device, epoch: int,
-                max_steps: int | None = None) -> tuple[torch.Tensor, int]:
+                max_steps: int | None = None, g_steps: int = 1) -> tuple[torch.Tensor, int]:
     """Sums of [loss_d, loss_g, D(x), D(G(z))] over the epoch's steps (at most ``max_steps``), and their number."""
     sums, steps = torch.zeros(4, dtype=torch.float64), 0
     for step, batch in enumerate(loader):
         if max_steps is not None and step >= max_steps:  # every rank stops at the same step (equal shards)
             break
-        vals = train_step(G, D, opt_g, opt_d, gan_images(batch["img"], device), latent_dim).cpu()
+        vals = train_step(G, D, opt_g, opt_d, gan_images(batch["img"], device), latent_dim, g_steps).cpu()
         if not torch.isfinite(vals).all():
             raise FloatingPointError(f"DCGAN loss is not finite at epoch {epoch}, step {step}: "
                                      f"loss_d={vals[0].item()}, loss_g={vals[1].item()}")
@@ -104,10 +110,12 @@ def train_epoch(G: torch.nn.Module, D: torch.nn.Module, opt_g: torch.optim.Optim
 # ------------------------------------------------------------------------------------- the worker loop
 
 def gan_loop(config: dict) -> dict[str, Any]:
-    """Per-worker DCGAN training; ``config = {"gan": to_dict(gan), "data_root": str}``. Returns rank 0's result."""
+    """Per-worker DCGAN training; ``config = {"gan": to_dict(gan), "data_root": str, "val_ids": int}``. Returns rank
+    0's result."""
     gan, ctx = build(GanConfig, config["gan"], "gan."), runtime.context()
     seed_everything(Stream.GAN_INIT, gan.seed)  # the same initial weights on every rank (DDP broadcasts rank 0's)
-    G, D = Generator(gan.latent_dim, gan.image_size, gan.g_width), Discriminator(gan.image_size, gan.d_width)
+    G = build_generator(gan.arch, gan.latent_dim, gan.image_size, gan.g_width)
+    D = Discriminator(gan.image_size, gan.d_width)
     state = runtime.load_state()
     if state is not None:
         _check_resumable(state, gan)
@@ -119,7 +127,7 @@ def gan_loop(config: dict) -> dict[str, Any]:
     if state is not None:
         opt_g.load_state_dict(state["opt_g"])
         opt_d.load_state_dict(state["opt_d"])
-    loader = _loader(config["data_root"], gan, ctx, config.get("cache_dir"))
+    loader = _loader(config["data_root"], gan, ctx, config.get("cache_dir"), config.get("val_ids", 0))
     fixed_z = sample_latent(GRID * GRID, gan.latent_dim, torch_generator(Stream.GAN_FIXED_Z, gan.seed), ctx.device)
     start = 0 if state is None else state["epoch"] + 1
     previous = (state or {}).get("metrics", {})  # returned as is when there is nothing left to train
@@ -128,7 +136,8 @@ def gan_loop(config: dict) -> dict[str, Any]:
         seed_everything(Stream.GAN_EPOCH, gan.seed, ctx.rank, epoch)  # latents, flips: (seed, rank, epoch) only
         loader.sampler.set_epoch(epoch)
         t0 = time.perf_counter()
-        sums, steps = train_epoch(G, D, opt_g, opt_d, loader, gan.latent_dim, ctx.device, epoch, gan.max_steps)
+        sums, steps = train_epoch(G, D, opt_g, opt_d, loader, gan.latent_dim, ctx.device, epoch, gan.max_steps,
+                                  gan.g_steps)
         metrics = _epoch_metrics(sums, steps, time.perf_counter() - t0, gan.batch_size, ctx)
         metrics["epoch"] = epoch
         _log_epoch(ctx.rank, gan.epochs, metrics)
@@ -146,11 +155,19 @@ def _check_resumable(state: dict, gan: GanConfig) -> None:
                              f"{getattr(gan, key)!r}; use another run name (or storage path) for this config")
 
 
-def _loader(data_root: str, gan: GanConfig, ctx: runtime.Context, cache_dir: str | None) -> DataLoader:
-    """Batches of the training images as uint8 [B, H, W, 3] rows at ``gan.image_size``: from the decoded cache
-    (``cache_dir``: each image decoded and resized once, no file opened per epoch), or decoded from their files on
-    every read when ``cache_dir`` is None."""
-    train = load_split(data_root).train
+def training_images(data_root: str | Path, val_ids: int = 0) -> tuple:
+    """The images the DCGAN trains on: the training split without the ``val_ids`` identities the re-ID runs hold out
+    for validation (the same draw as ``trainables.reid.loop.load_run_data``), so the pool cannot carry them."""
+    split = load_split(data_root)
+    return hold_out(split, val_ids, numpy_rng(Stream.VALIDATION_IDS))[0].train if val_ids else split.train
+
+
+def _loader(data_root: str, gan: GanConfig, ctx: runtime.Context, cache_dir: str | None,
+            val_ids: int = 0) -> DataLoader:
+    """Batches of the training images (:func:`training_images`) as uint8 [B, H, W, 3] rows at ``gan.image_size``:
+    from the decoded cache (``cache_dir``: each image decoded and resized once, no file opened per epoch), or decoded
+    from their files on every read when ``cache_dir`` is None."""
+    train = training_images(data_root, val_ids)
     if len(train) < gan.batch_size:
         raise ValueError(f"gan.batch_size={gan.batch_size} exceeds the {len(train)} training images of {data_root}")
     sampler = GlobalBatchSampler(len(train), gan.batch_size, ctx.rank, ctx.world_size, gan.seed)
@@ -198,7 +215,7 @@ def _report(metrics: dict, G: torch.nn.Module, D: torch.nn.Module, opt_g: torch.
         runtime.report(metrics, state=state, files={SAMPLES_FILE: grid})
 
 
-def save_sample_grid(G: Generator, z: torch.Tensor, path: str | Path) -> Path:
+def save_sample_grid(G: torch.nn.Module, z: torch.Tensor, path: str | Path) -> Path:
     """An 8x8 PNG of G(z) in eval mode (as the generation stage samples); restores G's mode."""
     with eval_mode(G):
         images = G(z)  # [64, 3, H, W] in [-1, 1]
@@ -216,12 +233,13 @@ def _log_epoch(rank: int, epochs: int, m: dict) -> None:
 
 def train_gan(gan: GanConfig, data_root: str | Path, run_dir_parent: str | Path, name: str, *,
               num_workers: int | None = None, report_to_tune: bool = False, max_failures: int = 1,
-              cache_dir: str | Path | None = None) -> Path:
+              cache_dir: str | Path | None = None, val_ids: int = 0) -> Path:
     """Train (or resume) the DCGAN run ``<run_dir_parent>/<name>`` and export ``generator.pt`` there.
 
     ``num_workers``: Ray Train workers (0: in this process; default ``gan.num_workers``). The training images are
     read from the decoded-image cache ``cache_dir`` (default ``<run_dir_parent>/decoded``; images it lacks are
-    decoded into it first). An existing export that records ``gan.epochs`` epochs is returned without training.
+    decoded into it first). ``val_ids``: the re-ID runs' held-out identities (``reid.val_ids``), never trained on.
+    An existing export that records ``gan.epochs`` epochs is returned without training.
     """
     parent = Path(run_dir_parent).expanduser().resolve()
     run_dir, out = parent / name, parent / name / GENERATOR_FILE
@@ -234,7 +252,7 @@ def train_gan(gan: GanConfig, data_root: str | Path, run_dir_parent: str | Path,
     spec = runtime.RunSpec(name=name, storage_path=str(parent), num_workers=workers, use_gpu=gan.use_gpu,
                            max_failures=max_failures if workers else 0, report_to_tune=report_to_tune)
     cache = str(Path(cache_dir) if cache_dir else parent / "decoded")
-    runtime.fit(gan_loop, {"gan": to_dict(gan), "data_root": str(root), "cache_dir": cache}, spec)
+    runtime.fit(gan_loop, {"gan": to_dict(gan), "data_root": str(root), "cache_dir": cache, "val_ids": val_ids}, spec)
     ckpt = runtime.latest_checkpoint(run_dir)
     if ckpt is None:
         raise RuntimeError(f"GAN run {run_dir} finished without a checkpoint")

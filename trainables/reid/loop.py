@@ -25,12 +25,12 @@ from datasets.records import Record, Split, hold_out
 from trainables import runtime
 from trainables.config import METRICS, LabelsConfig, ReidConfig, ReidInputs, ReidResult, build, cache_size, to_dict
 from trainables.faults import Injection
-from trainables.methods import method
+from trainables.methods import TWO_STREAM_WEIGHT_DECAY, method
 from trainables.reid.data import EpochLoader, epoch_batches, train_loader
 from trainables.reid.engine import StepFn, ident_step, pair_step, train_one_epoch
 from trainables.reid.evaluate import check_rerank, evaluate_model
 from trainables.reid.labels import LabelSpec, num_outputs, samples_generated, switch_epoch_for
-from trainables.reid.models import build_reid_model
+from trainables.reid.models import build_reid_model, reference_code_init_
 from trainables.reid.pairs import epoch_pairs, pair_rows, pos_fraction_for_epoch
 from trainables.reid.weights import init_backbone
 from trainables.seeding import STREAMS, Stream, check_streams, derive_seed, numpy_rng, seed_everything
@@ -46,8 +46,11 @@ def label_spec(reid: ReidConfig, labels: LabelsConfig, num_classes: int) -> Labe
 
 
 def weight_decay(reid: ReidConfig, labels: LabelsConfig) -> float:
-    """``reid.weight_decay``, else the label method's (the reference code's per-method value, trainables/methods.py)."""
-    return reid.weight_decay if reid.weight_decay is not None else method(labels.method).weight_decay
+    """``reid.weight_decay``, else the reference code's: the label method's for the identification net
+    (trainables/methods.py), one value for every method of the two-stream net."""
+    if reid.weight_decay is not None:
+        return reid.weight_decay
+    return TWO_STREAM_WEIGHT_DECAY if reid.model == "twostream" else method(labels.method).weight_decay
 
 
 # ------------------------------------------------------------------------------------- the worker loop
@@ -186,6 +189,8 @@ def build_model(reid: ReidConfig, num_outputs: int, *, device_type: str = "cpu",
     channels-last on CUDA."""
     model = build_reid_model(reid.model, num_outputs, backbone=reid.backbone, embed_dim=reid.embed_dim,
                              dropout=reid.dropout, last_stride=reid.last_stride)
+    if reid.lr_scheme == "reference_code":
+        reference_code_init_(model)
     if pretrained:
         init_backbone(model, reid.backbone, reid.pretrained)
     if device_type == "cuda" and reid.channels_last:
@@ -198,7 +203,7 @@ def build_training(reid: ReidConfig, spec: LabelSpec, wd: float, ctx: runtime.Co
     if ctx.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
     model = build_model(reid, num_outputs(spec), device_type=ctx.device.type)
-    groups = model.param_groups(reid.lr, new_lr_mult=reid.new_lr_mult, weight_decay=wd)
+    groups = model.param_groups(reid.lr, new_lr_mult=reid.new_lr_mult, weight_decay=wd, scheme=reid.lr_scheme)
     model = runtime.wrap_model(model, find_unused_parameters=reid.model == "twostream")
     optimizer = make_optimizer(reid, groups)
     return model, optimizer, lr_schedule(optimizer, reid)

@@ -163,18 +163,24 @@ class IdentificationNet(nn.Module):
         return self.classify(x) if self.training else self.embed(x)
 
     def param_groups(
-        self, base_lr: float, new_lr_mult: float = 10.0, weight_decay: float = 5e-4
+        self, base_lr: float, new_lr_mult: float = 10.0, weight_decay: float = 5e-4, scheme: str = "paper"
     ) -> list[dict]:
-        """Optimizer groups: backbone at ``base_lr``, all new layers at ``base_lr * new_lr_mult``.
+        """Optimizer groups. ``paper``: backbone at ``base_lr``, all new layers at ``base_lr * new_lr_mult``.
+        ``reference_code``: one group per parameter class with the authors' MatConvNet multipliers
+        (:data:`REFERENCE_CODE_RATES`), ``base_lr`` being the conv filters' rate.
 
         New layers = everything outside ``self.backbone`` (bottleneck, classifier, verification head). Each
-        group carries a ``name`` ("backbone" / "new") for logging.
+        group carries a ``name`` ("backbone" / "new", or the parameter class) for logging.
         """
         if base_lr <= 0 or new_lr_mult <= 0 or weight_decay < 0:
             raise ValueError(
                 "param_groups needs base_lr > 0, new_lr_mult > 0, weight_decay >= 0; "
                 f"got {base_lr!r}, {new_lr_mult!r}, {weight_decay!r}"
             )
+        if scheme == "reference_code":
+            return reference_code_groups(self, base_lr, weight_decay)
+        if scheme != "paper":
+            raise ValueError(f"reid.lr_scheme={scheme!r} is not valid; choose one of 'paper', 'reference_code'")
         backbone_ids = {id(p) for p in self.backbone.parameters()}
         new = [p for p in self.parameters() if id(p) not in backbone_ids]
         return [
@@ -182,6 +188,58 @@ class IdentificationNet(nn.Module):
              "name": "backbone"},
             {"params": new, "lr": base_lr * new_lr_mult, "weight_decay": weight_decay, "name": "new"},
         ]
+
+
+# The authors' MatConvNet multipliers (Huang-3/MpRL-for-person-re-ID@53c8808; docs/protocol.md "Learning rates"):
+# parameter class -> (learning-rate multiplier, weight-decay multiplier), applied to the global rate 0.1 (x0.1 at
+# epoch 40). The pretrained ones: code/get_net_structure/resnet52_iden_baseline.m:8-20 (even params 0.02, odd
+# 0.001, conv1's filter 1e-4; weight decay 0 for names starting with "b", the BN parameters); the new FC:
+# matlab/+dagnn/@DagNN/initParams.m:59-70 (0.01 / 0.2, its init x0.1 before a loss). The first of a
+# ResNet's conv layers is "conv1"; MatConvNet's conv1 bias (0.02) has no counterpart in torchvision's ResNet.
+REFERENCE_CODE_RATES: dict[str, tuple[float, float]] = {
+    "conv": (0.02, 1.0), "conv1": (1e-4, 1.0), "bn_weight": (1e-3, 0.0), "bn_bias": (0.02, 0.0),
+    "fc_weight": (0.01, 1.0), "fc_bias": (0.2, 1.0),
+}
+REFERENCE_CODE_BN_MOMENTUM = 1e-3  # MatConvNet's BN moments: a running average at rate 0.001 per step (cnn_train_dag)
+REFERENCE_CODE_FC_INIT = 0.1  # a new conv before a loss: U(+-sqrt(3 / fan_in)) x 0.1 (initParams.m:19-20, 70)
+
+
+def parameter_class(module: nn.Module, name: str, first_conv: nn.Module | None) -> str:
+    """The MatConvNet class of ``module``'s parameter ``name`` (weight / bias): see REFERENCE_CODE_RATES."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return f"bn_{name}"
+    if isinstance(module, nn.Linear):
+        return f"fc_{name}"
+    if module is first_conv and name == "weight":
+        return "conv1"
+    return "conv"
+
+
+def reference_code_groups(model: nn.Module, base_lr: float, weight_decay: float) -> list[dict]:
+    """One optimizer group per parameter class, at ``base_lr / 0.02`` (the global rate) x its multiplier."""
+    global_lr = base_lr / REFERENCE_CODE_RATES["conv"][0]
+    first_conv = next((m for m in model.backbone.modules() if isinstance(m, nn.Conv2d)), None)
+    params: dict[str, list[nn.Parameter]] = {k: [] for k in REFERENCE_CODE_RATES}
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not isinstance(module, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)):
+                raise ValueError(f"lr_scheme=reference_code has no class for a {type(module).__name__} parameter")
+            params[parameter_class(module, name, first_conv)].append(p)
+    return [{"params": ps, "lr": global_lr * REFERENCE_CODE_RATES[k][0],
+             "weight_decay": weight_decay * REFERENCE_CODE_RATES[k][1], "name": k} for k, ps in params.items() if ps]
+
+
+def reference_code_init_(model: nn.Module) -> None:
+    """The reference code's new layers: each classifier (K-way, verification) ~ U(+-0.1 sqrt(3 / fan_in)), bias 0;
+    every BatchNorm's running statistics move at rate 0.001 per step."""
+    for fc in (getattr(model, "classifier", None), getattr(model, "verif_classifier", None)):
+        if fc is not None:
+            bound = REFERENCE_CODE_FC_INIT * (3.0 / fc.in_features) ** 0.5
+            nn.init.uniform_(fc.weight, -bound, bound)
+            nn.init.zeros_(fc.bias)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = REFERENCE_CODE_BN_MOMENTUM
 
 
 class TwoStreamNet(IdentificationNet):
