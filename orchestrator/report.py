@@ -229,8 +229,8 @@ def pool_quality(client, exp_id: str, parent: str) -> str:
     filt = (f"tags.`{tracking.TAG_KIND}` = 'stage' and attributes.status = 'FINISHED' and "
             f"tags.`{tracking.TAG_PARENT}` = '{parent}' and tags.`{tracking.TAG_KEY}` LIKE 'pool_quality:%'")
     runs = client.search_runs([exp_id], filt, max_results=100)
-    return "\n".join(PoolQualityOut.from_metrics(r.data.metrics, r.data.params.get("sheet", "?")).summary()
-                     for r in runs)
+    return "\n".join(PoolQualityOut.from_metrics(r.data.metrics, r.data.params.get("sheet", "?"),
+                                                r.data.params.get("rendering", "?")).summary() for r in runs)
 
 
 def sweep_statistics(tracking_uri: str, experiment: str, storage: Path, parent: str) -> str:

@@ -79,6 +79,7 @@ class PoolQualityOut:
     noise floor), the baseline's mean max-softmax, and the real-vs-generated sheet."""
 
     sheet: str
+    rendering: str  # how the pool was rendered (gan.sample_bn, gan.save_stretch)
     fd: float
     fd_real_halves: float
     real_n: int
@@ -103,11 +104,11 @@ class PoolQualityOut:
         return out
 
     @classmethod
-    def from_metrics(cls, metrics: dict[str, float], sheet: str) -> "PoolQualityOut":
+    def from_metrics(cls, metrics: dict[str, float], sheet: str, rendering: str = "?") -> "PoolQualityOut":
         """Rebuilt from what :meth:`metrics` logged (the report reads MLflow)."""
-        values: dict[str, Any] = {"sheet": sheet}
+        values: dict[str, Any] = {"sheet": sheet, "rendering": rendering}
         for f in dataclasses.fields(cls):
-            if f.name == "sheet":
+            if f.name in ("sheet", "rendering"):
                 continue
             if f.name.endswith(("_mean", "_std")):
                 values[f.name] = tuple(metrics[f"{f.name}_{c}"] for c in "RGB")
@@ -120,8 +121,8 @@ class PoolQualityOut:
         def rgb(v: tuple) -> str:
             return "/".join(f"{x:.0f}" for x in v)
 
-        return (f"generated pool vs real training images (n={self.gen_n} vs {self.real_n}): mean RGB "
-                f"{rgb(self.gen_mean)} vs {rgb(self.real_mean)}, per-channel std {rgb(self.gen_std)} vs "
+        return (f"generated pool ({self.rendering}) vs real training images (n={self.gen_n} vs {self.real_n}): "
+                f"mean RGB {rgb(self.gen_mean)} vs {rgb(self.real_mean)}, per-channel std {rgb(self.gen_std)} vs "
                 f"{rgb(self.real_std)}, per-image contrast {self.gen_contrast:.1f} vs {self.real_contrast:.1f}; "
                 f"Fréchet distance in the baseline's feature space {self.fd:.2f} (two halves of the real images: "
                 f"{self.fd_real_halves:.2f}); baseline's mean max-softmax {self.gen_confidence:.3f} vs "

@@ -31,7 +31,8 @@ FORBIDDEN = {  # package -> top-level packages (or subpackages) it must never im
 RAY_TRAIN_ADAPTER = "trainables/runtime.py"  # the one training module that may touch ray.train
 RAY_CORE = {"trainables/gan/sample.py",  # generation's optional helper actors (ray.remote)
             "trainables/placement.py"}  # the node a process runs on, for messages
-LEAVES = ("trainables/config.py", "trainables/schema.py", "trainables/methods.py", "trainables/placement.py")  # stdlib + each other
+# stdlib + each other
+LEAVES = ("trainables/config.py", "trainables/schema.py", "trainables/methods.py", "trainables/placement.py")
 # the modules where label-method names may be written (the traits table, the presets, the published numbers, the
 # stage names); everywhere else a method is a trait of trainables.methods
 METHOD_NAMES_IN = {"trainables/methods.py", "orchestrator/config.py", "orchestrator/paper_numbers.py",

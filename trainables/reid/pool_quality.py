@@ -129,8 +129,12 @@ def measure_pool(baseline_run: str | Path, store_root: str | Path, data_root: st
     split = load(data_root)
     if reid.val_ids:
         split, _ = hold_out(split, reid.val_ids, numpy_rng(Stream.VALIDATION_IDS))
-    generated = GeneratedStore(store_root).records()
-    return pool_quality(model, split.train, generated, reid, runtime.device_for(reid.use_gpu), out_dir)
+    store = GeneratedStore(store_root)
+    meta = store.info["meta"]
+    bn = f"batch statistics over {meta['bn_batch']}" if meta.get("bn") == "batch" else "running statistics"
+    rendering = f"BatchNorm {bn}, {'per-image min-max' if meta.get('stretch') else 'fixed [-1, 1]'} byte map"
+    out = pool_quality(model, split.train, store.records(), reid, runtime.device_for(reid.use_gpu), out_dir)
+    return {**out, "rendering": rendering}
 
 
 def write_sheet(real: np.ndarray, generated: np.ndarray, path: Path) -> Path:
