@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from datasets.generated import GeneratedStore
 from orchestrator import tracking
 from orchestrator.config import load_config
 
@@ -155,3 +156,33 @@ def test_two_stream_and_every_other_method_run_and_learn(tmp_path, local_ray):
     trials = _runs(client, exp_id, "trial")
     assert len(trials) == 7 and all(_learned(client, t.info.run_id) for t in trials
                                     if t.data.params["labels.method"] != "baseline")
+
+
+def test_reference_rendering_rates_and_the_learning_rate_ablation_run_and_learn(tmp_path, local_ray):
+    """The paper presets' reference options at smoke scale: the 6621e2c generator with two G steps, the pool rendered
+    with batch statistics and per-image stretching, the authors' per-parameter learning rates, and the other scheme
+    as the ablation (its own baseline). Every trial finishes and learns; the pool's quality is in MLflow and in the
+    printed statistics."""
+    from orchestrator.report import sweep_statistics
+    from orchestrator.sweep import run_sweep
+
+    out = run_sweep(_smoke(tmp_path, "reid.epochs=3", "gan.epochs=1", "gan.arch=lsro", "gan.g_steps=2",
+                           "gan.sample_bn=batch", "gan.save_stretch=true", "reid.lr_scheme=reference_code",
+                           "sweep.lr_schemes=[paper]"), log_models=False)
+    assert len(out.rows) == 6 and all(r.error is None for r in out.rows)  # 3 methods x 2 schemes
+    assert {r.spec.lr_scheme for r in out.rows} == {None, "paper"}
+    store = GeneratedStore(out.stages.generate.out.store)
+    assert store.info["meta"]["bn"] == "batch" and store.info["meta"]["stretch"] is True
+    pool = out.stages.pool_quality
+    assert pool is not None and Path(pool.out.sheet).is_file() and pool.out.gen_n == 64
+    client, exp_id = tracking.setup(out.tracking_uri, "mprl", tmp_path)
+    trials = _runs(client, exp_id, "trial")
+    assert len(trials) == 6 and all(_learned(client, t.info.run_id) for t in trials
+                                    if not (t.data.params["labels.method"] == "baseline"
+                                            and t.data.params["reid.lr_scheme"] == "reference_code"))
+    stage = next(r for r in _runs(client, exp_id, "stage") if r.data.tags["mprl.key"].startswith("pool_quality:"))
+    assert stage.data.metrics["fd"] == pytest.approx(pool.out.fd)
+    assert [a.path for a in client.list_artifacts(stage.info.run_id, "samples")] == ["samples/pool_sheet.png"]
+    text = sweep_statistics(out.tracking_uri, "mprl", tmp_path, out.parent_run_id)
+    assert "learning rates reference_code" in text and "learning rates paper" in text
+    assert "generated pool (BatchNorm batch statistics over 32, per-image min-max byte map)" in text

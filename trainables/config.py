@@ -25,6 +25,7 @@ REID_MODELS = ("ident", "twostream")  # trainables/reid/models.py
 # LABEL_METHODS: trainables/methods.py, one row of traits per method
 LABEL_ORDERS = ("paper", "reference_code")
 BEFORE_SWITCH = ("ignore", "exclude")
+SWITCHES = ("paper", "reference_code")  # Algorithm 1's switch | what the authors' scripts do (Method.coded_switch)
 OPTIMIZERS = ("sgd", "adam")  # trainables/reid/loop.py make_optimizer
 AUGMENTS = ("pad_crop", "paper", "reference_code")  # trainables/reid/augment.py
 PRETRAINED = ("imagenet", "random")  # trainables/reid/weights.py (or a path to a local torchvision state dict)
@@ -260,12 +261,16 @@ class LabelsConfig:
     switch_epoch: float = 0.4  # fraction of training after which switched methods turn on (epoch 20 of 50)
     switch_at: int | None = None  # the same as an absolute epoch (the paper's "epoch 20"); overrides switch_epoch
     before_switch: str = "ignore"  # ignore: sampled, zero loss (Algorithm 1) | exclude: not sampled
+    # paper: Algorithm 1 | reference_code: as the authors' scripts run (dMpRL-II's loss from epoch 1 with the real
+    # images' cross-entropy counted twice; the one-hot pseudo loss never on): trainables/methods.py coded_switch
+    switch: str = "paper"
     real_smoothing: float = 0.0
 
     def __post_init__(self) -> None:
         check_choice("labels.method", self.method, LABEL_METHODS)
         check_choice("labels.order", self.order, LABEL_ORDERS)
         check_choice("labels.before_switch", self.before_switch, BEFORE_SWITCH)
+        check_choice("labels.switch", self.switch, SWITCHES)
         check_positive("labels.num_gan", self.num_gan, allow_zero=True)
         if self.keep is not None and self.keep < 1:
             raise ValueError(f"labels.keep={self.keep} must be None or in 1..K (number of training ids)")

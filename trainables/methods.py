@@ -18,6 +18,7 @@ TARGET_RULES = (
     "dynamic_ranks",  # MpRL weights from the ranks of the image's own current logits (dMpRL)
 )
 RANK_RULES = ("static_ranks", "dynamic_ranks")
+CODED_SWITCHES = ("from_start", "never")
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,11 @@ class Method:
     targets: str | None
     # its generated images carry loss only from labels.switch_epoch on (Algorithm 1: pseudo, dMpRL-II)
     switched: bool = False
+    # what the authors' script of a switched method does instead (labels.switch=reference_code; docs/protocol.md):
+    # "from_start": its loss layer ignores the 0 weight before the switch, so the generated images' loss is on from
+    # epoch 1 and the real images' cross-entropy is counted twice (Pseudo_Loss_Multi_Dynamic_2 beside the softmax
+    # loss) | "never": the switch is written on a copy of opts and never applied, the generated loss stays off
+    coded_switch: str | None = None
     gen_weight: float = 1.0  # default lambda, the weight of a generated image's loss
     weight_decay: float = 1e-4  # the reference code's default for this method (reid.weight_decay=None)
     # the labels.num_gan extra batch slots hold repeated REAL images (the compute-matched control)
@@ -37,6 +43,9 @@ class Method:
     def __post_init__(self) -> None:
         if self.targets is not None and self.targets not in TARGET_RULES:
             raise ValueError(f"Method.targets={self.targets!r}: choose one of {TARGET_RULES} or None")
+        if self.coded_switch not in (None, *CODED_SWITCHES) or (self.coded_switch is not None) != self.switched:
+            raise ValueError(f"Method.coded_switch={self.coded_switch!r}: one of {CODED_SWITCHES} for a switched "
+                             f"method, None otherwise")
         if self.targets is not None and self.real_repeats:
             raise ValueError("a Method fills its extra batch slots with generated images (targets) or with real "
                              "repeats (real_repeats), not both")
@@ -71,11 +80,13 @@ BASELINE = "baseline"  # real images only: every sweep trains it per seed as a s
 METHODS: dict[str, Method] = {
     BASELINE: Method(None, gen_weight=0.0, control=True),
     "allinone": Method("extra_class"),
-    "pseudo": Method("argmax", switched=True, gen_weight=0.1, weight_decay=5e-4),  # LSRO paper Sec. 4.2
+    # LSRO paper Sec. 4.2; its script: layumi/Person-reID_GAN@da4b90a train_id_net_res_market_pseudo.m:40-42
+    "pseudo": Method("argmax", switched=True, gen_weight=0.1, weight_decay=5e-4, coded_switch="never"),
     "lsro": Method("uniform"),
     "smprl": Method("static_ranks"),
     "dmprl1": Method("dynamic_ranks", weight_decay=5e-4),
-    "dmprl2": Method("dynamic_ranks", switched=True, gen_weight=0.1, weight_decay=5e-4),
+    # its script: Huang-3/MpRL-for-person-re-ID@53c8808 code/train/train_res_iden_MpRL3.m:33, 47-49
+    "dmprl2": Method("dynamic_ranks", switched=True, gen_weight=0.1, weight_decay=5e-4, coded_switch="from_start"),
     # as many optimizer steps as a run with labels.num_gan generated images, from real images only: separates
     # "more training" from "the labels"
     "baseline_matched": Method(None, gen_weight=0.0, real_repeats=True, control=True),

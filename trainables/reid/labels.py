@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from trainables.config import BEFORE_SWITCH  # the choice lists
+from trainables.config import BEFORE_SWITCH, SWITCHES  # the choice lists
 from trainables.config import LABEL_ORDERS as ORDERS
 from trainables.methods import Method, method
 from trainables.modes import eval_mode
@@ -192,6 +192,7 @@ class LabelSpec:
     switch_epoch: int = 0  # absolute 0-based epoch from which pseudo/dmprl2 are active
     before_switch: str = "ignore"  # "ignore": sampled with weight 0 | "exclude": not sampled
     real_smoothing: float = 0.0  # label smoothing epsilon for real images
+    switch: str = "paper"  # "paper": Algorithm 1 | "reference_code": the method's coded_switch (its script)
 
     def __post_init__(self) -> None:
         method(self.method)  # ValueError naming the valid methods
@@ -207,10 +208,22 @@ class LabelSpec:
             raise ValueError(f"labels.before_switch must be one of {BEFORE_SWITCH}, got {self.before_switch!r}")
         if not 0.0 <= self.real_smoothing < 1.0:
             raise ValueError(f"labels.real_smoothing must be in [0, 1), got {self.real_smoothing!r}")
+        if self.switch not in SWITCHES:
+            raise ValueError(f"labels.switch must be one of {SWITCHES}, got {self.switch!r}")
 
     @property
     def traits(self) -> Method:
         return method(self.method)
+
+    @property
+    def coded_switch(self) -> str | None:
+        """The method's coded switch when ``switch=reference_code`` (else None: Algorithm 1)."""
+        return self.traits.coded_switch if self.switch == "reference_code" else None
+
+    @property
+    def real_weight(self) -> float:
+        """The weight of a real image's loss: 2 where the script counts its cross-entropy twice."""
+        return 2.0 if self.coded_switch == "from_start" else 1.0
 
     @property
     def effective_gen_weight(self) -> float:
@@ -234,6 +247,8 @@ def is_active(spec: LabelSpec, epoch: int) -> bool:
     traits = spec.traits
     if not traits.generated:  # the compute-matched control's extra slots hold real images
         return False
+    if spec.coded_switch is not None:
+        return spec.coded_switch == "from_start"
     return epoch >= spec.switch_epoch if traits.switched else True
 
 
@@ -243,7 +258,7 @@ def samples_generated(spec: LabelSpec, epoch: int) -> bool:
     traits = spec.traits
     if not traits.extra_images:
         return False
-    if traits.switched and spec.before_switch == "exclude":
+    if traits.switched and spec.before_switch == "exclude" and spec.coded_switch is None:
         return epoch >= spec.switch_epoch
     return True
 
@@ -308,8 +323,9 @@ def targets_for(
 
     logits [N, C] (C = num_outputs(spec), the batch being trained on; only read, detached); labels [N] long
     (real: 0..K-1, generated: ignored); is_generated [N] bool; static_ranks [N, K] ascending ranks 1..K for the
-    generated rows (smprl only). Weights: 1 for real, lambda for generated when `is_active`, else 0 (their target
-    is then uniform over the K real classes). No gradient flows into the targets.
+    generated rows (smprl only). Weights: 1 for real (2 with the coded switch "from_start"), lambda for generated
+    when `is_active`, else 0 (their target is then uniform over the K real classes). No gradient flows into the
+    targets.
 
     Every row gets both its real and its generated target and a select keeps one: no boolean indexing and no
     branch on the batch's contents, so a step on an accelerator never waits for the device here.
@@ -336,7 +352,8 @@ def targets_for(
             fake = F.pad(uniform, (0, c - spec.num_classes)).expand(n, c)
         targets = torch.where(gen.unsqueeze(1), fake, real)
         lam = spec.effective_gen_weight if active else 0.0
-        weights = torch.where(gen, torch.full((n,), lam, device=logits.device), torch.ones(n, device=logits.device))
+        weights = torch.where(gen, torch.full((n,), lam, device=logits.device),
+                              torch.full((n,), spec.real_weight, device=logits.device))
     return targets, weights
 
 

@@ -42,7 +42,7 @@ def label_spec(reid: ReidConfig, labels: LabelsConfig, num_classes: int) -> Labe
     switch = labels.switch_at if labels.switch_at is not None else switch_epoch_for(reid.epochs, labels.switch_epoch)
     return LabelSpec(method=labels.method, num_classes=num_classes, order=labels.order, keep=labels.keep,
                      gen_weight=labels.gen_weight, switch_epoch=switch, before_switch=labels.before_switch,
-                     real_smoothing=labels.real_smoothing)
+                     real_smoothing=labels.real_smoothing, switch=labels.switch)
 
 
 def weight_decay(reid: ReidConfig, labels: LabelsConfig) -> float:

@@ -62,7 +62,7 @@ def spread(n: int, k: int) -> np.ndarray:
 def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: np.ndarray) -> float:
     """||mu1 - mu2||^2 + Tr(C1 + C2 - 2 (C1 C2)^(1/2)) (Heusel et al. 2017), in float64."""
     mu1, mu2, cov1, cov2 = (np.asarray(a, np.float64) for a in (mu1, mu2, cov1, cov2))
-    root, _ = scipy.linalg.sqrtm(cov1 @ cov2, disp=False)
+    root = scipy.linalg.sqrtm(cov1 @ cov2)
     if not np.isfinite(root).all():  # near-singular product: regularise (as pytorch-fid does)
         eps = 1e-6 * np.eye(len(cov1))
         root = scipy.linalg.sqrtm((cov1 + eps) @ (cov2 + eps))
