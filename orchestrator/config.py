@@ -145,9 +145,6 @@ class Config:
 
     def __post_init__(self) -> None:
         check_choice("preset", self.preset, PRESETS)
-        if self.reid.lr_scheme in self.sweep.lr_schemes:
-            raise ValueError(f"sweep.lr_schemes={list(self.sweep.lr_schemes)} repeats reid.lr_scheme="
-                             f"{self.reid.lr_scheme!r}: list only the other schemes (the ablation)")
         if self.sweep.asha and self.reid.eval_every == 0:
             raise ValueError("sweep.asha=true needs reid.eval_every > 0 and reid.val_ids > 0 (ASHA compares trials "
                              "on the validation split's rank-1, never on the test split)")
@@ -273,6 +270,9 @@ def load_config(preset: str = "cpu", *, file: str | Path | None = None,
         key, value = parse_override(item)
         _merge(tree, _nest(key, value))
     cfg = from_dict(tree)
+    if cfg.reid.lr_scheme in cfg.sweep.lr_schemes:  # here, not in Config: an ablation trial's config has both
+        raise ValueError(f"sweep.lr_schemes={list(cfg.sweep.lr_schemes)} repeats reid.lr_scheme="
+                         f"{cfg.reid.lr_scheme!r}: list only the other schemes (the ablation)")
     storage = Path(cfg.cluster.storage_path).expanduser()
     if not storage.is_absolute():
         storage = (storage_base or Path.cwd()) / storage

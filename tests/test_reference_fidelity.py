@@ -304,3 +304,12 @@ def test_the_coded_switch_runs_as_the_authors_scripts(epoch):
     assert weights("pseudo", "paper") == pytest.approx([1, 1, paper, paper])
     assert weights("pseudo", "reference_code") == pytest.approx([1, 1, 0, 0])  # never on
     assert weights("lsro", "reference_code") == weights("lsro", "paper") == pytest.approx([1, 1, 1, 1])
+
+
+def test_an_ablation_trials_config_resolves():
+    """A learning-rate ablation trial's config has its scheme in both reid.lr_scheme and sweep.lr_schemes."""
+    from orchestrator.trials import build_trials
+
+    cfg = load_config("smoke", overrides=["sweep.lr_schemes=[reference_code]"])
+    for t in build_trials(cfg):
+        assert replace(cfg, **t.overrides()).reid.lr_scheme == (t.lr_scheme or "paper")
