@@ -22,6 +22,8 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
+    from datasets.records import Split
+
 STREAMS = 2  # 1: the scheme before named streams (until 2026-12-07); bump when any stream's derivation changes
 _MASK = (1 << 64) - 1  # SeedSequence takes non-negative integers
 
@@ -54,6 +56,15 @@ def derive_seed(stream: Stream, *parts: int) -> int:
 def numpy_rng(stream: Stream, *parts: int) -> np.random.Generator:
     """A numpy generator of the stream at these coordinates."""
     return np.random.default_rng(derive_seed(stream, *parts))
+
+
+def validation_split(split: "Split", val_ids: int) -> tuple["Split", "Split | None"]:
+    """(the training split without the ``val_ids`` held-out identities, their validation split; None when 0): the one
+    draw of ``Stream.VALIDATION_IDS``, the same for every seed and for every stage that reads the training images
+    (the re-ID runs, the DCGAN, the pool-quality measure)."""
+    from datasets.records import hold_out
+
+    return hold_out(split, val_ids, numpy_rng(Stream.VALIDATION_IDS)) if val_ids else (split, None)
 
 
 def torch_generator(stream: Stream, *parts: int) -> torch.Generator:

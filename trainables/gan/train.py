@@ -23,13 +23,12 @@ from torchvision.utils import save_image
 
 from datasets.decoded_cache import DecodedDataset, as_batch, image_rows
 from datasets.market1501 import load as load_split
-from datasets.records import hold_out
 from trainables import runtime
 from trainables.config import GanConfig, build, to_dict
 from trainables.gan.nets import Discriminator, build_generator, d_loss, g_loss, sample_latent
 from trainables.gan.sample import GENERATOR_FILE, export_generator, read_export
 from trainables.modes import eval_mode
-from trainables.seeding import STREAMS, Stream, check_streams, numpy_rng, seed_everything, torch_generator
+from trainables.seeding import STREAMS, Stream, check_streams, seed_everything, torch_generator, validation_split
 
 ARCH_FIELDS = ("image_size", "latent_dim", "g_width", "d_width", "arch")  # a checkpoint must match these to resume
 RESULT_FIELDS = ("image_size", "latent_dim", "g_width", "d_width", "arch", "epochs", "batch_size", "lr", "beta1",
@@ -158,8 +157,7 @@ def _check_resumable(state: dict, gan: GanConfig) -> None:
 def training_images(data_root: str | Path, val_ids: int = 0) -> tuple:
     """The images the DCGAN trains on: the training split without the ``val_ids`` identities the re-ID runs hold out
     for validation (the same draw as ``trainables.reid.loop.load_run_data``), so the pool cannot carry them."""
-    split = load_split(data_root)
-    return hold_out(split, val_ids, numpy_rng(Stream.VALIDATION_IDS))[0].train if val_ids else split.train
+    return validation_split(load_split(data_root), val_ids)[0].train
 
 
 def _loader(data_root: str, gan: GanConfig, ctx: runtime.Context, cache_dir: str | None,

@@ -21,7 +21,7 @@ import torch
 from datasets.decoded_cache import image_rows
 from datasets.generated import GeneratedStore
 from datasets.market1501 import load
-from datasets.records import Record, Split, hold_out
+from datasets.records import Record, Split
 from trainables import runtime
 from trainables.config import METRICS, LabelsConfig, ReidConfig, ReidInputs, ReidResult, build, cache_size, to_dict
 from trainables.faults import Injection
@@ -33,7 +33,7 @@ from trainables.reid.labels import LabelSpec, num_outputs, samples_generated, sw
 from trainables.reid.models import build_reid_model, reference_code_init_
 from trainables.reid.pairs import epoch_pairs, pair_rows, pos_fraction_for_epoch
 from trainables.reid.weights import init_backbone
-from trainables.seeding import STREAMS, Stream, check_streams, derive_seed, numpy_rng, seed_everything
+from trainables.seeding import STREAMS, Stream, check_streams, derive_seed, numpy_rng, seed_everything, validation_split
 
 log = logging.getLogger(__name__)
 
@@ -130,9 +130,7 @@ def _validates(reid: ReidConfig, epoch: int) -> bool:
 def load_run_data(reid: ReidConfig, labels: LabelsConfig, inputs: ReidInputs) -> RunData:
     """The dataset (minus ``reid.val_ids`` held-out identities, the same for every seed), then the extra records:
     the first ``labels.num_gan`` generated images (with their static ranks), or real repeats."""
-    split, val = load(inputs.data_root), None
-    if reid.val_ids:
-        split, val = hold_out(split, reid.val_ids, numpy_rng(Stream.VALIDATION_IDS))
+    split, val = validation_split(load(inputs.data_root), reid.val_ids)
     traits = method(labels.method)
     if not traits.extra_images or labels.num_gan == 0:
         return RunData(split, val, (), None)

@@ -27,13 +27,13 @@ from torchvision.utils import save_image
 from datasets.decoded_cache import image_rows
 from datasets.generated import GeneratedStore
 from datasets.market1501 import load
-from datasets.records import Record, hold_out
+from datasets.records import Record
 from trainables import runtime
 from trainables.config import ReidConfig, cache_size
 from trainables.modes import eval_mode
 from trainables.reid.augment import DeviceAugment
 from trainables.reid.loop import load_trained
-from trainables.seeding import Stream, numpy_rng
+from trainables.seeding import validation_split
 
 MAX_IMAGES = 10_000  # per set (a 2048-d covariance needs more than 2048)
 SHEET_COLUMNS = 16
@@ -126,9 +126,7 @@ def measure_pool(baseline_run: str | Path, store_root: str | Path, data_root: st
     """:func:`pool_quality` of the whole store against the training images (minus ``reid.val_ids`` identities: what
     the GAN trained on), in the feature space of the baseline run's latest model."""
     model, _ = load_trained(baseline_run)
-    split = load(data_root)
-    if reid.val_ids:
-        split, _ = hold_out(split, reid.val_ids, numpy_rng(Stream.VALIDATION_IDS))
+    split, _ = validation_split(load(data_root), reid.val_ids)
     store = GeneratedStore(store_root)
     meta = store.info["meta"]
     bn = f"batch statistics over {meta['bn_batch']}" if meta.get("bn") == "batch" else "running statistics"
