@@ -114,8 +114,9 @@ def test_smoke_sweep_on_two_nodes_with_an_mlflow_server(tmp_path, loopback_clust
         assert len(places) == 3 and all(any(f"({w[:12]})" in p for w in workers) for p in places), places
         stages = client.search_runs([exp.experiment_id], f"tags.`{tracking.TAG_KIND}` = 'stage'")
         built = [s.data.tags["mprl.where"] for s in stages if s.data.tags["mprl.cached"] == "false"]
-        # dataset, decode, gan, generate, decode_gen, baseline (the smoke sweep has no sMpRL), none on the head
-        assert len(built) == 6 and all(any(f"({w[:12]})" in p for w in workers) for p in built), built
+        # dataset, decode, gan, generate, decode_gen, baseline, pool_quality (the smoke sweep has no sMpRL),
+        # none on the head
+        assert len(built) == 7 and all(any(f"({w[:12]})" in p for w in workers) for p in built), built
         stage_nodes = {w for w in workers for p in built if f"({w[:12]})" in p}
         assert stage_nodes | trial_nodes == workers, "the stages and trials did not use both worker nodes"
         assert exp.artifact_location.startswith("mlflow-artifacts:")  # proxied by the server

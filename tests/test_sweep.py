@@ -56,7 +56,7 @@ def test_smoke_sweep_end_to_end_and_cache_reuse(tmp_path, local_ray):
     built = [s for s in stages if s.data.tags["mprl.cached"] == "false"]
     assert sorted(s.info.run_name for s in built) == ["stage:baseline", "stage:dataset", "stage:decode",
                                                       "stage:decode_gen", "stage:gan", "stage:generate",
-                                                      "stage:smprl"]
+                                                      "stage:pool_quality", "stage:smprl"]
     assert sum(s.info.run_name == "stage:gan" for s in stages) == 2  # logged by both sweeps, trained once
     # the driver only orchestrates: every built stage and every trial ran in another process (a Ray worker)
     places = [s.data.tags["mprl.where"] for s in built] + [t.data.tags["mprl.where"] for t in trials]
