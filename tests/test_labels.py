@@ -389,3 +389,18 @@ def test_targets_and_loss_do_not_synchronise_cuda(method):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.allclose(q.sum(1).cpu(), torch.ones(len(q)), atol=1e-6)
+
+
+def test_the_unlabelled_control_samples_generated_images_and_never_puts_loss_on_them():
+    """``unlabelled``: generated images in every epoch's batches (the sampler draws them), weight 0 at every epoch,
+    even with labels.gen_weight set; the real images keep weight 1. Its loss is the real images' loss alone."""
+    spec = L.LabelSpec("unlabelled", K, gen_weight=1.0, switch_epoch=3)
+    logits, labels, is_gen, _ = _batch(K)
+    assert is_gen.any() and (~is_gen).any()
+    for epoch in (0, 3, 40):
+        assert L.samples_generated(spec, epoch) and not L.is_active(spec, epoch)
+        q, w = L.targets_for(spec, logits, labels, is_gen, epoch)
+        assert torch.equal(w, (~is_gen).float())
+        real_only = L.soft_cross_entropy(logits[~is_gen], q[~is_gen]) * (~is_gen).sum() / len(is_gen)
+        assert torch.allclose(L.soft_cross_entropy(logits, q, w), real_only)
+    assert METHODS["unlabelled"].control and not METHODS["unlabelled"].labelled and METHODS["unlabelled"].generated

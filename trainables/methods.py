@@ -16,6 +16,7 @@ TARGET_RULES = (
     "uniform",  # 1/K on every real class (LSRO)
     "static_ranks",  # MpRL weights from ranks the real-data baseline predicted once (sMpRL stage)
     "dynamic_ranks",  # MpRL weights from the ranks of the image's own current logits (dMpRL)
+    "no_loss",  # in the batches, never in the loss (the unlabelled control: presence and BN statistics only)
 )
 RANK_RULES = ("static_ranks", "dynamic_ranks")
 CODED_SWITCHES = ("from_start", "never")
@@ -61,6 +62,11 @@ class Method:
         return self.generated or self.real_repeats
 
     @property
+    def labelled(self) -> bool:
+        """Its generated images carry a loss (at some epoch): every generated method but the unlabelled control."""
+        return self.generated and self.targets != "no_loss"
+
+    @property
     def ranked(self) -> bool:
         """labels.order and labels.keep matter (MpRL weights come from class ranks)."""
         return self.targets in RANK_RULES
@@ -90,6 +96,10 @@ METHODS: dict[str, Method] = {
     # as many optimizer steps as a run with labels.num_gan generated images, from real images only: separates
     # "more training" from "the labels"
     "baseline_matched": Method(None, gen_weight=0.0, real_repeats=True, control=True),
+    # the generated images in every batch as any GAN method has them, with no loss on them at any epoch (whatever
+    # labels.gen_weight says): what their presence alone does (the BatchNorm statistics they enter, the steps they
+    # add); a label method minus this control is what its labels do (fidelity review wave 3, Q4 E2)
+    "unlabelled": Method("no_loss", gen_weight=0.0, control=True),
 }
 LABEL_METHODS = tuple(METHODS)
 # the two-stream net's weight decay for every method: the authors' two-stream scripts use 1e-4, dMpRL-II included

@@ -245,7 +245,7 @@ def is_active(spec: LabelSpec, epoch: int) -> bool:
     """Whether generated images carry loss in 0-based `epoch` (Algorithm 1: switched methods from the switch)."""
     _check_epoch(epoch)
     traits = spec.traits
-    if not traits.generated:  # the compute-matched control's extra slots hold real images
+    if not traits.labelled:  # baseline_matched's extra slots hold real images; unlabelled's carry no loss
         return False
     if spec.coded_switch is not None:
         return spec.coded_switch == "from_start"
