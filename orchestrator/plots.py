@@ -52,7 +52,8 @@ def plot_cmc(curves: Mapping[str, np.ndarray | Sequence[float]], path: str | Pat
 def plot_gains(groups: Sequence["Group"], control: str, path: str | Path) -> Path:
     """Bar chart: each group's paired rank-1 gain over ``control`` with its 95% interval, beside the paper's gain."""
     rows = [g for g in groups if (g.vs.get(control) or {}).get("rank1")]
-    labels = [f"{g.method}\n{g.num_gan}" + ("" if g.order == "paper" else "\n(code order)") for g in rows]
+    labels = [f"{g.method}\n{g.num_gan}" + ("" if g.order == "paper" else "\n(code order)")
+              + ("" if g.pool == "gan" else f"\n({g.pool})") for g in rows]
     gains = [g.vs[control]["rank1"] for g in rows]
     xs = list(range(len(rows)))
     fig, ax = _figure((max(5, 1.1 * len(rows) + 2), 4))
@@ -61,8 +62,10 @@ def plot_gains(groups: Sequence["Group"], control: str, path: str | Path) -> Pat
     ax.bar([x - 0.2 for x in xs], [d.mean for d in gains], 0.4, yerr=[d.ci or 0 for d in gains], capsize=3,
            label=ours, color="#3572b0")
     reference = any(g.paper and g.paper.reference_only for g in rows)
-    ax.bar([x + 0.2 for x in xs], [g.paper_gain_rank1 or 0 for g in rows], 0.4, color="#d9822b",
-           label="paper (Market-1501" + (", reference)" if reference else ")"))
+    matched = [(x, g.paper_gain_rank1) for x, g in zip(xs, rows) if g.paper_gain_rank1 is not None]
+    if matched:  # a bar only where a paper row was matched: no row is no bar, never a zero one
+        ax.bar([x + 0.2 for x, _ in matched], [v for _, v in matched], 0.4, color="#d9822b",
+               label="paper (Market-1501" + (", reference)" if reference else ")"))
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xticks(xs, labels, fontsize=8)
     ax.set_ylabel(f"rank-1 gain over {control} (points)")

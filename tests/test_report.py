@@ -37,8 +37,9 @@ def test_each_dataset_only_with_its_own_numbers():
     assert synth.reference_only and (synth.mAP, synth.rank1) == (52.68, 74.08)  # Table IV's baseline, for the gain
 
 
-def _row(dataset, model, method, n, seed, r1, setting="s1"):
-    return TrialResult(setting, "cpu", dataset, model, method, n, "paper", "None", seed, r1, r1 - 0.1, 12936, False)
+def _row(dataset, model, method, n, seed, r1, setting="s1", **kw):
+    return TrialResult(setting, "cpu", dataset, model, method, n, kw.pop("order", "paper"), "None", seed=seed, rank1=r1,
+                       mAP=r1 - 0.1, num_train=12936, **kw)
 
 
 def test_summary_keeps_datasets_models_and_settings_apart():
@@ -108,3 +109,96 @@ def test_report_reads_one_sweep_and_never_merges_settings(tmp_path):
     rows_a = collect(client, exp_id, find_sweep(client, exp_id, "sweep-a-1")[0])
     assert len(rows_b) == 2 and {r.setting for r in rows_b} != {r.setting for r in rows_a}
     assert len(summarise(rows_a + rows_b)) == 2  # 12 and 30 epochs: never averaged as seeds
+
+
+def test_holm_adjustment_against_a_hand_computed_case():
+    from orchestrator.stats import holm
+
+    # sorted 0.005, 0.01, 0.03, 0.04 (m = 4): 4 x 0.005 = 0.02; 3 x 0.01 = 0.03; 2 x 0.03 = 0.06; max(0.06, 1 x 0.04)
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.01, None, 0.04]) == [pytest.approx(0.02), None, pytest.approx(0.04)]  # no test: not a member
+    assert holm([0.5, 0.9]) == [1.0, 1.0] and holm([]) == []
+
+
+def _seeds(method, n, values, **kw):
+    return [_row("market1501", "ident", method, n, s, v, **kw) for s, v in enumerate(values) if v is not None]
+
+
+def test_the_papers_claims_are_contrasts_adjusted_over_the_printed_family():
+    """dMpRL-II vs LSRO (Table IV's point) and the other contrasts are paired per seed at one #GAN; every p of a
+    metric is Holm-adjusted over the report's family; the verdict comes from the adjusted p; n is the paired n."""
+    rows = _seeds("baseline", 0, [0.70, 0.71, 0.69])
+    rows += _seeds("lsro", 24000, [0.72, 0.735, 0.71])
+    rows += _seeds("dmprl2", 24000, [0.75, 0.775, None])  # seed 2 missing: paired n = 2
+    rows += _seeds("dmprl1", 24000, [0.74, 0.73, 0.75])
+    rows += _seeds("dmprl2", 24000, [0.70, 0.71, 0.72], order="reference_code")
+    groups = summarise(rows)
+    dm = next(g for g in groups if g.method == "dmprl2" and g.order == "paper")
+    names = [c.name for c in dm.contrasts]
+    assert names == ["dmprl2 vs lsro", "dmprl2 vs dmprl1"]
+    vs_lsro = dm.contrasts[0].diffs["rank1"]
+    assert vs_lsro.n == 2 and vs_lsro.mean == pytest.approx(((75 - 72) + (77.5 - 73.5)) / 2)
+    code = next(g for g in groups if g.order == "reference_code")
+    assert [c.name for c in code.contrasts] == ["dmprl2: reference_code order vs paper order"]
+    # the family: 4 groups vs the baseline + 3 contrasts, every one with a test
+    from orchestrator.report import family_size
+    from orchestrator.stats import holm
+
+    assert family_size(groups) == 7
+    every = [g.vs["baseline"]["rank1"] for g in groups if g.vs.get("baseline")] + [
+        c.diffs["rank1"] for g in groups for c in g.contrasts]
+    assert [d.p_adj for d in every] == pytest.approx(holm([d.p for d in every]))
+    assert all(d.p_adj >= d.p for d in every)
+    for d in every:  # the verdict is the adjusted p's
+        assert (d.verdict in ("better", "worse")) == (d.p_adj < 0.05)
+    text = format_report(groups)
+    assert "dmprl2 vs lsro" in text and "family of 7 rank-1" in text and "p Holm" in text
+    assert "2 (2 paired)" not in text and "3 (2 paired)" not in text  # the baseline has every seed
+    line = next(ln for ln in text.splitlines() if ln.startswith("dmprl2 vs lsro"))
+    assert f"{vs_lsro.p_adj:.2f}" in line and " 2 " in line
+
+
+def test_paired_n_is_shown_where_a_group_has_more_seeds_than_it_pairs():
+    rows = _seeds("baseline", 0, [0.70, 0.71, None]) + _seeds("lsro", 360, [0.72, 0.73, 0.71])
+    text = format_report(summarise(rows))
+    assert "3 (2 paired)" in text
+
+
+def test_a_verdict_that_does_not_survive_the_adjustment_is_no_finding():
+    """Raw p < 0.05 alone, in a family of many tests, does not make 'better'."""
+    from orchestrator.stats import adjusted, paired
+
+    one = paired({0: 71.0, 1: 72.1, 2: 73.0}, {0: 70.0, 1: 70.9, 2: 72.1})
+    assert one.p < 0.05 and one.verdict == "better"
+    fam = adjusted([one] + [paired({0: 70.0, 1: 71.0, 2: 69.0}, {0: 70.5, 1: 70.0, 2: 70.0})] * 9)
+    assert fam[0].p == one.p and fam[0].p_adj > 0.05 and fam[0].verdict == "no detectable difference at n=3"
+
+
+def test_asha_stopped_trials_are_listed_and_their_group_gets_no_verdict():
+    rows = _seeds("baseline", 0, [0.70, 0.71, 0.69]) + _seeds("lsro", 360, [0.80, None, None])
+    rows += [TrialResult("s1", "cpu", "market1501", "ident", "lsro", 360, "paper", "None", seed=s, stopped_after=4,
+                         num_train=12936) for s in (1, 2)]
+    groups = summarise(rows)
+    lsro = next(g for g in groups if g.method == "lsro")
+    assert lsro.stopped == {1: 4, 2: 4} and lsro.seeds == [0] and lsro.n_total == 3
+    assert lsro.vs["baseline"] is None  # no verdict on the survivors
+    text = format_report(groups)
+    assert "2 of 3 seeds stopped after 4 epochs: no verdict" in text and "1/3" in text
+    assert "seeds 1 after 4, 2 after 4" in text
+    from orchestrator.report import family_size
+
+    assert family_size(groups) == 0
+
+
+def test_the_unlabelled_control_is_taken_on_the_same_pool_and_number_of_images():
+    rows = _seeds("baseline", 0, [0.70, 0.71, 0.69]) + _seeds("lsro", 360, [0.66, 0.67, 0.65])
+    rows += _seeds("unlabelled", 360, [0.64, 0.66, 0.65]) + _seeds("unlabelled", 720, [0.6, 0.6, 0.6])
+    rows += _seeds("lsro", 360, [0.72, 0.73, 0.71], pool="synthetic_ids")
+    groups = summarise(rows)
+    lsro = next(g for g in groups if g.method == "lsro" and g.pool == "gan")
+    assert lsro.vs["unlabelled"]["rank1"].mean == pytest.approx(1.0)
+    real = next(g for g in groups if g.pool == "synthetic_ids")
+    assert real.vs["unlabelled"] is None  # no unlabelled run on that pool
+    assert [c.name for c in real.contrasts] == ["lsro: synthetic_ids pool vs gan pool"]
+    assert real.contrasts[0].diffs["rank1"].mean == pytest.approx(6.0)
+    assert "Δr1 vs unlabelled" in format_report(groups)
