@@ -26,6 +26,7 @@ from trainables.config import (  # noqa: F401
     LR_SCHEMES,
     METRICS,
     OPTIMIZERS,
+    POOLS,
     PRETRAINED,
     REID_MODELS,
     DatasetConfig,
@@ -62,6 +63,10 @@ class SweepConfig:
     # baselines), at the #GAN values of lr_schemes_at (empty: every #GAN); reported as a setting of its own
     lr_schemes: tuple[str, ...] = ()
     lr_schemes_at: tuple[int, ...] = ()
+    # other pools (labels.pool is the first): the generated methods of pool_methods (empty: every one in methods, but
+    # sMpRL, whose labels are the config pool's) again on each of these, at every #GAN; reported as a column
+    pools: tuple[str, ...] = ()
+    pool_methods: tuple[str, ...] = ()
     seeds: tuple[int, ...] = (0,)
     search: str = "grid"  # grid: every combination | random: num_samples draws
     num_samples: int = 1
@@ -93,6 +98,12 @@ class SweepConfig:
                     raise ValueError(f"sweep.{key} contains {n}, which is not in sweep.num_gan={list(self.num_gan)}")
         for scheme in self.lr_schemes:
             check_choice("sweep.lr_schemes", scheme, LR_SCHEMES)
+        for pool in self.pools:
+            check_choice("sweep.pools", pool, POOLS)
+        for m in self.pool_methods:
+            if m not in self.methods:
+                raise ValueError(f"sweep.pool_methods contains {m!r}, which is not in sweep.methods="
+                                 f"{list(self.methods)}")
         for k in self.keeps:
             if k is not None and k < 1:
                 raise ValueError(f"sweep.keeps contains {k}; each must be None or >= 1")
@@ -153,6 +164,13 @@ class Config:
                 raise ValueError(
                     f"labels.keep={self.labels.keep} exceeds the number of training ids "
                     f"(dataset.synthetic_ids={self.dataset.synthetic_ids})")
+        pools = (self.labels.pool, *self.sweep.pools)
+        if "folder" in pools and not self.labels.pool_root:
+            raise ValueError("a folder pool (labels.pool or sweep.pools) needs labels.pool_root=PATH")
+        if "synthetic_ids" in pools and self.dataset.name != "synthetic":
+            raise ValueError(f"the synthetic_ids pool draws unseen identities with the synthetic generator: it needs "
+                             f"dataset.name=synthetic, not {self.dataset.name!r}; for real data use labels.pool=folder "
+                             f"with labels.pool_root=PATH (e.g. another dataset's training images)")
         if self.dataset.name != "synthetic" and self.reid.pretrained is None:
             raise ValueError(
                 f"reid.pretrained is not set for dataset.name={self.dataset.name!r}: use imagenet (the paper), "
@@ -270,6 +288,9 @@ def load_config(preset: str = "cpu", *, file: str | Path | None = None,
         key, value = parse_override(item)
         _merge(tree, _nest(key, value))
     cfg = from_dict(tree)
+    if cfg.labels.pool in cfg.sweep.pools or len(set(cfg.sweep.pools)) < len(cfg.sweep.pools):
+        raise ValueError(f"sweep.pools={list(cfg.sweep.pools)} repeats a pool or labels.pool={cfg.labels.pool!r} "
+                         f"(the config's pool runs anyway): list only the other pools")
     if cfg.reid.lr_scheme in cfg.sweep.lr_schemes:  # here, not in Config: an ablation trial's config has both
         raise ValueError(f"sweep.lr_schemes={list(cfg.sweep.lr_schemes)} repeats reid.lr_scheme="
                          f"{cfg.reid.lr_scheme!r}: list only the other schemes (the ablation)")

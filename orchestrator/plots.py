@@ -11,7 +11,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 if TYPE_CHECKING:
-    from orchestrator.report import Group
+    from orchestrator.groups import Group
 
 
 def plot_cmc(curves: Mapping[str, np.ndarray | Sequence[float]], path: str | Path, *, max_rank: int = 20,

@@ -153,10 +153,11 @@ class Stages:
     smprl: dict[int, StageResult[SmprlOut]] = field(default_factory=dict)  # seed -> its static labels
     decoded: tuple[StageResult, ...] = ()  # the decoded-image cache stages (real, generated)
     pool_quality: StageResult[PoolQualityOut] | None = None
+    other_pools: tuple[StageResult, ...] = ()  # the stages of sweep.pools (writer, decode, quality of each)
 
     def all(self) -> list[StageResult]:
         return [s for s in (self.dataset, *self.decoded, self.gan, self.generate, self.pool_quality) if s] + [
-            *self.baselines.values(), *self.smprl.values()]
+            *self.baselines.values(), *self.smprl.values(), *self.other_pools]
 
     def seconds(self) -> dict[str, float]:
         """Build seconds of each stage built (not cached) by this sweep, by stage name (summed over seeds)."""
@@ -194,6 +195,28 @@ class Paths:
 
 
 # ------------------------------------------------------------------------------------ caching
+
+@dataclass(frozen=True)
+class StageNode:
+    """One stage of the DAG: what it builds, from which other stages' outputs, with which Ray resources.
+
+    ``build(folder, *deps)`` runs in a Ray worker (never in the driver) and gets the :class:`StageResult` of each
+    stage named in ``deps``, in order. ``check(folder, out)`` validates a cached output (cheap; the driver runs it).
+    """
+
+    stage: str
+    key: str
+    kind: type
+    deps: tuple[str, ...]
+    resources: dict[str, float]
+    build: Callable[..., Any]
+    check: Callable[[Path, Any], list[str]] | None = None
+    artifacts: str | None = None  # glob of files (under the stage folder) logged with the stage's MLflow run
+
+    @property
+    def name(self) -> str:
+        return f"{self.stage}-{self.key}"
+
 
 def stage_key(cfg: Config, *sections: str, extra: dict[str, Any] | None = None) -> str:
     """Hash of the named config sections (or dotted fields) without their runtime-only fields (workers, GPU)."""

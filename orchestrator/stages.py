@@ -16,7 +16,6 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
 
 from datasets import synthetic
 from datasets.check import check_images
@@ -24,6 +23,7 @@ from datasets.files import file_sha256
 from datasets.generated import GeneratedStore
 from datasets.market1501 import load
 from orchestrator.config import Config, DatasetConfig, config_hash
+from orchestrator.pool_stages import check_pools, check_store, pool_node, pool_quality_node  # noqa: F401
 from orchestrator.resources import generation_helpers, ray_options, stage_resources, train_workers
 from orchestrator.stage_cache import (
     BaselineOut,
@@ -32,8 +32,8 @@ from orchestrator.stage_cache import (
     GanOut,
     GeneratedOut,
     Paths,
-    PoolQualityOut,
     SmprlOut,
+    StageNode,
     StageResult,
     stage_key,
 )
@@ -43,25 +43,13 @@ from trainables.seeding import STREAMS  # the random streams' scheme: part of th
 
 
 @dataclass(frozen=True)
-class StageNode:
-    """One stage of the DAG: what it builds, from which other stages' outputs, with which Ray resources.
+class PoolPlan:
+    """The stages of one pool of ``sweep.pools``: the one that writes its store, the store, its decode and quality."""
 
-    ``build(folder, *deps)`` runs in a Ray worker (never in the driver) and gets the :class:`StageResult` of each
-    stage named in ``deps``, in order. ``check(folder, out)`` validates a cached output (cheap; the driver runs it).
-    """
-
-    stage: str
-    key: str
-    kind: type
-    deps: tuple[str, ...]
-    resources: dict[str, float]
-    build: Callable[..., Any]
-    check: Callable[[Path, Any], list[str]] | None = None
-    artifacts: str | None = None  # glob of files (under the stage folder) logged with the stage's MLflow run
-
-    @property
-    def name(self) -> str:
-        return f"{self.stage}-{self.key}"
+    writer: str  # generate (the DCGAN's pool) or pool (synthetic_ids, folder)
+    store: str
+    decoded_gen: str | None = None
+    quality: str | None = None
 
 
 @dataclass(frozen=True)
@@ -81,29 +69,37 @@ class Plan:
     decoded_gen: str | None = None  # the generated images' decode stage
     cache_dir: str | None = None  # the decoded-image cache folder the trials read (ReidInputs.cache_dir)
     pool_quality: str | None = None  # the generated pool against the real images (no trial waits for it)
+    pools: dict[str, PoolPlan] = field(default_factory=dict)  # the other pools (sweep.pools) -> their stages
 
-    def needs(self, method_name: str, seed: int, reuses_baseline: bool = True) -> tuple[str, ...]:
+    def needs(self, method_name: str, seed: int, reuses_baseline: bool = True, pool: str | None = None
+              ) -> tuple[str, ...]:
         """The stages a trial of ``method_name`` and ``seed`` reads (it starts once they are finished): a baseline
         trial reuses its seed's baseline stage (unless ``reuses_baseline`` is false: the learning-rate ablation's
-        baselines train); the others read the real images, and the generated ones or the static labels when their
-        method trains on them."""
+        baselines train); the others read the real images, and the generated ones (of ``pool``: one of sweep.pools,
+        None for labels.pool's) or the static labels when their method trains on them."""
         if method_name == BASELINE and reuses_baseline:
             return (self.baselines[seed],)
         traits = method(method_name)
         real = (self.dataset,) + ((self.decoded,) if self.decoded else ())
         if not traits.generated:
             return real
+        if pool is not None:
+            p = self.pools[pool]
+            return (*real, p.writer, *((p.decoded_gen,) if p.decoded_gen else ()))
         gen = (self.decoded_gen,) if self.decoded_gen else ()
         if traits.static_ranks:
             return (*real, *gen, self.smprl[seed])
         return (*real, self.generate, *gen)
 
 
-def plan_stages(cfg: Config, paths: Paths, needs: list[tuple[str, int, int]]) -> Plan:
-    """The stages the trials ``needs`` = [(method, #GAN, seed)] read, each with its key and resources.
+def plan_stages(cfg: Config, paths: Paths, needs: list[tuple[str, int, int]],
+                other_pools: dict[str, int] | None = None) -> Plan:
+    """The stages the trials ``needs`` = [(method, #GAN, seed)] read, each with its key and resources; the trials on
+    ``other_pools`` (sweep.pools -> the largest #GAN read from it) read those pools' stages.
 
     No stage runs here. Per seed a baseline (a baseline trial reuses it; sMpRL labels come from it, or from
-    ``reid.seed``'s with ``sweep.single_baseline``); one GAN and one generated pool of the largest #GAN.
+    ``reid.seed``'s with ``sweep.single_baseline``); one GAN and one pool of the largest #GAN per pool (labels.pool's,
+    then each of sweep.pools), each measured against the real images.
     """
     nodes: dict[str, StageNode] = {}
 
@@ -115,31 +111,46 @@ def plan_stages(cfg: Config, paths: Paths, needs: list[tuple[str, int, int]]) ->
     root = str(dataset_path(cfg.dataset, paths.datasets))
     cache = str(paths.decoded) if cfg.reid.decoded_cache else None
     decoded = add(decode_node(cfg, nodes[dataset], cache, stage_resources(cfg, "cpu"))) if cache else None
-    gan = generate = store = decoded_gen = None
+    gan: str | None = None
+
+    def chain(pool: str, n: int) -> PoolPlan:
+        """The stages that write ``pool``'s first ``n`` images into a store, and decode them."""
+        nonlocal gan
+        if pool == "gan":
+            if gan is None:
+                gan = add(gan_node(cfg, dataset, stage_resources(cfg, "gan"), str(paths.decoded)))
+            writer = generate_node(cfg, nodes[gan], n, stage_resources(cfg, "generate"))
+        else:
+            writer = pool_node(cfg, pool, n, nodes[dataset], stage_resources(cfg, "cpu"))
+        name = add(writer)
+        dg = add(decode_node(cfg, writer, cache, stage_resources(cfg, "cpu"))) if cache else None
+        return PoolPlan(name, str(paths.stages / writer.name / "store"), dg)
+
     n_max = max((n for m, n, _ in needs if method(m).generated), default=0)  # the one pool every #GAN reads
-    if n_max > 0:
-        gan = add(gan_node(cfg, dataset, stage_resources(cfg, "gan"), str(paths.decoded)))
-        gen = generate_node(cfg, nodes[gan], n_max, stage_resources(cfg, "generate"))
-        generate, store = add(gen), str(paths.stages / gen.name / "store")
-        if cache:
-            decoded_gen = add(decode_node(cfg, gen, cache, stage_resources(cfg, "cpu")))
+    primary = chain(cfg.labels.pool, n_max) if n_max > 0 else None
+    extra = {pool: chain(pool, n) for pool, n in (other_pools or {}).items() if n > 0}
     smprl_seeds = sorted({seed for m, _, seed in needs if method(m).static_ranks})
     label_seed = {s: cfg.reid.seed if cfg.sweep.single_baseline else s for s in smprl_seeds}
     real = (dataset, decoded) if decoded else (dataset,)
     baselines = {seed: add(baseline_node(cfg, real, seed, stage_resources(cfg, "reid"), cache))
                  for seed in sorted({s for m, _, s in needs if m == BASELINE} | set(label_seed.values()))}
     quality = None
-    if generate is not None:  # measured in the feature space of reid.seed's baseline (sMpRL's with single_baseline)
+    if primary is not None or extra:  # measured in the feature space of reid.seed's baseline (sMpRL's too)
         if cfg.reid.seed not in baselines:
             baselines[cfg.reid.seed] = add(baseline_node(cfg, real, cfg.reid.seed, stage_resources(cfg, "reid"), cache))
-        quality = add(pool_quality_node(cfg, nodes[dataset], nodes[baselines[cfg.reid.seed]], nodes[generate],
-                                        stage_resources(cfg, "smprl")))
+
+        def measure(p: PoolPlan) -> str:
+            return add(pool_quality_node(cfg, nodes[dataset], nodes[baselines[cfg.reid.seed]], nodes[p.writer],
+                                         stage_resources(cfg, "smprl")))
+
+        quality = measure(primary) if primary is not None else None
+        extra = {pool: dataclasses.replace(p, quality=measure(p)) for pool, p in extra.items()}
     smprl, labels = {}, {}
     for seed in smprl_seeds:  # with single_baseline every seed shares one (cached) label file
-        node = smprl_node(cfg, nodes[baselines[label_seed[seed]]], nodes[generate], stage_resources(cfg, "smprl"))
+        node = smprl_node(cfg, nodes[baselines[label_seed[seed]]], nodes[primary.writer], stage_resources(cfg, "smprl"))
         smprl[seed], labels[seed] = add(node), node.name
-    return Plan(nodes, dataset, root, gan, generate, store, baselines, smprl, labels, decoded, decoded_gen, cache,
-                quality)
+    return Plan(nodes, dataset, root, gan, primary and primary.writer, primary and primary.store, baselines, smprl,
+                labels, decoded, primary and primary.decoded_gen, cache, quality, extra)
 
 
 # ------------------------------------------------------------------------------------------ stages
@@ -239,11 +250,7 @@ def generate_node(cfg: Config, trained: StageNode, n: int, resources: dict[str, 
         return GeneratedOut(str(out.store.root), out.store.n)
 
     def check(folder: Path, out: GeneratedOut) -> list[str]:
-        try:
-            store = GeneratedStore(out.store)
-            return store.verify() if store.complete else ["store is incomplete"]
-        except Exception as err:  # noqa: BLE001 - a damaged table or shard: rebuild, never fail the sweep here
-            return [f"{type(err).__name__}: {err}"]
+        return check_store(out)
 
     key = stage_key(cfg, extra={"gan": trained.key, "n": n, "render": [getattr(cfg.gan, f) for f in RENDER_FIELDS]})
     return StageNode("generate", key, GeneratedOut, (trained.name,), resources, build, check)
@@ -310,25 +317,6 @@ def decode_node(cfg: Config, source: StageNode, cache_dir: str, resources: dict[
 
     key = stage_key(cfg, extra={"source": source.key, "size": list(size)})
     return StageNode(stage, key, DecodedOut, (source.name,), resources, build, check)
-
-
-def pool_quality_node(cfg: Config, dataset: StageNode, baseline: StageNode, generated: StageNode,
-                      resources: dict[str, float]) -> StageNode:
-    """The generated pool against the real training images (``trainables.reid.pool_quality``), in the feature space
-    of ``baseline``; its sheet is logged with the stage's MLflow run."""
-    key = stage_key(cfg, extra={"baseline": baseline.key, "generate": generated.key})
-    reid = cfg.reid
-
-    def build(folder: Path, data: StageResult, base: StageResult, gen: StageResult) -> PoolQualityOut:
-        from trainables.reid.pool_quality import measure_pool
-
-        return PoolQualityOut(**measure_pool(base.out.run_dir, gen.out.store, data.out.root, reid, folder))
-
-    def check(folder: Path, out: PoolQualityOut) -> list[str]:
-        return [] if Path(out.sheet).is_file() else [f"{out.sheet} is missing"]
-
-    return StageNode("pool_quality", key, PoolQualityOut, (dataset.name, baseline.name, generated.name), resources,
-                     build, check, "pool_sheet.png")
 
 
 def smprl_node(cfg: Config, baseline: StageNode, generated: StageNode, resources: dict[str, float]) -> StageNode:

@@ -58,6 +58,7 @@ def run_sweep(cfg: Config, *, resume: bool = False, log_models: bool = True) -> 
     tracking.check_reachable(uri)
     cluster.check_address(cfg.cluster.address)  # a dead address fails in seconds, not after ray.init retries
     stages.check_dataset(cfg.dataset)  # a bad dataset path or layout fails here, before Ray starts
+    stages.check_pools(cfg, max(cfg.sweep.num_gan))  # and a folder pool that is missing or holds too few images
     cluster.connect(cfg)
     paths.storage.mkdir(parents=True, exist_ok=True)
     cluster.preflight(cfg)  # multi-node: shared storage, an MLflow server, every path usable on every node
@@ -72,7 +73,9 @@ def run_sweep(cfg: Config, *, resume: bool = False, log_models: bool = True) -> 
     graph = None
     try:
         trials = build_trials(cfg)
-        plan = stages.plan_stages(cfg, paths, [(t.method, t.num_gan, t.seed) for t in trials if t.lr_scheme is None])
+        needs = [(t.method, t.num_gan, t.seed) for t in trials if t.lr_scheme is None and t.pool is None]
+        others = {pool: max(t.num_gan for t in trials if t.pool == pool) for pool in {t.pool for t in trials} - {None}}
+        plan = stages.plan_stages(cfg, paths, needs, others)
         graph = dag.StageGraph(plan, paths, name, on_done=lambda *a: _log_stage(run, paths, *a))
         graph.start()
         rows = _run_trials(cfg, trials, plan, run, resume=resume, log_models=log_models)
@@ -108,7 +111,9 @@ def _stages(plan: stages.Plan, graph: dag.StageGraph) -> stage_cache.Stages:
                            {s: got(n) for s, n in plan.baselines.items() if got(n)},
                            {s: got(n) for s, n in plan.smprl.items() if got(n)},
                            tuple(got(n) for n in (plan.decoded, plan.decoded_gen) if n and got(n)),
-                           plan.pool_quality and got(plan.pool_quality))
+                           plan.pool_quality and got(plan.pool_quality),
+                           tuple(got(n) for p in plan.pools.values() for n in (p.writer, p.decoded_gen, p.quality)
+                                 if n and got(n)))
 
 
 def _log_stage(run: tracking.SweepRun, paths: stage_cache.Paths, node: stages.StageNode,
@@ -126,7 +131,8 @@ def _log_stage(run: tracking.SweepRun, paths: stage_cache.Paths, node: stages.St
         tracking.log_params(run.client, run_id, {k: v for k, v in fields.items()
                                                  if not (isinstance(v, tuple) or dataclasses.is_dataclass(v))})
         result = fields.get("result")  # a baseline's final test metrics and counts
-        scalars = {k: v for k, v in dataclasses.asdict(result).items() if k != "cmc"} if result else {}
+        scalars = {**{k: v for k, v in dataclasses.asdict(result).items() if isinstance(v, (int, float))},
+                   **result.metrics()} if result else {}
         scalars.update(stage.out.metrics() if hasattr(stage.out, "metrics") else {})  # e.g. the pool's quality
         tracking.log_metrics(run.client, run_id, {**scalars, "seconds": stage.seconds,
                                                   "cpu_seconds": stage.cpu_seconds})
@@ -159,8 +165,10 @@ def _run_trials(cfg: Config, trials: list[TrialSpec], plan: stages.Plan, run: tr
                        smprl_labels=dict(plan.smprl_labels),
                        seed_links={seed: _links(plan.baselines.get(seed), plan.smprl.get(seed))
                                    for seed in {*plan.baselines, *plan.smprl}},
-                       needs={t.key: tuple(map(folder, plan.needs(t.method, t.seed, t.reuses_baseline)))
+                       needs={t.key: tuple(map(folder, plan.needs(t.method, t.seed, t.reuses_baseline, t.pool)))
                               for t in trials},
+                       stores={pool: p.store for pool, p in plan.pools.items()},
+                       pool_links={pool: _links(p.writer) for pool, p in plan.pools.items()},
                        log_models=log_models)
     rows = [_read_back(run, run_ids[row.key], row)
             for row in tune_trials(cfg, trials, ctx, paths.tune / name, resume, run.tracking_uri)]
@@ -189,13 +197,15 @@ def _read_back(run: tracking.SweepRun, run_id: str, row: TrialRow) -> TrialRow:
 # ------------------------------------------------------------------------------------------ output
 
 def results_table(rows: list[TrialRow]) -> str:
-    """The sweep's table: one line per trial, rank-1/5 and mAP in percent, failures with their message."""
+    """The sweep's table: one line per trial, rank-1/5 and mAP in percent, failures with their message; a pool column
+    where some trials ran on one of sweep.pools ("-": the config's labels.pool)."""
+    pools = any(r.spec.pool for r in rows)
     body = [(r.spec.method, r.spec.num_gan, r.spec.order, "all" if r.spec.keep is None else r.spec.keep, r.spec.seed,
-             pct(r.rank1), pct(r.rank5), pct(r.mAP),
+             *([r.spec.pool or "-"] if pools else []), pct(r.rank1), pct(r.rank5), pct(r.mAP),
              f"FAILED: {r.error}" if r.error else
              f"stopped early after epoch {r.stopped_after}" if r.stopped_after else "") for r in rows]
-    return format_table(("method", "#GAN", "order", "keep", "seed", "rank-1", "rank-5", "mAP", ""), body,
-                        align="lrlrrrrrl")
+    return format_table(("method", "#GAN", "order", "keep", "seed", *(["pool"] if pools else []), "rank-1", "rank-5",
+                         "mAP", ""), body, align="lrlrr" + ("l" if pools else "") + "rrrl")
 
 
 def timing_summary(out: SweepOutcome) -> str:

@@ -31,26 +31,31 @@ class TrialSpec:
     keep: int | None = None
     seed: int = 0
     lr_scheme: str | None = None  # None: the config's reid.lr_scheme; else the learning-rate ablation's
+    pool: str | None = None  # None: the config's labels.pool; else one of sweep.pools
 
     @property
     def key(self) -> str:
         keep = "all" if self.keep is None else self.keep
         lr = "" if self.lr_scheme is None else f"-lr{self.lr_scheme}"
-        return f"{self.method}-n{self.num_gan}-{self.order}-k{keep}-s{self.seed}{lr}"
+        pool = "" if self.pool is None else f"-p{self.pool}"
+        return f"{self.method}-n{self.num_gan}-{self.order}-k{keep}-s{self.seed}{lr}{pool}"
 
     @classmethod
     def from_key(cls, key: str) -> "TrialSpec":
         """The inverse of :attr:`key` (what Tune's search space and live table hold)."""
-        method, n, order, keep, seed, *lr = key.split("-")
-        return cls(method, int(n[1:]), order, None if keep == "kall" else int(keep[1:]), int(seed[1:]),
-                   lr[0][2:] if lr else None)
+        method, n, order, keep, seed, *rest = key.split("-")
+        lr = next((r[2:] for r in rest if r.startswith("lr")), None)
+        pool = next((r[1:] for r in rest if r.startswith("p")), None)
+        return cls(method, int(n[1:]), order, None if keep == "kall" else int(keep[1:]), int(seed[1:]), lr, pool)
 
     def overrides(self) -> dict[str, Any]:
         """The config fields this trial sets. ``reid.lr_scheme`` only for the ablation's trials: it is not a swept
-        field of the report, so they form their own setting (with their own baselines)."""
+        field of the report, so they form their own setting (with their own baselines); ``labels.pool`` only for
+        the trials on another pool (a column of the report)."""
         lr = {} if self.lr_scheme is None else {"reid.lr_scheme": self.lr_scheme}
+        pool = {} if self.pool is None else {"labels.pool": self.pool}
         return {"labels.method": self.method, "labels.num_gan": self.num_gan, "labels.order": self.order,
-                "labels.keep": self.keep, "reid.seed": self.seed, **lr}
+                "labels.keep": self.keep, "reid.seed": self.seed, **lr, **pool}
 
     @property
     def reuses_baseline(self) -> bool:
@@ -76,6 +81,8 @@ class TrialContext:
     smprl_labels: dict[int, str] = field(default_factory=dict)  # seed -> its sMpRL label file in the store
     seed_links: dict[int, dict[str, str]] = field(default_factory=dict)  # seed -> tags of its baseline/sMpRL
     needs: dict[str, tuple[str, ...]] = field(default_factory=dict)  # trial key -> stage folders it reads
+    stores: dict[str, str] = field(default_factory=dict)  # a pool of sweep.pools -> its store folder
+    pool_links: dict[str, dict[str, str]] = field(default_factory=dict)  # a pool of sweep.pools -> its stage tags
     log_models: bool = True
 
 
@@ -85,9 +92,10 @@ def normalise(t: TrialSpec) -> TrialSpec:
     traits = method(t.method)
     if not traits.extra_images or t.num_gan == 0:
         return TrialSpec(BASELINE, 0, "paper", None, t.seed, t.lr_scheme)
+    pool = t.pool if traits.generated else None  # the compute-matched control has no pool
     if not traits.ranked:
-        return TrialSpec(t.method, t.num_gan, "paper", None, t.seed, t.lr_scheme)
-    return t
+        return TrialSpec(t.method, t.num_gan, "paper", None, t.seed, t.lr_scheme, pool)
+    return dataclasses.replace(t, pool=pool)
 
 
 def cost(t: TrialSpec) -> tuple[int, int]:
@@ -117,6 +125,14 @@ def build_trials(cfg: Config) -> list[TrialSpec]:
                     if s.lr_schemes_at and n not in s.lr_schemes_at:
                         continue
                     t = normalise(TrialSpec(name, n, "paper", None, seed, scheme))
+                    seen.setdefault(t.key, t)
+    for pool in s.pools:  # the other pools: the generated methods of pool_methods (their labels from their images)
+        for seed in s.seeds:
+            for name in s.pool_methods or s.methods:
+                if not method(name).generated or method(name).static_ranks:
+                    continue
+                for n in s.num_gan:
+                    t = normalise(TrialSpec(name, n, "paper", None, seed, None, pool))
                     seen.setdefault(t.key, t)
     trials = list(seen.values())
     if s.search == "random":

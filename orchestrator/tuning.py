@@ -112,6 +112,8 @@ def _train(cfg: Config, ctx: TrialContext, trial: TrialSpec) -> ReidResult:
     run = run_spec(cfg.reid, ctx.trials_dir, trial.key, num_workers=resources.train_workers(cfg, "reid"),
                    report_to_tune=True, max_failures=resources.trial_retries(cfg))
     inputs = dataclasses.replace(ctx.inputs, smprl_labels=ctx.smprl_labels.get(trial.seed))
+    if trial.pool is not None:  # a trial on one of sweep.pools reads that pool's store
+        inputs = dataclasses.replace(inputs, store_root=ctx.stores[trial.pool], smprl_labels=None)
     return train_reid(cfg.reid, cfg.labels, inputs, run)
 
 
@@ -128,7 +130,8 @@ def _finish(client, run_id: str, cfg: Config, trial: TrialSpec, result: ReidResu
 
     tracking.log_metrics(client, run_id, {f"final_{k}": v for k, v in result.metrics().items()})
     tracking.log_params(client, run_id, {"data.num_train": result.num_train, "data.num_classes": result.num_classes})
-    for tag, value in {**ctx.links, **ctx.seed_links.get(trial.seed, {})}.items():
+    pool = ctx.pool_links.get(trial.pool, {}) if trial.pool is not None else {}
+    for tag, value in {**ctx.links, **ctx.seed_links.get(trial.seed, {}), **pool}.items():
         client.set_tag(run_id, tag, value)
     with tempfile.TemporaryDirectory() as tmp:
         png = plot_cmc({trial.key: result.cmc}, Path(tmp) / "cmc.png", title=trial.key)

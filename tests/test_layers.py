@@ -35,8 +35,9 @@ RAY_CORE = {"trainables/gan/sample.py",  # generation's optional helper actors (
 LEAVES = ("trainables/config.py", "trainables/schema.py", "trainables/methods.py", "trainables/placement.py")
 # the modules where label-method names may be written (the traits table, the presets, the published numbers, the
 # stage names); everywhere else a method is a trait of trainables.methods
+# (orchestrator/stages.py and pool_stages.py: "baseline" is also the name of a stage, a key of the stage hashes)
 METHOD_NAMES_IN = {"trainables/methods.py", "orchestrator/config.py", "orchestrator/paper_numbers.py",
-                   "orchestrator/stages.py"}
+                   "orchestrator/stages.py", "orchestrator/pool_stages.py"}
 MAX_LINES = 400
 # gan.arch=lsro names the generator of LSRO's repository (layumi/Person-reID_GAN@6621e2c), not the label method
 GAN_ARCH_NAMES_IN = {"trainables/config.py", "trainables/gan/nets.py"}

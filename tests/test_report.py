@@ -202,3 +202,20 @@ def test_the_unlabelled_control_is_taken_on_the_same_pool_and_number_of_images()
     assert [c.name for c in real.contrasts] == ["lsro: synthetic_ids pool vs gan pool"]
     assert real.contrasts[0].diffs["rank1"].mean == pytest.approx(6.0)
     assert "Δr1 vs unlabelled" in format_report(groups)
+
+
+def test_bn_re_estimated_evaluations_are_compared_only_with_each_other():
+    """reid.bn_recalibrate: each run's second evaluation forms its own groups, paired against the baseline's own
+    re-estimated evaluation, printed in a block of its own."""
+    from orchestrator.groups import BN_RECALIBRATED
+
+    rows = _seeds("baseline", 0, [0.70, 0.71, 0.69]) + _seeds("lsro", 360, [0.64, 0.65, 0.63])
+    rows += _seeds("baseline", 0, [0.71, 0.72, 0.70], evaluation=BN_RECALIBRATED)
+    rows += _seeds("lsro", 360, [0.70, 0.715, 0.69], evaluation=BN_RECALIBRATED)
+    groups = summarise(rows)
+    plain, fixed = (next(g for g in groups if g.method == "lsro" and g.evaluation == e)
+                    for e in ("as trained", BN_RECALIBRATED))
+    assert plain.vs["baseline"]["rank1"].mean == pytest.approx(-6.0)
+    assert fixed.vs["baseline"]["rank1"].mean == pytest.approx(-2.5 / 3)
+    text = format_report(groups)
+    assert text.count("setting s1:") == 2 and "statistics re-estimated on the real training images" in text

@@ -36,6 +36,10 @@ SAMPLE_BN = ("running", "batch")  # trainables/gan/sample.py: BatchNorm statisti
 # gan fields that change how the pool is rendered from a trained generator, not the generator (not in the GAN's key)
 RENDER_FIELDS = ("sample_bn", "save_stretch")
 LR_SCHEMES = ("paper", "reference_code")  # trainables/reid/models.py param_groups (docs/protocol.md)
+# where a run's unlabelled extra images come from (datasets/pools.py): the DCGAN's renders | real images of
+# identities outside the training and test sets, drawn by the synthetic generator (LSRO's own control) | a folder of
+# images (another generator's output, real images of unseen people), checked, resized and stored like a pool
+POOLS = ("gan", "synthetic_ids", "folder")
 
 
 PRE_CROP_SCALE = 256 / 224  # the papers' resize before a 224x224 crop
@@ -199,6 +203,9 @@ class ReidConfig:
     # k-reciprocal re-ranking (Zhong et al. 2017; k1=20, k2=6, lambda=0.3) of every evaluation's distances
     rerank: bool = False
     flip_test: bool = True
+    # also evaluate the final model with every BatchNorm layer's statistics re-estimated on the real training images
+    # (trainables/reid/bn_recalibrate.py): the report shows both evaluations
+    bn_recalibrate: bool = False
     ap: str = "standard"  # standard (torchreid) | market (the devkit; the paper's numbers)
     seed: int = 0
 
@@ -235,7 +242,7 @@ class ReidConfig:
         if self.pos_fraction is not None and not 0 < self.pos_fraction < 1:
             raise ValueError(f"reid.pos_fraction={self.pos_fraction} must be in (0, 1)")
         check_positive("reid.loader_workers", self.loader_workers, allow_zero=True)
-        for key in ("decoded_cache", "rerank"):
+        for key in ("decoded_cache", "rerank", "bn_recalibrate"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"reid.{key}={getattr(self, key)!r} must be true or false")
         if self.max_steps is not None:
@@ -265,9 +272,14 @@ class LabelsConfig:
     # images' cross-entropy counted twice; the one-hot pseudo loss never on): trainables/methods.py coded_switch
     switch: str = "paper"
     real_smoothing: float = 0.0
+    pool: str = "gan"  # where the generated images come from: POOLS (swept with sweep.pools)
+    pool_root: str | None = None  # the folder of labels.pool=folder (images in any subfolders)
 
     def __post_init__(self) -> None:
         check_choice("labels.method", self.method, LABEL_METHODS)
+        check_choice("labels.pool", self.pool, POOLS)
+        if self.pool == "folder" and not self.pool_root:
+            raise ValueError("labels.pool=folder needs labels.pool_root=PATH (a folder of images)")
         check_choice("labels.order", self.order, LABEL_ORDERS)
         check_choice("labels.before_switch", self.before_switch, BEFORE_SWITCH)
         check_choice("labels.switch", self.switch, SWITCHES)
@@ -293,6 +305,7 @@ def check_workers(section: str, num_workers: int, batch_size: int) -> None:
 # ------------------------------------------------------------------------------------- run hand-offs
 
 METRICS = ("rank1", "rank5", "rank10", "mAP")  # fractions in [0, 1]; the names Tune, MLflow and the report share
+BN_RECALIBRATED = "bnr_"  # prefix of a metric of the evaluation with BatchNorm re-estimated (reid.bn_recalibrate)
 
 
 @dataclass(frozen=True)
@@ -322,7 +335,11 @@ class ReidResult:
     num_classes: int  # K, training identities
     num_gan: int  # extra images trained on (generated, or real repeats for the compute-matched control)
     num_train: int  # real training images
+    # the same test metrics with BatchNorm re-estimated on the real training images (reid.bn_recalibrate), or None
+    recalibrated: dict[str, float] | None = None
 
     def metrics(self) -> dict[str, float]:
-        """The final test metrics by their shared names (METRICS, then mINP)."""
-        return {**{k: getattr(self, k) for k in METRICS}, "mINP": self.mINP}
+        """The final test metrics by their shared names (METRICS, then mINP), then ``bnr_<name>`` of the
+        evaluation with BatchNorm re-estimated (reid.bn_recalibrate)."""
+        bnr = {f"{BN_RECALIBRATED}{k}": v for k, v in (self.recalibrated or {}).items()}
+        return {**{k: getattr(self, k) for k in METRICS}, "mINP": self.mINP, **bnr}

@@ -102,6 +102,9 @@ METHODS: dict[str, Method] = {
     "unlabelled": Method("no_loss", gen_weight=0.0, control=True),
 }
 LABEL_METHODS = tuple(METHODS)
+# the paper's claims between methods, as paired contrasts "a vs b" at one #GAN (the report's; TIP 2019 Table IV's
+# point, dMpRL-II over LSRO, first)
+PAPER_CONTRASTS = (("dmprl2", "lsro"), ("dmprl2", "dmprl1"), ("dmprl1", "smprl"), ("smprl", "lsro"))
 # the two-stream net's weight decay for every method: the authors' two-stream scripts use 1e-4, dMpRL-II included
 # (Huang-3/MpRL-for-person-re-ID@0f663eb code/train/train_2stream_MpRL3.m:34, train_2stream_baseline.m)
 TWO_STREAM_WEIGHT_DECAY = 1e-4

@@ -65,8 +65,12 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Check/convert one leaf value against its annotation (int, float, str, bool, X | None, tuples)."""
+    """Check/convert one leaf value against its annotation (int, float, str, bool, X | None, tuples, dict[str, X])."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ValueError(f"{key} must be a mapping with string keys, got {value!r}")
+        return {k: _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None

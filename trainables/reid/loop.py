@@ -105,6 +105,8 @@ def reid_loop(config: dict) -> ReidResult | None:
         if ctx.rank == 0 and epoch == reid.epochs - 1:  # the test split: the final model only
             final = evaluate_model(runtime.unwrap(model), data.split, reid, ctx.device, cache_dir=cache_dir)
             metrics.update({k: final[k] for k in (*METRICS, "mINP")})
+            if reid.bn_recalibrate:  # the same model with BN statistics of the real training images only
+                final["recalibrated"] = evaluate_recalibrated(runtime.unwrap(model), data, reid, ctx.device, cache_dir)
         _log_epoch(ctx.rank, epoch, reid.epochs, metrics)
         state = None
         if ctx.rank == 0:
@@ -119,7 +121,19 @@ def reid_loop(config: dict) -> ReidResult | None:
 def _result(final: dict, reid: ReidConfig, data: RunData) -> ReidResult:
     return ReidResult(**{k: final[k] for k in (*METRICS, "mINP", "skipped_queries")}, cmc=tuple(final["cmc"]),
                       epoch=reid.epochs - 1, num_classes=data.split.num_train_ids, num_gan=len(data.extra),
-                      num_train=len(data.split.train))
+                      num_train=len(data.split.train), recalibrated=final.get("recalibrated"))
+
+
+def evaluate_recalibrated(model: torch.nn.Module, data: RunData, reid: ReidConfig, device: torch.device,
+                          cache_dir: str | None) -> dict[str, float]:
+    """The test metrics of ``model`` with its BatchNorm statistics re-estimated on the real training images (the
+    test transform; ``trainables.reid.bn_recalibrate``)."""
+    from trainables.reid.bn_recalibrate import recalibrated
+    from trainables.reid.evaluate import eval_batches
+
+    fixed = recalibrated(model, eval_batches(data.split.train, reid, device, cache_dir), device)
+    res = evaluate_model(fixed, data.split, reid, device, cache_dir=cache_dir)
+    return {k: res[k] for k in (*METRICS, "mINP")}
 
 
 def _validates(reid: ReidConfig, epoch: int) -> bool:

@@ -131,6 +131,10 @@ def measure_pool(baseline_run: str | Path, store_root: str | Path, data_root: st
     meta = store.info["meta"]
     bn = f"batch statistics over {meta['bn_batch']}" if meta.get("bn") == "batch" else "running statistics"
     rendering = f"BatchNorm {bn}, {'per-image min-max' if meta.get('stretch') else 'fixed [-1, 1]'} byte map"
+    if meta.get("pool") == "synthetic_ids":
+        rendering = f"synthetic_ids: {meta.get('ids', '?')} unseen identities drawn by the synthetic generator"
+    elif meta.get("pool") == "folder":
+        rendering = f"folder: {meta.get('root', '?')}"
     out = pool_quality(model, split.train, store.records(), reid, runtime.device_for(reid.use_gpu), out_dir)
     return {**out, "rendering": rendering}
 
