@@ -120,7 +120,8 @@ class Group(Settings):
         if not self.stopped:
             return None
         epochs = sorted(set(self.stopped.values()))
-        at = f"after {epochs[0]} epochs" if len(epochs) == 1 else f"after {'/'.join(map(str, epochs))} epochs"
+        unit = "epoch" if epochs == [1] else "epochs"
+        at = f"after {'/'.join(map(str, epochs))} {unit}"
         return f"{len(self.stopped)} of {self.n_total} seeds stopped {at}: no verdict"
 
 

@@ -64,6 +64,9 @@ def test_asha_early_stop_is_a_clean_stop(tmp_path, shape):
     assert "Could not re-use actor" not in res.stdout
     for method in ("lsro", "dmprl2"):
         assert any(line.startswith(method) and "stopped early after epoch 1" in line for line in table.splitlines())
+        # the statistics list the stopped trials and give their groups no verdict (no silent survivorship)
+        assert f"  {method} #GAN 64 (gan, order paper, keep None): 1 of 1 seeds stopped after 1 epoch: no verdict" \
+            in res.stdout
 
     client, exp_id = tracking.setup(tracking.default_tracking_uri(tmp_path), "mprl", tmp_path)
     runs = client.search_runs([exp_id], "", max_results=1000)

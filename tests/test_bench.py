@@ -145,3 +145,31 @@ def test_sweep_bench_end_to_end(capsys):
     assert main(["--trials", "baseline,lsro", "--set", "reid.epochs=1", "--set", "gan.epochs=1"]) == 0
     out = capsys.readouterr().out
     assert "GAN 1 (expected 1), baseline 1 (expected 1)" in out and "lsro-n64" in out
+
+
+# ------------------------------------------------------------------------------------------ bench.recipe_check
+
+def test_recipe_check_compares_variants_on_validation_with_holm():
+    from bench.recipe_check import compare
+
+    ref = {0: {"val_rank1": 70.0, "val_mAP": 60.0}, 1: {"val_rank1": 72.0, "val_mAP": 61.0},
+           2: {"val_rank1": 71.0, "val_mAP": 62.0}}
+    up = {s: {k: v + 5 + 0.1 * s for k, v in r.items()} for s, r in ref.items()}  # clearly better
+    noise = {s: {k: v + (1 if s != 1 else -1) for k, v in r.items()} for s, r in ref.items()}
+    rows = compare({"preset": ref, "better": up, "noise": noise}, "preset")
+    assert [r[0] for r in rows] == ["preset", "better", "noise"] and rows[0][-1] == "(reference)"
+    assert rows[1][-1] == "better" and "Holm" in rows[1][4]
+    assert rows[2][-1] == "no detectable difference at n=3"
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_recipe_check_end_to_end_reads_validation_only(tmp_path, capsys):
+    from bench.recipe_check import main
+
+    assert main(["--preset", "smoke", "--seeds", "0", "1", "--val-ids", "2", "--storage", str(tmp_path),
+                 "--variant", "one epoch", "reid.epochs=1"]) == 0
+    out = capsys.readouterr().out
+    assert "smoke preset" in out and "one epoch" in out and "the test split is not read" in out
+    table = out.split("Holm over 1 variants:")[1]
+    assert "val rank-1" in table and "test" not in table.split("\n\n")[1]
