@@ -252,16 +252,19 @@ PRESET_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
     },
     # The scale rehearsal (python -m bench.rehearsal): the paper preset's structure at Market-1501's counts and
     # 24,000 generated images, every label method, on GPU workers (logical ones on a loopback cluster), with a
-    # tiny network at 32x16 and a cap of 4 steps per epoch so that it runs in minutes on CPUs.
+    # tiny network at 32x16 and a cap of 4 steps per epoch so that it runs in minutes on CPUs; the controls too:
+    # LSRO on 24,000 images of unseen identities (synthetic_ids) and every model evaluated with BN re-estimated.
     "rehearsal": {
         "dataset": {"synthetic_counts": "market1501", "synthetic_size": [32, 16]},
         "gan": {"image_size": [32, 16], "g_width": 8, "d_width": 8, "epochs": 1, "max_steps": 4, "use_gpu": True,
                 "arch": "lsro", "g_steps": 2, "sample_bn": "batch", "save_stretch": True},
         "reid": {"backbone": "tiny", "pretrained": "random", "embed_dim": 64, "image_size": [32, 16], "epochs": 2,
-                 "max_steps": 4, "use_gpu": True, "loader_workers": 0, "lr": 0.02, "lr_scheme": "reference_code"},
+                 "max_steps": 4, "use_gpu": True, "loader_workers": 0, "lr": 0.02, "lr_scheme": "reference_code",
+                 "bn_recalibrate": True},
         "labels": {"num_gan": 24000},
         "sweep": {"methods": list(LABEL_METHODS), "num_gan": [24000], "orders": ["paper", "reference_code"],
-                  "lr_schemes": ["paper"], "seeds": [0], "max_concurrent": 2},
+                  "lr_schemes": ["paper"], "pools": ["synthetic_ids"], "pool_methods": ["lsro"], "seeds": [0],
+                  "max_concurrent": 2},
         "cluster": {"logical_gpus": True},
     },
 }

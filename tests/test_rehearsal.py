@@ -14,12 +14,13 @@ def test_rehearsal_places_nothing_on_the_head_and_meets_its_critical_path_bound(
     out = capsys.readouterr().out
     assert code == 0, out[-6000:]
     assert "rehearsal: passed" in out
-    for name in ("dataset-", "gan-", "generate-", "baseline-", "smprl-", "pool_quality-"):
+    for name in ("dataset-", "gan-", "generate-", "baseline-", "smprl-", "pool_quality-", "pool-"):
         assert f"stage       {name}" in out  # every stage was built, in a worker
     trials = [line for line in out.splitlines() if line.startswith("trial ")]
-    # 8 methods, 3 of them also in the reference code's rank order, and the learning-rate ablation: 7 methods (not
-    # sMpRL), its baseline trained as a trial
-    assert len(trials) == 18
+    # 9 methods, 3 of them also in the reference code's rank order, the learning-rate ablation: 8 methods (not
+    # sMpRL), its baseline trained as a trial, and LSRO on the synthetic_ids pool (24,000 unseen-identity images)
+    assert len(trials) == 21
+    assert any(line.startswith("trial       lsro-n24000-paper-kall-s0-psynthetic_ids") for line in trials)
     assert all("HEAD" not in line for line in out.splitlines() if line.startswith(("trial", "stage", "generation")))
     # both GPU workers ran trials (a regression ran all in one reused Tune actor: see orchestrator/trial_actor.py)
     assert len({line.split("node ")[1].split(")")[0] for line in trials}) == 2
