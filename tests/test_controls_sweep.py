@@ -95,3 +95,28 @@ def test_a_folder_pool_trains_and_a_corrupt_image_is_named(tmp_path, local_ray):
     (row,) = bad.rows
     assert row.error and "zz_broken.jpg" in row.error  # the trial fails with the pool stage's message
     assert not any((tmp_path / "bad" / "stages").glob("pool-*/done.json"))  # no half-written pool taken as done
+
+
+def test_the_diagnosis_preset_runs_at_smoke_size(tmp_path, local_ray):
+    """--preset cpu-diagnosis (README), shrunk to the smoke preset's sizes, one seed: every control runs and learns,
+    and each model is evaluated both ways."""
+    from orchestrator.config import PRESET_OVERRIDES, load_config
+    from orchestrator.sweep import run_sweep
+
+    smoke = PRESET_OVERRIDES["smoke"]
+    shrink = [f"{section}.{k}={v}" for section in ("dataset", "gan", "reid") for k, v in smoke[section].items()]
+    cfg = load_config("cpu-diagnosis", overrides=[f"cluster.storage_path={tmp_path}", "cluster.num_cpus=3", *shrink,
+                                                  "labels.num_gan=64", "sweep.num_gan=[64]", "sweep.seeds=[0]",
+                                                  "reid.epochs=3", "reid.optimizer=sgd", "reid.warmup_epochs=0"])
+    assert cfg.dataset.synthetic_seed == 1 and cfg.reid.bn_recalibrate and cfg.sweep.pools == ("synthetic_ids",)
+    out = run_sweep(cfg, log_models=False)
+    assert sorted(r.key for r in out.rows) == sorted([
+        "baseline-n0-paper-kall-s0", "lsro-n64-paper-kall-s0", "dmprl2-n64-paper-kall-s0",
+        "unlabelled-n64-paper-kall-s0", "baseline_matched-n64-paper-kall-s0",
+        "lsro-n64-paper-kall-s0-psynthetic_ids"])
+    assert all(r.error is None for r in out.rows)
+    client, exp_id = tracking.setup(out.tracking_uri, "mprl", tmp_path)
+    for t in _runs(client, exp_id, "trial"):
+        assert "final_bnr_rank1" in t.data.metrics
+        if t.data.params["labels.method"] != "baseline":
+            assert _learned(client, t.info.run_id), t.info.run_name
