@@ -53,7 +53,7 @@ def plot_gains(groups: Sequence["Group"], control: str, path: str | Path) -> Pat
     """Bar chart: each group's paired rank-1 gain over ``control`` with its 95% interval, beside the paper's gain."""
     rows = [g for g in groups if (g.vs.get(control) or {}).get("rank1")]
     labels = [f"{g.method}\n{g.num_gan}" + ("" if g.order == "paper" else "\n(code order)")
-              + ("" if g.pool == "gan" else f"\n({g.pool})") for g in rows]
+              + ("" if g.pool in ("gan", "-") else f"\n({g.pool})") for g in rows]
     gains = [g.vs[control]["rank1"] for g in rows]
     xs = list(range(len(rows)))
     fig, ax = _figure((max(5, 1.1 * len(rows) + 2), 4))

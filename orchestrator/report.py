@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out) if args.out else Path(tmp)
         out.mkdir(parents=True, exist_ok=True)
         (out / "report.txt").write_text(text + "\n")
-        chart = plot_gains([g for g in groups if not method(g.method).control and g.evaluation == AS_TRAINED],
+        chart = plot_gains([g for g in groups if g.method != BASELINE and g.evaluation == AS_TRAINED],  # controls too
                            BASELINE, out / "comparison.png")
         run_id, _ = tracking.get_or_create_run(client, exp_id, "report", found[0], "report")
         tracking.log_artifacts(client, run_id, [out / "report.txt", chart], "report")
