@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         storage = Path(args.storage or tmp).resolve()
         results = {name: baseline_val(args.preset, storage, args.seeds, args.val_ids, extra)
                    for name, extra in {reference: [], **variants}.items()}
-    print(f"\n{machine()}\n{reproduce()}\nbaseline on the validation split ({args.val_ids} training identities held "
+    print(f"\n{machine()}\n{reproduce("bench.recipe_check", argv)}\nbaseline on the validation split ({args.val_ids} training identities held "
           f"out; the test split is not read), seeds {args.seeds}; Δ = variant - preset per seed, Holm over "
           f"{len(variants)} variants:\n")
     print(format_table(["variant", "n", "val rank-1", "val mAP", "Δ val rank-1", "Δ val mAP", "verdict"],
