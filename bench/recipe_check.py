@@ -94,9 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         storage = Path(args.storage or tmp).resolve()
         results = {name: baseline_val(args.preset, storage, args.seeds, args.val_ids, extra)
                    for name, extra in {reference: [], **variants}.items()}
-    print(f"\n{machine()}\n{reproduce("bench.recipe_check", argv)}\nbaseline on the validation split ({args.val_ids} training identities held "
-          f"out; the test split is not read), seeds {args.seeds}; Δ = variant - preset per seed, Holm over "
-          f"{len(variants)} variants:\n")
+    head = f"{machine()}\n{reproduce('bench.recipe_check', argv)}"
+    print(f"\n{head}\nbaseline on the validation split ({args.val_ids} training identities held out; the test split "
+          f"is not read), seeds {args.seeds}; Δ = variant - preset per seed, Holm over {len(variants)} variants:\n")
     print(format_table(["variant", "n", "val rank-1", "val mAP", "Δ val rank-1", "Δ val mAP", "verdict"],
                        compare(results, reference), align="lrrrrrl"))
     better = [r[0] for r in compare(results, reference)[1:] if r[-1] == "better"]
