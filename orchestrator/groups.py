@@ -26,7 +26,6 @@ SWEPT = (*TrialSpec(BASELINE, 0).overrides(), "labels.pool", "labels.pool_root",
 CONTROLS = tuple(m for m, t in METHODS.items() if t.control)  # every method's paired difference is taken against these
 METRIC_NAMES = {"rank1": "rank-1", "mAP": "mAP"}
 AS_TRAINED, BN_RECALIBRATED = "as trained", "BN re-estimated"  # the two evaluations of a final model
-TAG_STOPPED_AFTER = "mprl.stopped_after_epochs"  # orchestrator.tuning's tag on a trial a scheduler stopped
 
 
 def setting_of(params: dict[str, str]) -> str:

@@ -27,7 +27,6 @@ from orchestrator.groups import (  # noqa: F401 (the report's public names)
     BN_RECALIBRATED,
     CONTROLS,
     SWEPT,
-    TAG_STOPPED_AFTER,
     Contrast,
     Group,
     Settings,
@@ -70,7 +69,7 @@ def collect(client, exp_id: str, parent: str) -> list[TrialResult]:
     rows = []
     for r in client.search_runs([exp_id], filt, max_results=50000):
         p, m, tags = r.data.params, r.data.metrics, r.data.tags
-        stopped = tags.get("mprl.early_stopped") == "true"
+        stopped = tags.get(tracking.TAG_EARLY_STOPPED) == "true"
         if "final_rank1" not in m and not stopped:
             continue
         row = TrialResult(
@@ -82,7 +81,7 @@ def collect(client, exp_id: str, parent: str) -> list[TrialResult]:
             single_baseline=p.get("sweep.single_baseline", "False") == "True",
             lr_scheme=p.get("reid.lr_scheme", "paper"),
             pool=pool_label(p) if method(p.get("labels.method", BASELINE)).generated else "-",
-            stopped_after=int(float(tags.get(TAG_STOPPED_AFTER, 0))) if stopped else None)
+            stopped_after=int(float(tags.get(tracking.TAG_STOPPED_AFTER, 0))) if stopped else None)
         rows.append(row)
         if f"final_{BNR}rank1" in m:  # reid.bn_recalibrate: the same model evaluated with BN re-estimated
             rows.append(dataclasses.replace(row, evaluation=BN_RECALIBRATED, rank1=m[f"final_{BNR}rank1"],

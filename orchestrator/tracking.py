@@ -22,6 +22,8 @@ TAG_KIND = "mprl.kind"  # sweep | stage | trial
 TAG_KEY = "mprl.key"  # sweep instance / stage key / trial key
 TAG_PARENT = "mlflow.parentRunId"
 TAG_ERROR = "mprl.error"  # why a stage or trial run FAILED
+TAG_EARLY_STOPPED = "mprl.early_stopped"  # "true" on a trial a scheduler (ASHA) stopped early
+TAG_STOPPED_AFTER = "mprl.stopped_after_epochs"  # the epochs it trained before that
 MAX_PARAM = 6000  # MLflow's limit on a param value's length
 
 

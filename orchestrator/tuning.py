@@ -73,7 +73,7 @@ def run_trial(config: dict, ctx: TrialContext, tracking_uri: str, started: float
             tracking.fail(client, run_id, f"SystemExit: {err.code}")
         raise
     except BaseException as err:
-        if client.get_run(run_id).data.tags.get("mprl.early_stopped") == "true":
+        if client.get_run(run_id).data.tags.get(tracking.TAG_EARLY_STOPPED) == "true":
             raise  # the scheduler stopped it (the driver recorded that); tearing its Train run down is not a failure
         if isinstance(err, KeyboardInterrupt):
             tracking.set_status(client, run_id, "KILLED")
@@ -269,7 +269,7 @@ class ReadySearcher(Searcher):
             self.pending = pickle.load(f)["pending"]
 
 
-TAG_STOPPED_AFTER = "mprl.stopped_after_epochs"  # on trials a scheduler (ASHA) stopped early
+TAG_STOPPED_AFTER = tracking.TAG_STOPPED_AFTER  # on trials a scheduler (ASHA) stopped early
 WORKER_SECONDS = "worker_seconds"  # a metric of each finished trial run: its whole time in the worker
 
 
@@ -316,7 +316,7 @@ class EpochLogger(Callback):
         client, run_id = self._run(trial)
         if client.get_run(run_id).info.status != "RUNNING":
             return
-        client.set_tag(run_id, "mprl.early_stopped", "true")
+        client.set_tag(run_id, tracking.TAG_EARLY_STOPPED, "true")
         client.set_tag(run_id, TAG_STOPPED_AFTER, str(int((trial.last_result or {}).get("epoch", -1)) + 1))
         tracking.set_status(client, run_id, "FINISHED")
 
