@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from orchestrator.resources import runs_in_process, scales_on_demand
+from orchestrator.resources import capacity_bundles, runs_in_process, scales_on_demand
 from trainables.placement import LOGICAL_GPUS_ENV, node_name
 
 SHARED_MARKER = ".mprl-shared"
@@ -264,6 +264,30 @@ def preflight(cfg: Any) -> None:
         check_marker_on_nodes(find_marker(cfg.cluster.storage_path), nodes)
     if len(nodes) > 1 or cfg.cluster.address:
         check_paths_on_nodes(cfg, nodes)
+
+
+def request_capacity(cfg: Any, trials: int) -> int:
+    """On a cluster that adds workers on demand: ask Ray's autoscaler, now, for the nodes of ``trials`` concurrent
+    trials (at most ``sweep.max_concurrent``), so the GPU nodes boot together instead of one stage at a time (Ray
+    counts a task's demand only once its inputs exist). The request stands until :func:`release_capacity`.
+    Returns the number of bundles requested (0 elsewhere: a fixed cluster or one machine)."""
+    if not scales_on_demand(ray.cluster_resources()):
+        return 0
+    from ray.autoscaler.sdk import request_resources
+
+    bundles = capacity_bundles(cfg, trials)
+    request_resources(bundles=bundles)
+    print(f"[cluster] asked the autoscaler for {len(bundles)} x {bundles[0] if bundles else {}} "
+          f"({min(trials, cfg.sweep.max_concurrent)} concurrent trials) up front", flush=True)
+    return len(bundles)
+
+
+def release_capacity() -> None:
+    """Withdraw :func:`request_capacity`'s standing request, so idle workers scale down after the sweep."""
+    if ray.is_initialized() and scales_on_demand(ray.cluster_resources()):
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=[])
 
 
 # ------------------------------------------------------------------------------------ ray.init

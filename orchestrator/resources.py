@@ -131,6 +131,16 @@ def max_concurrent(cfg: Any) -> int:
     return fit
 
 
+def capacity_bundles(cfg: Any, trials: int) -> list[dict[str, float]]:
+    """The resource shapes ``trials`` concurrent trials occupy on worker nodes (for the autoscaler's request): an
+    in-process trial's own bundle, or one ``{"CPU": 1, "GPU": g}`` per Ray Train worker (ScalingConfig's default)."""
+    n = max(0, min(trials, max_concurrent(cfg)))
+    if runs_in_process(cfg):
+        return [trial_resources(cfg)] * n
+    gpu = 1.0 if cfg.reid.use_gpu else 0.0
+    return [{"CPU": 1.0, "GPU": gpu}] * (n * max(1, cfg.reid.num_workers))
+
+
 def check_resources(cfg: Any) -> None:
     """Refuse, before any stage runs, worker counts that the Ray cluster can never place (Ray would wait forever)."""
 

@@ -73,6 +73,7 @@ def run_sweep(cfg: Config, *, resume: bool = False, log_models: bool = True) -> 
     graph = None
     try:
         trials = build_trials(cfg)
+        cluster.request_capacity(cfg, len(trials))  # GPU nodes boot together, not one stage at a time
         needs = [(t.method, t.num_gan, t.seed) for t in trials if t.lr_scheme is None and t.pool is None]
         others = {pool: max(t.num_gan for t in trials if t.pool == pool) for pool in {t.pool for t in trials} - {None}}
         plan = stages.plan_stages(cfg, paths, needs, others)
@@ -87,6 +88,7 @@ def run_sweep(cfg: Config, *, resume: bool = False, log_models: bool = True) -> 
         tracking.set_status(client, parent, status)
         raise
     finally:
+        cluster.release_capacity()
         if graph is not None:
             graph.close()
     _summarise(run, rows)
