@@ -33,6 +33,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from orchestrator.resources import capacity_bundles, runs_in_process, scales_on_demand
+from orchestrator.tracking import RETRY_ENV
 from trainables.placement import LOGICAL_GPUS_ENV, node_name
 
 SHARED_MARKER = ".mprl-shared"
@@ -328,9 +329,11 @@ def start_local_ray(num_cpus: int, *, env: dict[str, str] | None = None, dashboa
 
 def worker_env(cfg: Any) -> dict[str, str]:
     """Environment of every worker of the sweep's Ray job: the Train worker-group start timeout (a value the user
-    exported wins) and, with ``cluster.logical_gpus``, leave to run on the CPU where a logical GPU was granted."""
+    exported wins), the MLflow client's longer HTTP retries (``tracking.RETRY_ENV``) and, with
+    ``cluster.logical_gpus``, leave to run on the CPU where a logical GPU was granted."""
     env = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S",
                                                                     WORKER_GROUP_START_TIMEOUT_S)}
+    env.update({k: os.environ.get(k, v) for k, v in RETRY_ENV.items()})  # MLflow calls outlast a server restart
     if cfg.cluster.logical_gpus:
         env[LOGICAL_GPUS_ENV] = "1"
     return {k: v for k, v in env.items() if k not in _job_env_keys()}

@@ -25,6 +25,11 @@ TAG_ERROR = "mprl.error"  # why a stage or trial run FAILED
 TAG_EARLY_STOPPED = "mprl.early_stopped"  # "true" on a trial a scheduler (ASHA) stopped early
 TAG_STOPPED_AFTER = "mprl.stopped_after_epochs"  # the epochs it trained before that
 MAX_PARAM = 6000  # MLflow's limit on a param value's length
+# The MLflow client's HTTP retries, in the sweep's driver and workers (a value the user exported wins): 10 retries
+# with backoff factor 2 sleep 0, 4, 8, ..., 120 s (urllib3 caps a sleep at 120 s), about 10 minutes in all, so a
+# call made while the tracking server restarts waits for it instead of failing the trial or the sweep. 10 is
+# MLflow's own ceiling (_MLFLOW_HTTP_REQUEST_MAX_RETRIES_LIMIT).
+RETRY_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "10", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2"}
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,18 @@ def check_reachable(tracking_uri: str, timeout_s: float = 5.0) -> None:
     except Exception as err:
         raise ConnectionError(f"MLflow tracking server {tracking_uri} is not reachable ({err}); start it or "
                               f"pass another --tracking-uri") from None
+
+
+def reachable(tracking_uri: str, timeout_s: float = 2.0) -> bool:
+    """Whether the tracking store answers now: an HTTP server's ``/health`` within ``timeout_s`` (a local store
+    always does). Asked before a call that must not block (``epoch_logger``)."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return True
+    try:
+        urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=timeout_s).read()
+        return True
+    except Exception:
+        return False
 
 
 def find_run(client: MlflowClient, exp_id: str, kind: str, key: str, parent: str | None = None) -> str | None:

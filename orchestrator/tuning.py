@@ -14,26 +14,22 @@ import signal
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import mlflow
 import numpy as np
 import ray.tune
 from mlflow.tracking import MlflowClient
-from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import Searcher
 
 from orchestrator import dag, resources, tracking, trial_actor
 from orchestrator.config import Config, flat_dict, replace
+from orchestrator.epoch_logger import ALREADY_FINISHED, TAG_STOPPED_AFTER, EpochLogger, failure_reason  # noqa: F401
 from orchestrator.plots import plot_cmc
 from orchestrator.stage_cache import BaselineOut, read_output, wait_finished
-from orchestrator.trials import EPOCH_METRICS, TrialContext, TrialRow, TrialSpec, cost
+from orchestrator.trials import TrialContext, TrialRow, TrialSpec, cost
 from trainables.config import ReidResult
 from trainables.placement import process_label
-
-CHECKPOINT_METRICS = ("checkpoint_mb", "checkpoint_write_s", "checkpoint_stall_s")  # at the epochs that wrote one
-
 
 # ------------------------------------------------------------------------------------ the Tune trial
 
@@ -82,7 +78,6 @@ def run_trial(config: dict, ctx: TrialContext, tracking_uri: str, started: float
         raise
 
 
-ALREADY_FINISHED = "mprl_already_finished"  # in the Tune result of a trial whose MLflow run was FINISHED
 
 
 def _already_finished(client, run_id: str) -> bool:
@@ -269,74 +264,7 @@ class ReadySearcher(Searcher):
             self.pending = pickle.load(f)["pending"]
 
 
-TAG_STOPPED_AFTER = tracking.TAG_STOPPED_AFTER  # on trials a scheduler (ASHA) stopped early
 WORKER_SECONDS = "worker_seconds"  # a metric of each finished trial run: its whole time in the worker
-
-
-class EpochLogger(Callback):
-    """Driver-side Tune callback: every reported epoch goes to the trial's MLflow run as a step; a trial the
-    scheduler stops early is marked FINISHED with ``mprl.early_stopped=true`` (and no ``final_*`` metrics); a trial
-    that errored for good (its retries spent; a dead worker, node or OOM kill included) is marked FAILED with
-    the reason, unless the trial recorded its own.
-
-    Tune pickles its callbacks with the experiment and reuses them on ``Tuner.restore``, so this holds only the
-    sweep's and the experiment's names: runs are found by tags in the driver's current MLflow store
-    (``mlflow.get_tracking_uri()``, which the sweep sets), the new one after a resume with another URI.
-    """
-
-    def __init__(self, sweep: str, experiment: str) -> None:
-        self.sweep, self.experiment = sweep, experiment
-        self._client, self._runs = None, {}
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_client": None, "_runs": {}}
-
-    def _run(self, trial) -> tuple[Any, str]:
-
-        uri = mlflow.get_tracking_uri()
-        if self._client is None or self._client.tracking_uri != uri:
-            self._client, self._runs = MlflowClient(uri), {}
-        key = trial.config["trial"]
-        if key not in self._runs:
-            self._runs[key] = tracking.find_trial(self._client, self.experiment, self.sweep, key)
-        return self._client, self._runs[key]
-
-    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        if result.get(ALREADY_FINISHED):
-            return
-        client, run_id = self._run(trial)
-        step = int(result.get("epoch", result.get("training_iteration", 0)))
-        logged = {k: result[k] for k in (*EPOCH_METRICS, *CHECKPOINT_METRICS) if k in result}
-        tracking.log_metrics(client, run_id, logged, step=step)
-
-    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        """Called on the driver when a trial ends without error, before its actor stops: run_trial returned (its
-        run is FINISHED already) or the scheduler stopped it while training (its run is still RUNNING). An
-        interrupted sweep does not come here."""
-        client, run_id = self._run(trial)
-        if client.get_run(run_id).info.status != "RUNNING":
-            return
-        client.set_tag(run_id, tracking.TAG_EARLY_STOPPED, "true")
-        client.set_tag(run_id, TAG_STOPPED_AFTER, str(int((trial.last_result or {}).get("epoch", -1)) + 1))
-        tracking.set_status(client, run_id, "FINISHED")
-
-    def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        """The trial failed and Tune will not retry it: its run ends FAILED, with the trial's own message when
-        run_trial recorded one, else with what Tune saw (a dead actor: node lost, OOM kill, ``os._exit``)."""
-        client, run_id = self._run(trial)
-        run = client.get_run(run_id)
-        if run.info.status == "FINISHED" or (run.info.status == "FAILED" and tracking.TAG_ERROR in run.data.tags):
-            return
-        tracking.fail(client, run_id, failure_reason(trial))
-
-
-def failure_reason(trial) -> str:
-    """One line for the table: the exception type and its first line, and how many attempts were made."""
-    err = trial.get_pickled_error() or trial.get_error() or "unknown error"
-    text = err if isinstance(err, str) else f"{type(err).__name__}: {err}"
-    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
-    first = next((line for line in lines if "Error" in line or "died" in line), lines[0] if lines else "unknown")
-    return f"{first[:400]} (attempts: {trial.num_failures})"
 
 
 def results_rows(grid, trials: list[TrialSpec]) -> list[TrialRow]:

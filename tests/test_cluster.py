@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from orchestrator import cluster, resources
+from orchestrator import cluster, resources, tracking
 from orchestrator.cluster import free_port
 from tests.cluster_files import ROOT
 
@@ -125,11 +125,17 @@ def test_worker_env_raises_the_start_timeout_and_leaves_job_keys_alone(monkeypat
 
     monkeypatch.delenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", raising=False)
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    for k in tracking.RETRY_ENV:
+        monkeypatch.delenv(k, raising=False)
     cfg = load_config("rehearsal")
-    assert cluster.worker_env(cfg) == {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "900", LOGICAL_GPUS_ENV: "1"}
+    assert cluster.worker_env(cfg) == {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "900", LOGICAL_GPUS_ENV: "1",
+                                       "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "10",
+                                       "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2"}
     assert LOGICAL_GPUS_ENV not in cluster.worker_env(load_config("smoke"))  # real GPUs must be real
     # under `ray job submit --runtime-env-json`, ray.init refuses a key the job's runtime env sets already
     job = {"runtime_env": {"env_vars": {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "1800"}}}
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
-    assert cluster.worker_env(cfg) == {LOGICAL_GPUS_ENV: "1"}
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")  # one the user exported wins
+    assert cluster.worker_env(cfg) == {LOGICAL_GPUS_ENV: "1", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+                                       "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2"}
 

@@ -59,6 +59,25 @@ def test_epoch_logger_follows_the_current_tracking_store(store, tmp_path):
     assert [m.value for m in store.client.get_metric_history(store.trial, "loss")] == [1.5]
 
 
+def test_epochs_reported_while_the_server_is_down_are_queued_and_written_in_order_later(store, monkeypatch, capsys):
+    from orchestrator import epoch_logger
+
+    up = {"now": False}
+    monkeypatch.setattr(epoch_logger.tracking, "reachable", lambda uri, timeout_s=2.0: up["now"])
+    logger = EpochLogger("sweep-abc-1", "mprl")
+    logger.on_trial_result(0, [], _trial(), {"loss": 1.5, "epoch": 0})  # returns at once: nothing is written
+    logger.on_trial_result(0, [], _trial(), {"loss": 1.2, "epoch": 1})
+    assert store.client.get_metric_history(store.trial, "loss") == [] and len(logger.pending) == 2
+    logger = pickle.loads(pickle.dumps(logger))  # Tune saves its callbacks: the queue goes with them
+    assert len(logger.pending) == 2
+    assert not logger.flush(wait_s=0.01)  # the end of an experiment waits, then says what it could not write
+    assert "lsro-n16-paper-kall-s0" in capsys.readouterr().out
+    up["now"] = True
+    logger.on_trial_result(0, [], _trial(), {"loss": 1.0, "epoch": 2})
+    history = store.client.get_metric_history(store.trial, "loss")
+    assert [(m.step, m.value) for m in history] == [(0, 1.5), (1, 1.2), (2, 1.0)] and logger.pending == []
+
+
 def test_a_trial_that_died_is_marked_failed_with_the_reason(store):
     died = RuntimeError("The actor died unexpectedly before finishing this task.\n\tclass_name: ImplicitFunc")
     EpochLogger("sweep-abc-1", "mprl").on_trial_error(0, [], _trial(died))
