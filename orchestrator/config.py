@@ -46,7 +46,7 @@ SEARCHES = ("grid", "random")
 TEST_METRICS = (*METRICS, "mINP")  # of the test split: reported, never selected on
 # Fields of the gan / reid sections that change where or how fast a run goes, not what it produces: no stage key or
 # report setting includes them (reid.amp is not one: bf16 changes the numbers).
-RUNTIME_FIELDS = ("num_workers", "use_gpu", "loader_workers", "channels_last")
+RUNTIME_FIELDS = ("num_workers", "use_gpu", "loader_workers", "channels_last", "local_cache_dir")
 PRESETS = ("smoke", "cpu", "cpu-diagnosis", "paper", "paper-twostream", "rehearsal")
 
 
@@ -130,6 +130,7 @@ class ClusterConfig:
     # the GPUs the nodes advertise may be logical (test clusters, the rehearsal): a worker given one trains on the
     # CPU instead of failing with "no CUDA device on node ..."
     logical_gpus: bool = False
+    join_timeout_min: int = 30  # no worker joined and launches failed: stop (orchestrator/launch_watch.py); 0 = never
 
     def __post_init__(self) -> None:
         if not self.storage_path:
@@ -142,6 +143,7 @@ class ClusterConfig:
         if not self.experiment:
             raise ValueError("cluster.experiment must not be empty")
         check_positive("cluster.num_cpus", self.num_cpus, allow_zero=True)
+        check_positive("cluster.join_timeout_min", self.join_timeout_min, allow_zero=True)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator import cluster, dag, report, resources, stage_cache, stages, tracking
+from orchestrator import cluster, dag, launch_watch, report, resources, stage_cache, stages, tracking
 from orchestrator.config import PRESETS, Config, choices_help, config_hash, dump_yaml, flat_dict, load_config
 from orchestrator.tables import format_table, pct
 from orchestrator.trials import TrialContext, TrialRow, TrialSpec, build_trials
@@ -70,10 +70,11 @@ def run_sweep(cfg: Config, *, resume: bool = False, log_models: bool = True) -> 
     tracking.set_status(client, parent, "RUNNING")
     tracking.log_params(client, parent, flat_dict(cfg))
     client.log_text(parent, dump_yaml(cfg), "config.yaml")
-    graph = None
+    graph = watcher = None
     try:
         trials = build_trials(cfg)
         cluster.request_capacity(cfg, len(trials))  # GPU nodes boot together, not one stage at a time
+        watcher = launch_watch.watch(cfg)  # says why no worker joins, and stops a launch that cannot work
         needs = [(t.method, t.num_gan, t.seed) for t in trials if t.lr_scheme is None and t.pool is None]
         others = {pool: max(t.num_gan for t in trials if t.pool == pool) for pool in {t.pool for t in trials} - {None}}
         plan = stages.plan_stages(cfg, paths, needs, others)
@@ -88,6 +89,8 @@ def run_sweep(cfg: Config, *, resume: bool = False, log_models: bool = True) -> 
         tracking.set_status(client, parent, status)
         raise
     finally:
+        if watcher is not None:
+            watcher.close()
         cluster.release_capacity()
         if graph is not None:
             graph.close()
