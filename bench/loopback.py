@@ -79,3 +79,22 @@ def gpu_cluster(workers: int = 2, *, head_cpus: int = 1, worker_cpus: int = 2, g
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@contextmanager
+def postgres_server(folder: Path) -> Iterator[str]:
+    """``scripts/postgres_local.sh start`` on a free loopback port: yields its ``postgresql://`` URI (a role and a
+    database ``mlflow``, for ``mlflow_server(backend_store_uri=...)``); stopped on exit, even after a failure.
+
+    Raises ``FileNotFoundError`` when this machine has no PostgreSQL server binaries (the script's exit status 3).
+    """
+    script = str(ROOT / "scripts" / "postgres_local.sh")
+    try:
+        res = subprocess.run(["bash", script, "start", str(folder)], capture_output=True, text=True, timeout=180)
+        if res.returncode == 3:
+            raise FileNotFoundError(res.stderr.strip())
+        if res.returncode != 0:
+            raise RuntimeError(f"postgres_local.sh start failed ({res.returncode}):\n{res.stderr[-4000:]}")
+        yield (Path(folder) / "uri").read_text().strip()
+    finally:
+        subprocess.run(["bash", script, "stop", str(folder)], capture_output=True, timeout=120)

@@ -10,7 +10,13 @@
 # The backend store is sqlite on this machine's disk (sqlite must not live on NFS: its locks are unreliable
 # there); artifacts go to MLFLOW_ARTIFACTS_DESTINATION (a local dir, a shared mount, or s3://bucket/prefix
 # with boto3 installed and credentials from an IAM role) and are proxied by the server, so trials only need
-# HTTP access to it.
+# HTTP access to it. On a cluster the backend store is a PostgreSQL database instead (clusters/*.yaml):
+#   MLFLOW_BACKEND_STORE_URI=postgresql://USER:PASSWORD@HOST:5432/mlflow
+# needs the psycopg (3) driver where the server runs (pip install -e ".[postgres]"): a bare postgresql:// is
+# given to MLflow as postgresql+psycopg://, since SQLAlchemy picks a bare one's driver by its own version (2.0:
+# psycopg2, 2.1: psycopg). The server creates or migrates MLflow's tables on its first start.
+# scripts/postgres_local.sh starts a throwaway PostgreSQL on 127.0.0.1 and prints such a URI. Printed URIs hide
+# the password.
 #
 # Environment (defaults in brackets):
 #   MLFLOW_HOST [127.0.0.1]   MLFLOW_PORT [5000]   MLFLOW_WORKERS [2]
@@ -31,7 +37,9 @@ MLFLOW_DIR="${MLFLOW_DIR:-$ROOT/runs/mlflow-server}"
 mkdir -p "$MLFLOW_DIR"
 MLFLOW_DIR="$(cd "$MLFLOW_DIR" && pwd)"  # absolute: sqlite:/// needs it, and trials run elsewhere
 BACKEND="${MLFLOW_BACKEND_STORE_URI:-sqlite:///$MLFLOW_DIR/mlflow.db}"
+case "$BACKEND" in postgresql://*) BACKEND="postgresql+psycopg://${BACKEND#postgresql://}" ;; esac  # the driver
 ARTIFACTS="${MLFLOW_ARTIFACTS_DESTINATION:-$MLFLOW_DIR/artifacts}"
+SHOWN="$(printf '%s' "$BACKEND" | sed -E 's#^([a-z0-9+]+://[^:/@]*):[^@/]*@#\1:***@#')"  # for messages: no password
 PIDFILE="$MLFLOW_DIR/mlflow.pid"
 if [ -z "${MLFLOW:-}" ]; then
   if command -v mlflow >/dev/null 2>&1; then MLFLOW=mlflow; else MLFLOW="$ROOT/.venv/bin/mlflow"; fi
@@ -67,7 +75,7 @@ wait_healthy() {  # $1 = pid of the server; fails if it dies or does not answer 
 
 case "${1:-run}" in
   run)
-    echo "[mlflow_server] $URL (backend $BACKEND, artifacts $ARTIFACTS)"
+    echo "[mlflow_server] $URL (backend $SHOWN, artifacts $ARTIFACTS)"
     eval "exec $(server_cmd)"
     ;;
   start)
@@ -80,7 +88,7 @@ case "${1:-run}" in
     echo $! > "$PIDFILE"
     wait_healthy "$(cat "$PIDFILE")"
     echo "$URL" > "$MLFLOW_DIR/url"
-    echo "[mlflow_server] running (pid $(cat "$PIDFILE")): $URL  backend $BACKEND  artifacts $ARTIFACTS"
+    echo "[mlflow_server] running (pid $(cat "$PIDFILE")): $URL  backend $SHOWN  artifacts $ARTIFACTS"
     ;;
   stop)
     if [ -f "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; then
