@@ -40,6 +40,13 @@ BACKEND="${MLFLOW_BACKEND_STORE_URI:-sqlite:///$MLFLOW_DIR/mlflow.db}"
 case "$BACKEND" in postgresql://*) BACKEND="postgresql+psycopg://${BACKEND#postgresql://}" ;; esac  # the driver
 ARTIFACTS="${MLFLOW_ARTIFACTS_DESTINATION:-$MLFLOW_DIR/artifacts}"
 SHOWN="$(printf '%s' "$BACKEND" | sed -E 's#^([a-z0-9+]+://[^:/@]*):[^@/]*@#\1:***@#')"  # for messages: no password
+# A PostgreSQL password in the URI goes to the server through PGPASSWORD (libpq reads it), not its command line,
+# where `ps` would show it to every user of the machine. (Percent-encoded passwords: use a PGPASSFILE instead.)
+case "$BACKEND" in
+  postgresql*://*:*@*)
+    export PGPASSWORD="$(printf '%s' "$BACKEND" | sed -E 's#^[a-z0-9+]+://[^:/@]*:([^@/]*)@.*#\1#')"
+    BACKEND="$(printf '%s' "$BACKEND" | sed -E 's#^([a-z0-9+]+://[^:/@]*):[^@/]*@#\1@#')" ;;
+esac
 PIDFILE="$MLFLOW_DIR/mlflow.pid"
 if [ -z "${MLFLOW:-}" ]; then
   if command -v mlflow >/dev/null 2>&1; then MLFLOW=mlflow; else MLFLOW="$ROOT/.venv/bin/mlflow"; fi
