@@ -17,14 +17,27 @@ Beside each cache file, ``<name>.keys.json`` lists its rows' images as ``[path, 
 hold-out, the first ``n`` generated images, repeats) in the files of a cache folder, checks each image's stat
 against its row, and builds the missing ones into a new file: training and evaluation open no image file once a
 folder holds the images (the decode stage fills it; a single run fills it in-process).
+
+A reader of a folder the decode stage filled (a sweep's baselines and trials: :class:`CacheDir` ``trusted``) skips
+that stat for the image files (a round trip to the shared file system each: ~52 k per Market-1501 trial on a
+cluster) and matches rows by ``(path, shard_row)`` alone, taking each from the newest keys file that lists it: the
+row the stat check would accept. That is sound because the decode stage's check
+(``orchestrator.stages.decode_node``, on the driver at every sweep's start) compares :func:`fingerprint` of the
+images (every file's bytes and mtime) with the one it recorded and rebuilds the stage when any differs, so the files
+are those its build matched against the keys. Not covered: an image changed while a sweep runs, which no stage
+notices (the GAN and baselines read the images too). Rows of generated-image shards keep their stat, one per shard
+file (a shard rewritten by a rebuilt pool stage keeps its path). ``CacheDir.local_dir`` maps node-local copies of
+the files (``datasets.local_copy``).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -34,21 +47,50 @@ from torch.utils.data import Dataset
 from torchvision import transforms as T
 
 from datasets.images import read_record
+from datasets.local_copy import local_copy
 from datasets.records import Record
 
 CACHE_VERSION = 1
 CHUNK = 256  # images per write job
 KEYS = ".keys.json"  # suffix of the row list beside a cache file
+STAT_THREADS = 16  # stats in flight at once for many files (each a round trip on NFS / EFS)
 
 
-def _stats(records: Sequence[Record]) -> list[tuple[int, int]]:
-    """(bytes, mtime_ns) of each record's file; one stat per file (the rows of a shard share it)."""
-    seen: dict[str, tuple[int, int]] = {}
-    for r in records:
-        if r.path not in seen:
-            st = os.stat(r.path)
-            seen[r.path] = (st.st_size, st.st_mtime_ns)
-    return [seen[r.path] for r in records]
+@dataclass(frozen=True)
+class CacheDir:
+    """A decoded-cache folder and how a reader uses it: ``trusted`` when the decode stage filled and checked it (no
+    stat of image files: see the module docstring), ``local_dir`` to map node-local copies of its files."""
+
+    path: str
+    trusted: bool = False
+    local_dir: str | None = None
+
+
+def _stat_one(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+def _stats(records: Sequence[Record], trusted: bool = False) -> list[tuple[int, int] | None]:
+    """(bytes, mtime_ns) of each record's file; one stat per file (the rows of a shard share it), many in threads.
+    With ``trusted`` an image file (not a shard row) is not stat'ed: None."""
+    paths = list(dict.fromkeys(r.path for r in records if not (trusted and r.shard_row < 0)))
+    if len(paths) < 4 * STAT_THREADS:
+        seen = {p: _stat_one(p) for p in paths}
+    else:
+        with ThreadPoolExecutor(STAT_THREADS) as pool:
+            seen = dict(zip(paths, pool.map(_stat_one, paths)))
+    return [seen.get(r.path) for r in records]
+
+
+def fingerprint(records: Sequence[Record]) -> str:
+    """A digest of each record's (path, shard_row) and its file's (bytes, mtime_ns), in any order: it changes when an
+    image file does. The decode stage records it; its check compares it before trials trust the cache."""
+    stamped = sorted({(r.path, r.shard_row): s for r, s in zip(records, _stats(records))}.items())
+    digest = hashlib.sha256()
+    for (path, row), (size, mtime) in stamped:
+        digest.update(f"{path}\0{row}\0{size}\0{mtime}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 def cache_path(cache_dir: str | Path, records: Sequence[Record], image_size: tuple[int, int]) -> Path:
@@ -153,37 +195,47 @@ class DecodedRows:
         return out
 
 
+@functools.lru_cache(maxsize=64)
+def _keys(keys_file: str, mtime_ns: int, size: int) -> tuple[tuple[str, int, int, int], ...]:
+    """A keys file's rows, parsed once per process and version of the file (a trial reads them several times)."""
+    return tuple((path, shard_row, nbytes, mtime) for path, shard_row, nbytes, mtime in
+                 json.loads(Path(keys_file).read_text())["keys"])
+
+
 def _index(cache_dir: Path, image_size: tuple[int, int]) -> tuple[list[str], dict]:
     """Cache files at ``image_size`` (newest first) and (path, shard_row) -> (file no, row, bytes, mtime_ns)."""
     h, w = image_size
     files: list[str] = []
     index: dict[tuple[str, int], tuple[int, int, int, int]] = {}
-    found = sorted(cache_dir.glob(f"decoded-{h}x{w}-*{KEYS}"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
-    for keys_file in found:
+    found = [(p, p.stat()) for p in cache_dir.glob(f"decoded-{h}x{w}-*{KEYS}")]
+    for keys_file, st in sorted(found, key=lambda f: f[1].st_mtime_ns, reverse=True):
         npy = keys_file.with_name(keys_file.name.removesuffix(KEYS) + ".npy")
         if not npy.is_file():
             continue
         files.append(str(npy))
-        for row, (path, shard_row, size, mtime) in enumerate(json.loads(keys_file.read_text())["keys"]):
+        for row, (path, shard_row, size, mtime) in enumerate(_keys(str(keys_file), st.st_mtime_ns, st.st_size)):
             index.setdefault((path, shard_row), (len(files) - 1, row, size, mtime))
     return files, index
 
 
 def decoded_rows(records: Sequence[Record], image_size: tuple[int, int], cache_dir: str | Path, *,
-                 build: bool = True, workers: int = 0) -> DecodedRows:
+                 build: bool = True, workers: int = 0, trusted: bool = False,
+                 local_dir: str | None = None) -> DecodedRows:
     """The rows of ``records`` at ``image_size`` in the cache files of ``cache_dir``.
 
     An image whose file changed (bytes or mtime) or that no file holds is missing: with ``build`` the missing
-    ones are decoded into a new cache file (``workers`` processes), else FileNotFoundError.
+    ones are decoded into a new cache file (``workers`` processes), else FileNotFoundError. ``trusted``: an image
+    file's row is taken without a stat of the file (the decode stage checked them: module docstring). With
+    ``local_dir`` the rows are read from node-local copies of the files (``datasets.local_copy``).
     """
     if not records:
         raise ValueError("decoded_rows needs at least one record")
     cache_dir = Path(cache_dir)
     files, index = _index(cache_dir, image_size) if cache_dir.is_dir() else ([], {})
     where = np.full((len(records), 2), -1, dtype=np.int64)  # [N] (file no, row)
-    for i, (r, stat) in enumerate(zip(records, _stats(records))):
+    for i, (r, stat) in enumerate(zip(records, _stats(records, trusted))):
         hit = index.get((r.path, r.shard_row))
-        if hit is not None and hit[2:] == stat:
+        if hit is not None and (stat is None or hit[2:] == stat):  # None: a trusted image file
             where[i] = hit[:2]
     missing = np.flatnonzero(where[:, 0] < 0)
     if len(missing) and not build:
@@ -195,7 +247,8 @@ def decoded_rows(records: Sequence[Record], image_size: tuple[int, int], cache_d
     used = np.unique(where[:, 0])  # keep only the files these records read
     remap = np.full(len(files), -1, dtype=np.int64)
     remap[used] = np.arange(len(used))
-    return DecodedRows([files[f] for f in used], remap[where[:, 0]], where[:, 1], image_size)
+    read = [local_copy(files[f], local_dir) if local_dir else files[f] for f in used]
+    return DecodedRows(read, remap[where[:, 0]], where[:, 1], image_size)
 
 
 class FileRows:
@@ -213,13 +266,16 @@ class FileRows:
         return decode([self.records[i] for i in np.asarray(index, dtype=np.int64)], self.image_size)
 
 
-def image_rows(records: Sequence[Record], image_size: tuple[int, int], cache_dir: str | Path | None, *,
+def image_rows(records: Sequence[Record], image_size: tuple[int, int], cache_dir: CacheDir | str | Path | None, *,
                workers: int = 0) -> DecodedRows | FileRows:
     """The uint8 rows of ``records`` at ``image_size``: from the cache in ``cache_dir`` (missing images decoded into
-    it first, ``workers`` processes), or, with no ``cache_dir``, decoded from their files on every read."""
+    it first, ``workers`` processes; a :class:`CacheDir` says how to read it), or, with no ``cache_dir``, decoded
+    from their files on every read."""
     if cache_dir is None:
         return FileRows(records, image_size)
-    return decoded_rows(records, image_size, cache_dir, workers=workers)
+    cache = cache_dir if isinstance(cache_dir, CacheDir) else CacheDir(str(cache_dir))
+    return decoded_rows(records, image_size, cache.path, workers=workers, trusted=cache.trusted,
+                        local_dir=cache.local_dir)
 
 
 class DecodedDataset(Dataset):

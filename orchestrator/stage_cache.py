@@ -57,6 +57,8 @@ class DecodedOut:
     files: tuple[str, ...]
     images: int
     size: tuple[int, int]  # [H, W] held (the pipeline's pre-crop size for paper / reference_code)
+    source: str = ""  # the images' folder: the dataset root, or the generated store
+    fingerprint: str = ""  # datasets.decoded_cache.fingerprint of the images when the stage ran ("": before it)
 
 
 @dataclass(frozen=True)

@@ -292,28 +292,43 @@ def decode_node(cfg: Config, source: StageNode, cache_dir: str, resources: dict[
     the size the re-ID pipeline reads (``reid.image_size``, or its pre-crop size for paper / reference_code).
 
     The files are content-named in the shared ``cache_dir`` (a changed image gets a new file); the stage records
-    which ones it wrote or found, and its check wants them all present.
+    which ones it wrote or found and a fingerprint of the images (each file's bytes and mtime). Its check wants the
+    files present and the fingerprint unchanged: the stage key hashes the config, not the files, so an image changed
+    in place (a dataset.root edited or re-extracted) is caught here, at the next sweep's start, and the stage rebuilt;
+    the trials that read the cache can then trust it without a stat per image (``datasets.decoded_cache``).
     """
 
     size = cache_size(cfg.reid.image_size, cfg.reid.augment)
     workers = max(1, int(resources.get("CPU", 1)))
     stage = "decode" if source.stage == "dataset" else "decode_gen"
 
-    def build(folder: Path, src: StageResult) -> DecodedOut:
-        from datasets.decoded_cache import decoded_rows
-
+    def images(folder: str) -> list:
+        """The record lists to decode: the dataset root's splits, or the store's images."""
         if stage == "decode":
-            split = load(src.out.root)
-            parts = [p for p in (split.train, split.query, split.gallery) if p]
-        else:
-            parts = [GeneratedStore(src.out.store).records()]
+            split = load(folder)
+            return [p for p in (split.train, split.query, split.gallery) if p]
+        return [GeneratedStore(folder).records()]
+
+    def build(folder: Path, src: StageResult) -> DecodedOut:
+        from datasets.decoded_cache import decoded_rows, fingerprint
+
+        root = src.out.root if stage == "decode" else src.out.store
+        parts = images(root)
+        stamp = fingerprint([r for p in parts for r in p])  # before decoding: a file changed meanwhile rebuilds
         files = sorted({f for p in parts for f in decoded_rows(p, size, cache_dir, workers=workers).files})
-        return DecodedOut(cache_dir, tuple(files), sum(map(len, parts)), tuple(size))
+        return DecodedOut(cache_dir, tuple(files), sum(map(len, parts)), tuple(size), root, stamp)
 
     def check(folder: Path, out: DecodedOut) -> list[str]:
-        from datasets.decoded_cache import keys_path
+        from datasets.decoded_cache import fingerprint, keys_path
 
-        return [f"{f} is missing" for f in out.files if not (Path(f).is_file() and keys_path(f).is_file())]
+        missing = [f"{f} is missing" for f in out.files if not (Path(f).is_file() and keys_path(f).is_file())]
+        if missing or not out.fingerprint:
+            return missing or ["it has no fingerprint of its images (written before they were fingerprinted)"]
+        try:
+            now = fingerprint([r for p in images(out.source) for r in p])
+        except Exception as err:  # noqa: BLE001 - images gone or unlistable: rebuild (after a rebuilt source stage)
+            return [f"its images in {out.source} cannot be read: {type(err).__name__}: {err}"]
+        return [] if now == out.fingerprint else [f"the images in {out.source} changed since it ran"]
 
     key = stage_key(cfg, extra={"source": source.key, "size": list(size)})
     return StageNode(stage, key, DecodedOut, (source.name,), resources, build, check)

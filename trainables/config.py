@@ -191,6 +191,9 @@ class ReidConfig:
     # read the images from the decoded uint8 cache (false: decode each file on every read, in the loader workers);
     # either way they are augmented on the training device
     decoded_cache: bool = True
+    # a node-local folder (local disk, /dev/shm) the decoded cache's files are copied to, once per node, and read from
+    # (datasets/local_copy.py): "" = $MPRL_LOCAL_CACHE of the reading node (unset: no copy) | none = no copy
+    local_cache_dir: str = ""
     max_steps: int | None = None  # cap on optimizer steps per epoch (the scale rehearsal); None = every batch
     amp: bool = True  # bf16 autocast (GPU only)
     channels_last: bool = True  # GPU only
@@ -245,6 +248,8 @@ class ReidConfig:
         for key in ("decoded_cache", "rerank", "bn_recalibrate"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"reid.{key}={getattr(self, key)!r} must be true or false")
+        if not isinstance(self.local_cache_dir, str):
+            raise ValueError(f"reid.local_cache_dir={self.local_cache_dir!r} must be a folder, \"\" or none")
         if self.max_steps is not None:
             check_positive("reid.max_steps", self.max_steps)
         check_positive("reid.eval_every", self.eval_every, allow_zero=True)

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import torch
 
-from datasets.decoded_cache import image_rows
+from datasets.decoded_cache import CacheDir, image_rows
 from datasets.records import Record, Split
 from trainables.config import ReidConfig, cache_size
 from trainables.evaluation.distance import compute_distance, extract_features
@@ -21,7 +21,7 @@ from trainables.reid.data import EpochLoader, eval_loader
 
 
 def evaluate_model(model: torch.nn.Module, split: Split, reid: ReidConfig, device: torch.device, *,
-                   cache_dir: str | None = None) -> dict[str, Any]:
+                   cache_dir: CacheDir | str | None = None) -> dict[str, Any]:
     """rank-1/5/10, mAP, mINP (fractions), the CMC curve and the skipped-query count of `model`'s embeddings.
 
     Reads reid.image_size, batch_size (x2: no gradients), loader_workers, flip_test, distance, rerank and ap. With
@@ -54,7 +54,7 @@ def check_rerank(reid: ReidConfig, split: Split, what: str) -> None:
 
 
 def eval_batches(records: Sequence[Record], reid: ReidConfig, device: torch.device,
-                 cache_dir: str | None) -> EpochLoader:
+                 cache_dir: CacheDir | str | None) -> EpochLoader:
     """Test-time batches of `records` at the test size of ``reid.augment`` (from the cache in `cache_dir`, else from
     their files)."""
     rows = image_rows(records, cache_size(reid.image_size, reid.augment), cache_dir, workers=reid.loader_workers)

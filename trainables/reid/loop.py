@@ -18,8 +18,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from datasets.decoded_cache import image_rows
+from datasets.decoded_cache import CacheDir, image_rows
 from datasets.generated import GeneratedStore
+from datasets.local_copy import local_dir
 from datasets.market1501 import load
 from datasets.records import Record, Split
 from trainables import runtime
@@ -125,7 +126,7 @@ def _result(final: dict, reid: ReidConfig, data: RunData) -> ReidResult:
 
 
 def evaluate_recalibrated(model: torch.nn.Module, data: RunData, reid: ReidConfig, device: torch.device,
-                          cache_dir: str | None) -> dict[str, float]:
+                          cache_dir: CacheDir | None) -> dict[str, float]:
     """The test metrics of ``model`` with its BatchNorm statistics re-estimated on the real training images (the
     test transform; ``trainables.reid.bn_recalibrate``)."""
     from trainables.reid.bn_recalibrate import recalibrated
@@ -279,14 +280,21 @@ def _resume(model, optimizer, scheduler) -> tuple[int, dict]:
     return state["epoch"] + 1, dict(state.get("final", {}))
 
 
-def _cache_dir(reid: ReidConfig, inputs: ReidInputs, run_dir: str) -> str | None:
-    """Where the decoded-image cache is (None: ``reid.decoded_cache`` is off, images are read from their files)."""
+def _cache_dir(reid: ReidConfig, inputs: ReidInputs, run_dir: str) -> CacheDir | None:
+    """Where the decoded-image cache is (None: ``reid.decoded_cache`` is off, images are read from their files).
+
+    A sweep's folder (``inputs.cache_dir``) was filled and checked by its decode stages: trusted, no stat per image
+    (``datasets.decoded_cache``). A single run's own folder is filled in-process, each image's file checked.
+    Either is read from node-local copies with ``reid.local_cache_dir`` (or ``$MPRL_LOCAL_CACHE``)."""
     if not reid.decoded_cache:
         return None
-    return inputs.cache_dir or str(Path(run_dir).parent / "decoded")
+    here = local_dir(reid.local_cache_dir)
+    if inputs.cache_dir:
+        return CacheDir(inputs.cache_dir, trusted=True, local_dir=here)
+    return CacheDir(str(Path(run_dir).parent / "decoded"), local_dir=here)
 
 
-def _train_loader(reid: ReidConfig, data: RunData, cache_dir: str | None, ctx: runtime.Context) -> EpochLoader:
+def _train_loader(reid: ReidConfig, data: RunData, cache_dir: CacheDir | None, ctx: runtime.Context) -> EpochLoader:
     """The run's one training loader. With the decoded cache, images it lacks are decoded into it first, on rank 0
     also those that evaluation reads: no image file is opened after this. Without it, the loader workers decode
     each image from its file on every read."""
