@@ -5,7 +5,7 @@ logged once, and no duplicate runs.
 What carries a sweep through: the MLflow client's own HTTP retries (``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` with
 exponential backoff, which the sweep raises for its workers: ``orchestrator.tracking.RETRY_ENV``) hold each call
 until the server answers again, and the driver's per-epoch logger keeps what it could not log and logs it on the
-next result (``tuning.EpochLogger``): the trial itself never waits on the server while it trains."""
+next result (``orchestrator.epoch_logger.EpochLogger``): the trial itself never waits on the server while it trains."""
 
 from __future__ import annotations
 
