@@ -21,6 +21,7 @@ from typing import Any, Callable, Generic, TypeVar
 
 from datasets.files import atomic_write_bytes
 from orchestrator.config import RUNTIME_FIELDS, Config, build, get_path, to_dict
+from orchestrator.provenance import code_version
 from trainables.config import ReidResult
 
 DONE = "done.json"
@@ -215,9 +216,19 @@ class StageNode:
     check: Callable[[Path, Any], list[str]] | None = None
     artifacts: str | None = None  # glob of files (under the stage folder) logged with the stage's MLflow run
 
+    def __post_init__(self) -> None:
+        # the key given (a hash of config fields) + the version of the code this stage runs
+        # (orchestrator/provenance.py states the rule): code changed there means a new folder, never an old output
+        object.__setattr__(self, "key", versioned_key(self.stage, self.key))
+
     @property
     def name(self) -> str:
         return f"{self.stage}-{self.key}"
+
+
+def versioned_key(stage: str, key: str) -> str:
+    """``key`` (a config hash) combined with the code version of ``stage`` (:func:`provenance.code_version`)."""
+    return hashlib.sha256(f"{key}:{code_version(stage)}".encode()).hexdigest()[:12]
 
 
 def stage_key(cfg: Config, *sections: str, extra: dict[str, Any] | None = None) -> str:

@@ -8,6 +8,7 @@ absolute artifact root (Ray changes the working directory of trials).
 
 from __future__ import annotations
 
+import re
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -18,12 +19,19 @@ import mlflow
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
+from orchestrator.provenance import run_tags
+
 TAG_KIND = "mprl.kind"  # sweep | stage | trial
 TAG_KEY = "mprl.key"  # sweep instance / stage key / trial key
 TAG_PARENT = "mlflow.parentRunId"
 TAG_ERROR = "mprl.error"  # why a stage or trial run FAILED
 TAG_EARLY_STOPPED = "mprl.early_stopped"  # "true" on a trial a scheduler (ASHA) stopped early
 TAG_STOPPED_AFTER = "mprl.stopped_after_epochs"  # the epochs it trained before that
+# The unit of a run's ranking metrics (rank1/5/10, mAP, mINP under any prefix: final_, val_, bnr_, rr_, xd_<name>_):
+# "percent" on every run this version creates (the unit the CLI tables and the paper print); a run without the tag
+# was logged by an older version in fractions.
+TAG_UNIT = "mprl.metric_unit"
+PERCENT = "percent"
 MAX_PARAM = 6000  # MLflow's limit on a param value's length
 # The MLflow client's HTTP retries, in the sweep's driver and workers (a value the user exported wins): 10 retries
 # with backoff factor 2 sleep 0, 4, 8, ..., 120 s (urllib3 caps a sleep at 120 s), about 10 minutes in all, so a
@@ -135,7 +143,9 @@ def get_or_create_run(client: MlflowClient, exp_id: str, kind: str, key: str, na
 
 
 def _create_run(client: MlflowClient, exp_id: str, name: str, tags: dict[str, str], status: str) -> str:
-    run = client.create_run(exp_id, run_name=name, tags=tags)
+    """The one place runs are made: each carries the provenance tags (git commit, dirty flag, user, host, package
+    versions: :func:`orchestrator.provenance.run_tags`) and its metrics' unit."""
+    run = client.create_run(exp_id, run_name=name, tags={**run_tags(), TAG_UNIT: PERCENT, **tags})
     if status != "RUNNING":
         client.update_run(run.info.run_id, status=status)
     return run.info.run_id
@@ -149,12 +159,29 @@ def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> Non
         client.log_batch(run_id, params=new[i:i + 100])
 
 
+def is_ranking_metric(name: str) -> bool:
+    """True for rank1/5/10, mAP, mINP under any prefix (final_, val_, bnr_, rr_, xd_<name>_): the metrics the
+    code keeps as fractions and MLflow holds in percent (``TAG_UNIT``)."""
+    return RANKING.fullmatch(name) is not None
+
+
+RANKING = re.compile(r"(final_|val_)?(bnr_|xd_[a-z0-9]+_)?(rr_)?(rank1|rank5|rank10|mAP|mINP)")
+
+
 def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, Any], step: int | None = None) -> None:
+    """Log the numeric values of ``metrics``; the ranking metrics (fractions in the code) in percent, the unit the
+    CLI tables and the paper print, so MLflow's columns and charts read the same numbers."""
     now = int(time.time() * 1000)
-    items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()
-             if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    items = [Metric(k, float(v) * (100.0 if is_ranking_metric(k) else 1.0), now, step or 0)
+             for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
     if items:
         client.log_batch(run_id, metrics=items)
+
+
+def fractions(run) -> dict[str, float]:
+    """A run's metrics with its ranking metrics as fractions again, whatever unit it was logged in."""
+    scale = 0.01 if run.data.tags.get(TAG_UNIT) == PERCENT else 1.0
+    return {k: v * scale if is_ranking_metric(k) else v for k, v in run.data.metrics.items()}
 
 
 def set_status(client: MlflowClient, run_id: str, status: str) -> None:

@@ -9,13 +9,18 @@ from dataclasses import dataclass
 import pytest
 
 from orchestrator import dag
-from orchestrator.stage_cache import ERROR, Paths, require_finished
+from orchestrator.stage_cache import ERROR, Paths, require_finished, versioned_key
 from orchestrator.stages import Plan, StageNode
 
 
 @dataclass(frozen=True)
 class Out:
     name: str
+
+
+def nm(stage: str) -> str:
+    """The folder name of toy stage ``stage`` with key "k" (the key carries the stage's code version)."""
+    return f"{stage}-{versioned_key(stage, 'k')}"
 
 
 def _node(log, stage: str, deps=(), *, meet: str = "", fail: bool = False) -> StageNode:
@@ -32,7 +37,7 @@ def _node(log, stage: str, deps=(), *, meet: str = "", fail: bool = False) -> St
         (log / stage).write_text(json.dumps(record))
         return Out(stage)
 
-    return StageNode(stage, "k", Out, tuple(f"{d}-k" for d in deps), {"CPU": 1}, build)
+    return StageNode(stage, "k", Out, tuple(nm(d) for d in deps), {"CPU": 1}, build)
 
 
 def _plan(*nodes: StageNode) -> Plan:
@@ -53,7 +58,7 @@ def test_stages_run_in_workers_at_once_and_chained(tmp_path, local_ray):
     assert runs["gan"]["start"] < runs["base"]["end"] and runs["base"]["start"] < runs["gan"]["end"], \
         "the GAN and the baseline did not run at the same time"
     assert runs["gen"]["start"] >= runs["gan"]["end"] and runs["smprl"]["inputs"] == ["base", "gen"]
-    assert seen.index("data-k") < seen.index("gan-k") < seen.index("gen-k") < seen.index("smprl-k")
+    assert seen.index(nm("data")) < seen.index(nm("gan")) < seen.index(nm("gen")) < seen.index(nm("smprl"))
     assert all(f"pid {runs[n.split('-')[0]]['pid']}" in graph.results[n].where for n in plan.nodes)
 
     again = dag.StageGraph(plan, Paths(tmp_path), "s2").start()  # everything cached: nothing submitted
@@ -69,10 +74,11 @@ def test_a_failed_stage_fails_its_dependants_with_its_message(tmp_path, local_ra
     graph = dag.StageGraph(plan, Paths(tmp_path), "s3").start()
     graph.wait()
     graph.close()
-    assert graph.errors["gan-k"] == "ValueError: gan broke"
-    assert graph.errors["gen-k"] == "input stage gan-k failed"
-    assert set(graph.results) == {"data-k", "base-k"}  # the independent branch still finished
-    assert (tmp_path / "stages" / "gan-k" / ERROR).read_text().strip() == "ValueError: gan broke"
-    with pytest.raises(FileNotFoundError, match="input stage gen-k has not finished: input stage gan-k failed"):
-        require_finished(tmp_path / "stages" / "gen-k")
+    assert graph.errors[nm("gan")] == "ValueError: gan broke"
+    assert graph.errors[nm("gen")] == f"input stage {nm('gan')} failed"
+    assert set(graph.results) == {nm("data"), nm("base")}  # the independent branch still finished
+    assert (tmp_path / "stages" / nm("gan") / ERROR).read_text().strip() == "ValueError: gan broke"
+    with pytest.raises(FileNotFoundError,
+                       match=f"input stage {nm('gen')} has not finished: input stage {nm('gan')} failed"):
+        require_finished(tmp_path / "stages" / nm("gen"))
     assert not (log / "gen").exists()

@@ -89,7 +89,7 @@ def test_rest_api_serves_the_sweep(finished_sweep, tmp_path):
         _, trials = _trial_metrics(url)
     assert set(trials) == set(TRIALS)
     for name, metrics in trials.items():
-        assert 0.0 <= metrics["final_rank1"] <= 1.0 and 0.0 <= metrics["final_mAP"] <= 1.0, name
+        assert 0.0 <= metrics["final_rank1"] <= 100.0 and 0.0 <= metrics["final_mAP"] <= 100.0, name  # percent
 
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} is missing (apt-get install -y chromium)")
