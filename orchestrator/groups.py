@@ -4,6 +4,15 @@ What :mod:`orchestrator.report` prints, without MLflow or formatting: :func:`sum
 :class:`TrialResult` rows into :class:`Group` s (trials that differ only in the seed), each with its paired
 differences from every control of its setting (``vs``) and the contrasts of the paper's claims with it on the left
 (``contrasts``), every p-value of a metric Holm-adjusted over the family the report prints (:func:`family_size`).
+
+Evaluations (:mod:`orchestrator.evaluations`): each way a final model was evaluated (as trained, BN re-estimated,
+re-ranked, on each other dataset, ...) makes groups of its own, compared only with groups evaluated the same way.
+Every one of them joins the one Holm family per metric: the report prints each evaluation's differences with their
+p-values, so each p is adjusted over every difference printed, whatever its evaluation (a larger family than one per
+evaluation: conservative, and honest about what is on the page). The domains table prints no p-value.
+
+In MLflow: :func:`group_tags` are the tags a trial run carries (``mprl.setting``, ``mprl.group``), so that MLflow's
+"group by tag" rebuilds these groups.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from orchestrator.config import RUNTIME_FIELDS
+from orchestrator.evaluations import AS_TRAINED, BN_RECALIBRATED, from_label  # noqa: F401 (the groups' labels)
 from orchestrator.paper_numbers import PaperRow, paper_row, ratio
 from orchestrator.stats import Paired, Summary, adjusted, paired, summary
 from orchestrator.trials import TrialSpec
@@ -25,13 +35,19 @@ from trainables.methods import BASELINE, METHODS, PAPER_CONTRASTS, method
 SWEPT = (*TrialSpec(BASELINE, 0).overrides(), "labels.pool", "labels.pool_root", "trial")
 CONTROLS = tuple(m for m, t in METHODS.items() if t.control)  # every method's paired difference is taken against these
 METRIC_NAMES = {"rank1": "rank-1", "mAP": "mAP"}
-AS_TRAINED, BN_RECALIBRATED = "as trained", "BN re-estimated"  # the two evaluations of a final model
+TAG_SETTING, TAG_GROUP = "mprl.setting", "mprl.group"  # a trial run's group, as tags (group_tags)
+MAX_PARAM = 6000  # = tracking.MAX_PARAM (not imported: this module loads without MLflow)
+
+
+# where the data lives, not what it is: the same data elsewhere is the same setting (the other test sets of a
+# cross-domain evaluation are told apart by their names, in the metric names: orchestrator.evaluations)
+LOCATIONS = ("dataset.root", "dataset.test_root")
 
 
 def setting_of(params: dict[str, str]) -> str:
     """A short hash of every config field a trial's result depends on, except the swept ones and those that change
-    where or how fast it ran (``RUNTIME_FIELDS``, ``dataset.root``: the same data elsewhere)."""
-    kept = {k: v for k, v in params.items() if k not in SWEPT and k != "dataset.root"
+    where or how fast it ran (``RUNTIME_FIELDS``, :data:`LOCATIONS`)."""
+    kept = {k: v for k, v in params.items() if k not in SWEPT and k not in LOCATIONS
             and k.rsplit(".", 1)[-1] not in RUNTIME_FIELDS and not k.startswith(("data.", "cluster.", "sweep."))}
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:8]
 
@@ -49,8 +65,8 @@ class Settings:
     order: str
     keep: str
     pool: str = "gan"  # labels.pool ("folder:<name>" for a folder pool; "-" for a method without generated images)
-    # how the final model was evaluated: as trained, or with its BatchNorm statistics re-estimated on the real
-    # training images (reid.bn_recalibrate: both, from the same runs)
+    # how the final model was evaluated (orchestrator.evaluations' label): as trained, BN re-estimated, re-ranked,
+    # cross-domain <name>, ... (each from the same runs)
     evaluation: str = AS_TRAINED
 
     @property
@@ -70,7 +86,7 @@ class TrialResult(Settings):
     """One finished trial run of a sweep, as the report reads it from MLflow."""
 
     seed: int = 0
-    rank1: float = float("nan")  # fractions in [0, 1]
+    rank1: float = float("nan")  # percent (collect converts a run logged in fractions)
     mAP: float = float("nan")
     num_train: int = 0
     single_baseline: bool = False
@@ -85,6 +101,7 @@ class Contrast:
     name: str  # "dmprl2 vs lsro", "dmprl2: code order vs paper order", "lsro: synthetic_ids pool vs gan pool"
     num_gan: int
     diffs: dict[str, Paired | None]  # "rank1" / "mAP" -> the paired difference
+    key: str = ""  # what ``b`` is, short: its method ("lsro"), "paper_order", "gan_pool" (MLflow metric names)
 
 
 @dataclass(frozen=True)
@@ -131,6 +148,27 @@ def pool_label(params: dict[str, str]) -> str:
     return f"folder:{Path(root).name}" if pool == "folder" else pool
 
 
+def pool_of(params: dict[str, str]) -> str:
+    """A trial's pool column: :func:`pool_label` for a method with generated images, ``-`` for the others."""
+    return pool_label(params) if method(params.get("labels.method", BASELINE)).generated else "-"
+
+
+def group_name(method_name: str, pool: str, num_gan: int, order: str, keep: str, setting: str) -> str:
+    """The readable key of a group of seeds: ``lsro pool=gan gan=360 order=paper keep=None setting=1a2b3c4d``."""
+    return f"{method_name} pool={pool} gan={num_gan} order={order} keep={keep} setting={setting}"
+
+
+def group_tags(params: dict[str, object]) -> dict[str, str]:
+    """The tags that put a trial run in its report group in MLflow's UI: ``mprl.setting`` (:func:`setting_of`) and
+    ``mprl.group`` (:func:`group_name`). ``params``: the params logged on the run (``{**flat_dict(cfg), "trial":
+    key}``), as values or as the strings MLflow stores (``tracking.log_params``: ``str(v)[:MAX_PARAM]``)."""
+    p = {k: str(v)[:MAX_PARAM] for k, v in params.items()}
+    setting = setting_of(p)
+    name = group_name(p.get("labels.method", BASELINE), pool_of(p), int(p.get("labels.num_gan", 0)),
+                      p.get("labels.order", "paper"), p.get("labels.keep", "None"), setting)
+    return {TAG_SETTING: setting, TAG_GROUP: name}
+
+
 def summarise(rows: list[TrialResult]) -> list[Group]:
     """Groups of seeds with their statistics, paired differences from the controls of the same setting, the paper's
     claims as contrasts, the published row (or why there is none); every p-value Holm-adjusted over its metric's
@@ -139,8 +177,8 @@ def summarise(rows: list[TrialResult]) -> list[Group]:
     for r in rows:
         by_group[r.group].append(r)
     # by setting, evaluation, then the config's pool (and the real-only methods, pool "-") before the other pools
-    order = sorted(by_group.items(), key=lambda kv: (*kv[0][:3], kv[0][8] != AS_TRAINED, kv[0][7] not in ("-", "gan"),
-                                                     kv[0][7], kv[0][4], kv[0][3]))
+    order = sorted(by_group.items(), key=lambda kv: (*kv[0][:3], from_label(kv[0][8]).order,
+                                                     kv[0][7] not in ("-", "gan"), kv[0][7], kv[0][4], kv[0][3]))
     groups = [_group(rs) for _, rs in order]
     out = []
     for g in groups:
@@ -201,24 +239,26 @@ def _contrasts(groups: list[Group], g: Group) -> tuple[Contrast, ...]:
         for a, b in PAPER_CONTRASTS:
             other = find(method=b, order="paper", keep="None", pool=g.pool) if g.method == a else None
             if other is not None:
-                out.append((f"{a} vs {b}", other))
+                out.append((f"{a} vs {b}", b, other))
     if g.order != "paper":  # the rank-order ablation
         other = find(method=g.method, order="paper", keep=g.keep, pool=g.pool)
         if other is not None:
-            out.append((f"{g.method}: {g.order} order vs paper order", other))
+            out.append((f"{g.method}: {g.order} order vs paper order", "paper_order", other))
     if g.pool != "gan" and method(g.method).generated:  # another pool against the DCGAN's
         other = find(method=g.method, order=g.order, keep=g.keep, pool="gan")
         if other is not None:
-            out.append((f"{g.method}: {g.pool} pool vs gan pool", other))
-    return tuple(Contrast(name, g.num_gan, d) for name, other in out if (d := _compare(g, other)) is not None)
+            out.append((f"{g.method}: {g.pool} pool vs gan pool", "gan_pool", other))
+    return tuple(Contrast(name, g.num_gan, d, key) for name, key, other in out if (d := _compare(g, other)) is not None)
 
 
 def _group(rs: list[TrialResult]) -> Group:
     r0 = rs[0]
     done = [x for x in rs if x.stopped_after is None]
     num_train = max(x.num_train for x in rs)
-    paper, note = paper_row(r0.dataset, r0.model, r0.method, r0.num_gan, num_train)
-    by_seed = {k: {x.seed: 100 * getattr(x, k) for x in done} for k in METRIC_NAMES}
+    ev = from_label(r0.evaluation)  # BN re-estimated: the same published row as trained
+    paper, note = paper_row(r0.dataset, r0.model, r0.method, r0.num_gan, num_train, domain=ev.domain,
+                            reranked=ev.reranked)
+    by_seed = {k: {x.seed: getattr(x, k) for x in done} for k in METRIC_NAMES}
     return Group(*(getattr(r0, f.name) for f in dataclasses.fields(Settings)), by_seed=by_seed,
                  rank1=summary(list(by_seed["rank1"].values())) if done else None,
                  mAP=summary(list(by_seed["mAP"].values())) if done else None,

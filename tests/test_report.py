@@ -39,14 +39,14 @@ def test_each_dataset_only_with_its_own_numbers():
 
 def _row(dataset, model, method, n, seed, r1, setting="s1", **kw):
     return TrialResult(setting, "cpu", dataset, model, method, n, kw.pop("order", "paper"), "None", seed=seed, rank1=r1,
-                       mAP=r1 - 0.1, num_train=12936, **kw)
+                       mAP=r1 - 10, num_train=12936, **kw)
 
 
 def test_summary_keeps_datasets_models_and_settings_apart():
-    rows = [_row("market1501", "ident", "baseline", 0, s, 0.70 + s / 100) for s in range(3)]
-    rows += [_row("market1501", "ident", "dmprl2", 24000, s, 0.75 + s / 100 + (s == 2) / 1000) for s in range(3)]
-    rows += [_row("market1501", "twostream", "baseline", 0, 0, 0.80)]
-    rows += [_row("market1501", "ident", "dmprl2", 24000, 0, 0.10, setting="s2")]  # another setting: not merged
+    rows = [_row("market1501", "ident", "baseline", 0, s, 70 + s) for s in range(3)]
+    rows += [_row("market1501", "ident", "dmprl2", 24000, s, 75 + s + (s == 2) / 10) for s in range(3)]
+    rows += [_row("market1501", "twostream", "baseline", 0, 0, 80)]
+    rows += [_row("market1501", "ident", "dmprl2", 24000, 0, 10, setting="s2")]  # another setting: not merged
     groups = summarise(rows)
     assert len(groups) == 4
     dm = next(g for g in groups if g.method == "dmprl2" and g.setting == "s1")
@@ -60,10 +60,10 @@ def test_summary_keeps_datasets_models_and_settings_apart():
 
 
 def test_the_compute_matched_control_is_taken_at_the_same_number_of_images():
-    rows = [_row("market1501", "ident", "baseline", 0, s, 0.70) for s in range(2)]
-    rows += [_row("market1501", "ident", "baseline_matched", n, s, 0.72 + n / 1e6) for n in (12000, 24000)
+    rows = [_row("market1501", "ident", "baseline", 0, s, 70) for s in range(2)]
+    rows += [_row("market1501", "ident", "baseline_matched", n, s, 72 + n / 1e4) for n in (12000, 24000)
              for s in range(2)]
-    rows += [_row("market1501", "ident", "lsro", 24000, s, 0.75 + s / 100) for s in range(2)]
+    rows += [_row("market1501", "ident", "lsro", 24000, s, 75 + s) for s in range(2)]
     lsro = next(g for g in summarise(rows) if g.method == "lsro")
     assert lsro.vs["baseline_matched"]["rank1"].mean == pytest.approx(1.1)  # 75.5 - 74.4: the one at 24,000
     assert lsro.vs["baseline"]["rank1"].mean == pytest.approx(5.5)
@@ -127,11 +127,11 @@ def _seeds(method, n, values, **kw):
 def test_the_papers_claims_are_contrasts_adjusted_over_the_printed_family():
     """dMpRL-II vs LSRO (Table IV's point) and the other contrasts are paired per seed at one #GAN; every p of a
     metric is Holm-adjusted over the report's family; the verdict comes from the adjusted p; n is the paired n."""
-    rows = _seeds("baseline", 0, [0.70, 0.71, 0.69])
-    rows += _seeds("lsro", 24000, [0.72, 0.735, 0.71])
-    rows += _seeds("dmprl2", 24000, [0.75, 0.775, None])  # seed 2 missing: paired n = 2
-    rows += _seeds("dmprl1", 24000, [0.74, 0.73, 0.75])
-    rows += _seeds("dmprl2", 24000, [0.70, 0.71, 0.72], order="reference_code")
+    rows = _seeds("baseline", 0, [70, 71, 69])
+    rows += _seeds("lsro", 24000, [72, 73.5, 71])
+    rows += _seeds("dmprl2", 24000, [75, 77.5, None])  # seed 2 missing: paired n = 2
+    rows += _seeds("dmprl1", 24000, [74, 73, 75])
+    rows += _seeds("dmprl2", 24000, [70, 71, 72], order="reference_code")
     groups = summarise(rows)
     dm = next(g for g in groups if g.method == "dmprl2" and g.order == "paper")
     names = [c.name for c in dm.contrasts]
@@ -159,7 +159,7 @@ def test_the_papers_claims_are_contrasts_adjusted_over_the_printed_family():
 
 
 def test_paired_n_is_shown_where_a_group_has_more_seeds_than_it_pairs():
-    rows = _seeds("baseline", 0, [0.70, 0.71, None]) + _seeds("lsro", 360, [0.72, 0.73, 0.71])
+    rows = _seeds("baseline", 0, [70, 71, None]) + _seeds("lsro", 360, [72, 73, 71])
     text = format_report(summarise(rows))
     assert "3 (2 paired)" in text
 
@@ -175,7 +175,7 @@ def test_a_verdict_that_does_not_survive_the_adjustment_is_no_finding():
 
 
 def test_asha_stopped_trials_are_listed_and_their_group_gets_no_verdict():
-    rows = _seeds("baseline", 0, [0.70, 0.71, 0.69]) + _seeds("lsro", 360, [0.80, None, None])
+    rows = _seeds("baseline", 0, [70, 71, 69]) + _seeds("lsro", 360, [80, None, None])
     rows += [TrialResult("s1", "cpu", "market1501", "ident", "lsro", 360, "paper", "None", seed=s, stopped_after=4,
                          num_train=12936) for s in (1, 2)]
     groups = summarise(rows)
@@ -191,9 +191,9 @@ def test_asha_stopped_trials_are_listed_and_their_group_gets_no_verdict():
 
 
 def test_the_unlabelled_control_is_taken_on_the_same_pool_and_number_of_images():
-    rows = _seeds("baseline", 0, [0.70, 0.71, 0.69]) + _seeds("lsro", 360, [0.66, 0.67, 0.65])
-    rows += _seeds("unlabelled", 360, [0.64, 0.66, 0.65]) + _seeds("unlabelled", 720, [0.6, 0.6, 0.6])
-    rows += _seeds("lsro", 360, [0.72, 0.73, 0.71], pool="synthetic_ids")
+    rows = _seeds("baseline", 0, [70, 71, 69]) + _seeds("lsro", 360, [66, 67, 65])
+    rows += _seeds("unlabelled", 360, [64, 66, 65]) + _seeds("unlabelled", 720, [60, 60, 60])
+    rows += _seeds("lsro", 360, [72, 73, 71], pool="synthetic_ids")
     groups = summarise(rows)
     lsro = next(g for g in groups if g.method == "lsro" and g.pool == "gan")
     assert lsro.vs["unlabelled"]["rank1"].mean == pytest.approx(1.0)
@@ -209,9 +209,9 @@ def test_bn_re_estimated_evaluations_are_compared_only_with_each_other():
     re-estimated evaluation, printed in a block of its own."""
     from orchestrator.groups import BN_RECALIBRATED
 
-    rows = _seeds("baseline", 0, [0.70, 0.71, 0.69]) + _seeds("lsro", 360, [0.64, 0.65, 0.63])
-    rows += _seeds("baseline", 0, [0.71, 0.72, 0.70], evaluation=BN_RECALIBRATED)
-    rows += _seeds("lsro", 360, [0.70, 0.715, 0.69], evaluation=BN_RECALIBRATED)
+    rows = _seeds("baseline", 0, [70, 71, 69]) + _seeds("lsro", 360, [64, 65, 63])
+    rows += _seeds("baseline", 0, [71, 72, 70], evaluation=BN_RECALIBRATED)
+    rows += _seeds("lsro", 360, [70, 71.5, 69], evaluation=BN_RECALIBRATED)
     groups = summarise(rows)
     plain, fixed = (next(g for g in groups if g.method == "lsro" and g.evaluation == e)
                     for e in ("as trained", BN_RECALIBRATED))
