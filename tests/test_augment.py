@@ -139,3 +139,53 @@ def test_training_draws_follow_the_seed():
         prepare.reseed(seed)
         outs.append(prepare({"img": rows})["img"])
     assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
+
+
+@pytest.mark.parametrize("augment", ["pad_crop", "paper", "reference_code"])
+@pytest.mark.parametrize("train", [True, False])
+def test_the_pipeline_reads_no_device_value(augment, train):
+    """On meta tensors (shapes, no data) any read of a device value (``.item()``, ``.tolist()``, a branch on a
+    tensor) raises: the pipeline runs to the end, so on a GPU it never waits for the device (issue 29). The draws
+    stay on the CPU, where reading them costs no sync."""
+    meta = torch.device("meta")
+    prep = DeviceAugment(augment, SIZE, meta, train=train)
+    assert all(c.device == meta for c in prep.constants)
+    h, w = cache_size(SIZE, augment)
+    batch = {"img": torch.zeros(6, h, w, 3, dtype=torch.uint8), "label": torch.arange(6)}
+    out = prep(batch)
+    shape = SIZE if train else (h, w)  # at test time paper / reference_code feed the whole larger image
+    assert out["img"].device == meta and out["img"].shape == (6, 3, *shape) and out["img"].dtype == torch.float32
+    assert out["label"].device == meta
+    with pytest.raises((NotImplementedError, RuntimeError)):  # the probe itself: a value read on meta raises
+        out["img"].sum().item()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bench/gpu_suite.sh runs it)")
+@pytest.mark.parametrize("augment", ["pad_crop", "paper", "reference_code"])
+def test_augmentation_and_a_training_step_do_not_synchronise_cuda(augment):
+    """The decoded-cache path's training step on a GPU under CUDA's own detector (any host-device wait raises):
+    a pinned uint8 batch through DeviceAugment, the identification step, backward and the optimizer step."""
+    from trainables.reid.engine import ident_step
+    from trainables.reid.labels import LabelSpec
+
+    dev = torch.device("cuda")
+    h, w = cache_size(SIZE, augment)
+    batch = {"img": _images(8, (h, w)).pin_memory(), "label": torch.arange(8).pin_memory(),
+             "generated": torch.zeros(8, dtype=torch.bool).pin_memory(),
+             "gen_row": torch.full((8,), -1).pin_memory()}
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(8, 8)).to(dev)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    prep = DeviceAugment(augment, SIZE, dev, train=True)
+    step = ident_step(LabelSpec("baseline", 8), None, lambda: torch.autocast("cuda", dtype=torch.bfloat16))
+    prep(batch)  # the first call may initialise CUDA state (cuBLAS handles, caching allocator)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = step(model, prep(batch), 0)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(out.loss).item()

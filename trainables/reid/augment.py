@@ -16,8 +16,9 @@ decoded from the files: ``datasets.decoded_cache``). For a network input ``image
 Then to float and ImageNet normalisation. The random parameters of a batch are drawn on the CPU from one
 ``torch.Generator`` per epoch (the same numbers on CPU and GPU, and a resumed run replays them) by the
 distributions of the torchvision transforms (``RandomHorizontalFlip``, ``Pad`` + ``RandomCrop``); the pixels move
-once, as uint8, and are cropped and flipped with one gather. ``tests/test_augment.py`` checks the geometry against
-torchvision's own transforms for the same parameters.
+once, as uint8, and are cropped and flipped with one gather. Nothing in a batch waits for the device: the
+normalisation constants live there, and a batch's draws reach it in one pinned, non-blocking copy.
+``tests/test_augment.py`` checks the geometry against torchvision's own transforms for the same parameters.
 """
 
 from __future__ import annotations
@@ -78,24 +79,49 @@ def draw_params(augment: str, n: int, image_size: tuple[int, int], generator: to
     return CropParams(top, left, ch, cw, flip)
 
 
-def normalize(img: torch.Tensor) -> torch.Tensor:
+def norm_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) [1, 3, 1, 1] on ``device``: ``x / 255`` then ImageNet's Normalize as ``x * scale - shift``.
+    Made once per pipeline: a tensor built from Python numbers on an accelerator is a blocking host copy."""
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    return (1 / (255 * std)).to(device), (mean / std).to(device)
+
+
+def normalize(img: torch.Tensor, constants: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """uint8 [B, H, W, 3] -> float [B, 3, H, W]: ToTensor + Normalize(ImageNet) as one scale and shift (within
-    1e-6 of them), converted and transposed in one copy."""
-    std = torch.tensor(IMAGENET_STD, device=img.device).view(1, 3, 1, 1)
-    mean = torch.tensor(IMAGENET_MEAN, device=img.device).view(1, 3, 1, 1)
+    1e-6 of them), converted and transposed in one copy. ``constants``: :func:`norm_constants` of the device."""
+    scale, shift = constants if constants is not None else norm_constants(img.device)
     x = torch.empty((len(img), 3, *img.shape[1:3]), device=img.device).copy_(img.permute(0, 3, 1, 2))
-    return x.mul_(1 / (255 * std)).sub_(mean / std)
+    return x.mul_(scale).sub_(shift)
 
 
-def augment_batch(img: torch.Tensor, augment: str, image_size: tuple[int, int], p: CropParams) -> torch.Tensor:
+def params_to(p: CropParams, device: torch.device) -> CropParams:
+    """``p`` on ``device`` in one copy: stacked, pinned and non-blocking on CUDA (no host-device wait)."""
+    if device.type == "cpu":
+        return p
+    stacked = torch.stack([p.top, p.left, p.height, p.width, p.flip.long()])
+    if device.type == "cuda":
+        stacked = stacked.pin_memory()
+    top, left, height, width, flip = stacked.to(device, non_blocking=True).unbind(0)
+    return CropParams(top, left, height, width, flip.bool())
+
+
+def augment_batch(img: torch.Tensor, augment: str, image_size: tuple[int, int], p: CropParams,
+                  on_device: CropParams | None = None) -> torch.Tensor:
     """uint8 [B, H', W', 3] (cache size, any device) -> uint8 [B, H, W, 3], cropped and flipped by ``p``.
 
     pad_crop flips before its crop and the others after; a flip before a crop at ``left`` equals the crop at
     ``2 pad - left`` flipped, so every pipeline is one crop then one flip here (same output for the same draws).
-    On an accelerator one gather does every crop; on the CPU a slice per image is faster.
+    On an accelerator one gather does every crop; on the CPU a slice per image is faster. ``p`` stays on the CPU
+    (the per-image loops read it there); ``on_device`` is the same draws on the images' device
+    (:func:`params_to`), made here when not given.
     """
+    if img.device.type != "cpu" and on_device is None:
+        on_device = params_to(p, img.device)
     if augment == "reference_code":
-        return _resized_crops(img, p, image_size)
+        return _resized_crops(img, p, image_size, None if on_device is None else on_device.flip)
+    if on_device is not None:
+        p = on_device
     left = p.left
     if augment == "pad_crop":
         pad = pad_for(image_size)
@@ -128,15 +154,18 @@ def sliced_crops(img: torch.Tensor, top: torch.Tensor, left: torch.Tensor, flip:
     return out
 
 
-def _resized_crops(img: torch.Tensor, p: CropParams, image_size: tuple[int, int]) -> torch.Tensor:
-    """reference_code: each crop resized to ``image_size`` (bicubic, antialiased like PIL's), rounded, flipped."""
+def _resized_crops(img: torch.Tensor, p: CropParams, image_size: tuple[int, int],
+                   flip: torch.Tensor | None = None) -> torch.Tensor:
+    """reference_code: each crop resized to ``image_size`` (bicubic, antialiased like PIL's), rounded, flipped.
+    ``p`` on the CPU (its boxes are read per image, no device value is); ``flip``: ``p.flip`` on the images' device."""
     out = torch.empty((len(img), *image_size, 3), dtype=torch.uint8, device=img.device)
     for i, (t, left, ch, cw) in enumerate(zip(*(v.tolist() for v in (p.top, p.left, p.height, p.width)))):
         crop = img[i, t:t + ch, left:left + cw].permute(2, 0, 1)[None].float()  # [1, 3, ch, cw]
         if (ch, cw) != tuple(image_size):
             crop = F.interpolate(crop, size=image_size, mode="bicubic", antialias=True, align_corners=False)
         out[i] = crop.round_().clamp_(0, 255)[0].permute(1, 2, 0).to(torch.uint8)
-    return torch.where(p.flip.to(img.device)[:, None, None, None], out.flip(2), out)
+    flip = p.flip.to(img.device) if flip is None else flip
+    return torch.where(flip[:, None, None, None], out.flip(2), out)
 
 
 class DeviceAugment:
@@ -147,6 +176,7 @@ class DeviceAugment:
         check_augment(augment)
         self.augment, self.image_size, self.device, self.train = augment, tuple(image_size), device, train
         self.generator = torch.Generator().manual_seed(0)
+        self.constants = norm_constants(device)  # on the device once, not per batch
 
     def reseed(self, seed: int) -> None:
         """Seed the draws (per epoch: a resumed run replays an epoch's crops and flips)."""
@@ -158,8 +188,8 @@ class DeviceAugment:
         for key in sorted(k for k in out if k.startswith("img")):
             img = out[key]
             if self.train:
-                params = draw_params(self.augment, len(img), self.image_size, self.generator)
-                img = augment_batch(img, self.augment, self.image_size, params)
-            out[key] = normalize(img)
+                params = draw_params(self.augment, len(img), self.image_size, self.generator)  # on the CPU
+                img = augment_batch(img, self.augment, self.image_size, params, params_to(params, self.device))
+            out[key] = normalize(img, self.constants)
         return out
 
