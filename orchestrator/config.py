@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from orchestrator.config_checks import check_lists, check_root
 from trainables.config import (  # noqa: F401
     AP_MODES,
     AUGMENTS,
@@ -47,7 +48,18 @@ TEST_METRICS = (*METRICS, "mINP")  # of the test split: reported, never selected
 # Fields of the gan / reid sections that change where or how fast a run goes, not what it produces: no stage key or
 # report setting includes them (reid.amp is not one: bf16 changes the numbers).
 RUNTIME_FIELDS = ("num_workers", "use_gpu", "loader_workers", "channels_last", "local_cache_dir")
-PRESETS = ("smoke", "cpu", "cpu-diagnosis", "paper", "paper-twostream", "rehearsal")
+# Fields of the sweep section that change how a sweep is run, not its trials: --resume accepts a change of them (or
+# of these RUNTIME_FIELDS, or of cluster.*) and continues the same sweep (orchestrator/sweep_record.py)
+SWEEP_RUNTIME_FIELDS = ("max_concurrent", "max_failures")
+PRESET_HELP = {  # one line each for --help
+    "smoke": "a few minutes on 2 CPU cores: proves the wiring, not the science",
+    "cpu": "the default demo: 3 seeds in about 14 minutes on 2 CPU cores",
+    "cpu-diagnosis": "cpu on a dataset no tuning saw, with the controls that explain its result",
+    "paper": "Market-1501 on GPUs, the paper's protocol: Table IV's grid and the ablations, 3 seeds (138 trials)",
+    "paper-twostream": "Table VII: the two-stream net on GPUs",
+    "rehearsal": "the paper's structure at Market-1501's counts with a tiny net (python -m bench.rehearsal)",
+}
+PRESETS = tuple(PRESET_HELP)
 
 
 @dataclass(frozen=True)
@@ -158,25 +170,7 @@ class Config:
 
     def __post_init__(self) -> None:
         check_choice("preset", self.preset, PRESETS)
-        if self.sweep.asha and self.reid.eval_every == 0:
-            raise ValueError("sweep.asha=true needs reid.eval_every > 0 and reid.val_ids > 0 (ASHA compares trials "
-                             "on the validation split's rank-1, never on the test split)")
-        if self.labels.keep is not None and self.dataset.name == "synthetic":
-            if self.labels.keep > self.dataset.synthetic_ids:
-                raise ValueError(
-                    f"labels.keep={self.labels.keep} exceeds the number of training ids "
-                    f"(dataset.synthetic_ids={self.dataset.synthetic_ids})")
-        pools = (self.labels.pool, *self.sweep.pools)
-        if "folder" in pools and not self.labels.pool_root:
-            raise ValueError("a folder pool (labels.pool or sweep.pools) needs labels.pool_root=PATH")
-        if "synthetic_ids" in pools and self.dataset.name != "synthetic":
-            raise ValueError(f"the synthetic_ids pool draws unseen identities with the synthetic generator: it needs "
-                             f"dataset.name=synthetic, not {self.dataset.name!r}; for real data use labels.pool=folder "
-                             f"with labels.pool_root=PATH (e.g. another dataset's training images)")
-        if self.dataset.name != "synthetic" and self.reid.pretrained is None:
-            raise ValueError(
-                f"reid.pretrained is not set for dataset.name={self.dataset.name!r}: use imagenet (the paper), "
-                "a local file, or random to train from scratch on purpose")
+        check_root(self)  # the checks across sections (orchestrator/config_checks.py)
 
 
 # --------------------------------------------------------------------------------------------- presets
@@ -274,7 +268,8 @@ PRESET_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
 
 def choices_help() -> str:
     """The presets and the choice-valued keys, for ``--help`` of every entry point."""
-    lines = [f"presets: {', '.join(PRESETS)} (see README)", "choices (--set key=value):"]
+    lines = ["presets (--preset; the README's Configuration table):", *(f"  {k}: {v}" for k, v in PRESET_HELP.items()),
+             "choices (--set key=value):"]
     for key, options in (("dataset.name", DATASETS), ("reid.model", REID_MODELS), ("reid.backbone", BACKBONES),
                          ("reid.augment", AUGMENTS), ("reid.optimizer", OPTIMIZERS),
                          ("reid.pretrained", (*PRETRAINED, "PATH", "null")),
@@ -304,12 +299,7 @@ def load_config(preset: str = "cpu", *, file: str | Path | None = None,
         key, value = parse_override(item)
         _merge(tree, _nest(key, value))
     cfg = from_dict(tree)
-    if cfg.labels.pool in cfg.sweep.pools or len(set(cfg.sweep.pools)) < len(cfg.sweep.pools):
-        raise ValueError(f"sweep.pools={list(cfg.sweep.pools)} repeats a pool or labels.pool={cfg.labels.pool!r} "
-                         f"(the config's pool runs anyway): list only the other pools")
-    if cfg.reid.lr_scheme in cfg.sweep.lr_schemes:  # here, not in Config: an ablation trial's config has both
-        raise ValueError(f"sweep.lr_schemes={list(cfg.sweep.lr_schemes)} repeats reid.lr_scheme="
-                         f"{cfg.reid.lr_scheme!r}: list only the other schemes (the ablation)")
+    check_lists(cfg)
     storage = Path(cfg.cluster.storage_path).expanduser()
     if not storage.is_absolute():
         storage = (storage_base or Path.cwd()) / storage

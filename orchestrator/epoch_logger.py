@@ -7,7 +7,8 @@ queue is kept and the callback returns at once: Tune's loop, and with it every t
 waits on MLflow. The next event, or the end of the experiment, writes what was queued; the end waits for the
 server for up to :data:`FLUSH_WAIT_S` and then says, naming the trials, what could not be written. Trials'
 own calls (their start and end) and the driver's other calls ride on the MLflow client's HTTP retries, which the
-sweep lengthens (``tracking.RETRY_ENV``).
+sweep lengthens (``tracking.RETRY_ENV``). Each trial's end also prints the sweep's progress line with its ETA
+(:mod:`orchestrator.progress`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
-from orchestrator import tracking
+from orchestrator import progress, tracking
 from orchestrator.trials import EPOCH_METRICS
 
 ALREADY_FINISHED = "mprl_already_finished"  # in the Tune result of a trial whose MLflow run was FINISHED
@@ -72,12 +73,17 @@ class EpochLogger(Callback):
         """Called on the driver when a trial ends without error, before its actor stops: run_trial returned (its
         run is FINISHED already) or the scheduler stopped it while training (its run is still RUNNING). An
         interrupted sweep does not come here."""
-        self._queue("complete", trial, int((trial.last_result or {}).get("epoch", -1)) + 1)
+        last = trial.last_result or {}
+        self._queue("complete", trial, int(last.get("epoch", -1)) + 1)
+        # a trial found FINISHED (a resumed sweep) adds no time to the ETA: it did not train now
+        progress.trial_ended(self.sweep, trial.config["trial"],
+                             None if last.get(ALREADY_FINISHED) else last.get("time_total_s"))
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         """The trial failed and Tune will not retry it: its run ends FAILED, with the trial's own message when
         run_trial recorded one, else with what Tune saw (a dead actor: node lost, OOM kill, ``os._exit``)."""
         self._queue("error", trial, failure_reason(trial))
+        progress.trial_ended(self.sweep, trial.config["trial"], None)
 
     def on_experiment_end(self, trials, **info) -> None:
         self.flush(wait_s=FLUSH_WAIT_S)

@@ -17,14 +17,17 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from orchestrator import cluster, dag, launch_watch, report, resources, stage_cache, stages, tracking
-from orchestrator.config import PRESETS, Config, choices_help, config_hash, dump_yaml, flat_dict, load_config
+from orchestrator import stage_cache
+from orchestrator.config import PRESETS, Config, choices_help, dump_yaml, flat_dict, load_config
 from orchestrator.tables import format_table, pct
 from orchestrator.trials import TrialContext, TrialRow, TrialSpec, build_trials
-from orchestrator.tuning import TAG_STOPPED_AFTER, WORKER_SECONDS, tune_trials
 from trainables.config import ReidInputs
 from trainables.logs import configure_logging
+
+if TYPE_CHECKING:  # the modules that import Ray or MLflow load where they are used: --help stays instant
+    from orchestrator import dag, stages, tracking
 
 
 @dataclass(frozen=True)
@@ -40,21 +43,18 @@ class SweepOutcome:
     critical_path_seconds: float = 0.0  # first stage submitted -> every stage and trial finished
 
 
-def sweep_name(cfg: Config, paths: stage_cache.Paths, resume: bool) -> str:
-    """``sweep-<hash>-<n>``: a fresh sweep gets the next free n; --resume takes the latest one."""
-    base = f"sweep-{config_hash(cfg, 'dataset', 'gan', 'reid', 'labels', 'sweep')}"  # cluster.* is not in the hash
-    n = 1
-    while (paths.tune / f"{base}-{n}").exists():
-        n += 1
-    return f"{base}-{max(1, n - 1) if resume else n}"
-
-
 def run_sweep(cfg: Config, *, resume: bool = False, log_models: bool = True) -> SweepOutcome:
     """Check inputs, then run the stage DAG and the trials on Ray (the driver only plans, schedules and tracks)."""
+    from orchestrator import cluster, dag, launch_watch, resources, stages, sweep_record, tracking
+    from orchestrator.config_checks import check_sweep_switch
+    from orchestrator.sweep_plan import stage_needs
+
     start, cpu_start = time.perf_counter(), time.process_time()
     _sigterm_as_sigint()
     paths = stage_cache.Paths(Path(cfg.cluster.storage_path))
     uri = cfg.cluster.tracking_uri or tracking.default_tracking_uri(paths.storage)
+    check_sweep_switch(cfg)  # a switched method whose switch epoch is past the last epoch
+    named = sweep_record.resolve(cfg, paths.tune, resume)  # --resume of other settings is refused here, Ray not up
     tracking.check_reachable(uri)
     cluster.check_address(cfg.cluster.address)  # a dead address fails in seconds, not after ray.init retries
     stages.check_dataset(cfg.dataset)  # a bad dataset path or layout fails here, before Ray starts
@@ -64,7 +64,12 @@ def run_sweep(cfg: Config, *, resume: bool = False, log_models: bool = True) -> 
     cluster.preflight(cfg)  # multi-node: shared storage, an MLflow server, every path usable on every node
     resources.check_resources(cfg)
     client, exp_id = tracking.setup(uri, cfg.cluster.experiment, paths.storage)
-    name = sweep_name(cfg, paths, resume)
+    name = named.name
+    if named.note:
+        print(f"[sweep] {named.note}", flush=True)
+    for change in named.runtime_changes:
+        print(f"[sweep] resuming {name} with {change}", flush=True)
+    sweep_record.write_record(paths.tune, name, cfg)  # what a later --resume compares with
     parent, _ = tracking.get_or_create_run(client, exp_id, "sweep", name, name)
     run = tracking.SweepRun(client, exp_id, name, parent, uri)
     tracking.set_status(client, parent, "RUNNING")
@@ -75,9 +80,7 @@ def run_sweep(cfg: Config, *, resume: bool = False, log_models: bool = True) -> 
         trials = build_trials(cfg)
         cluster.request_capacity(cfg, len(trials))  # GPU nodes boot together, not one stage at a time
         watcher = launch_watch.watch(cfg)  # says why no worker joins, and stops a launch that cannot work
-        needs = [(t.method, t.num_gan, t.seed) for t in trials if t.lr_scheme is None and t.pool is None]
-        others = {pool: max(t.num_gan for t in trials if t.pool == pool) for pool in {t.pool for t in trials} - {None}}
-        plan = stages.plan_stages(cfg, paths, needs, others)
+        plan = stages.plan_stages(cfg, paths, *stage_needs(trials))
         graph = dag.StageGraph(plan, paths, name, on_done=lambda *a: _log_stage(run, paths, *a))
         graph.start()
         rows = _run_trials(cfg, trials, plan, run, resume=resume, log_models=log_models)
@@ -97,6 +100,7 @@ def run_sweep(cfg: Config, *, resume: bool = False, log_models: bool = True) -> 
     _summarise(run, rows)
     tracking.end_unfinished(client, exp_id, parent, "KILLED")
     tracking.set_status(client, parent, "FINISHED")
+    sweep_record.write_record(paths.tune, name, cfg, finished=True)
     return SweepOutcome(name, parent, rows, _stages(plan, graph), uri, time.perf_counter() - start,
                         round(time.process_time() - cpu_start, 1), dict(graph.finished_at), round(critical, 1))
 
@@ -124,6 +128,8 @@ def _stages(plan: stages.Plan, graph: dag.StageGraph) -> stage_cache.Stages:
 def _log_stage(run: tracking.SweepRun, paths: stage_cache.Paths, node: stages.StageNode,
                stage: stage_cache.StageResult | None, error: str | None) -> None:
     """A stage's MLflow child run (once per stage key): its output, seconds and where it ran, or its error."""
+    from orchestrator import tracking
+
     folder = paths.stages / node.name
     run_id, created = run.child("stage", f"{node.stage}:{node.key}", f"stage:{node.stage}",
                                 tags={"mprl.cached": str(bool(stage and stage.cached)).lower(),
@@ -160,9 +166,16 @@ def _links(*names: str | None) -> dict[str, str]:
 def _run_trials(cfg: Config, trials: list[TrialSpec], plan: stages.Plan, run: tracking.SweepRun, *,
                 resume: bool, log_models: bool) -> list[TrialRow]:
     """Create every trial's MLflow run up front, run the trials, and read their final status back."""
+    from orchestrator import progress, resources, tracking
+    from orchestrator.tuning import tune_trials
+
     paths, name = stage_cache.Paths(Path(cfg.cluster.storage_path)), run.name
     run_ids = {t.key: run.child("trial", tracking.trial_key(name, t.key), t.key, status="SCHEDULED",
                                 tags={"mprl.method": t.method})[0] for t in trials}
+    finished = {r.info.run_id for r in run.client.search_runs(  # by an earlier run of this sweep (--resume)
+        [run.exp_id], f"tags.`{tracking.TAG_PARENT}` = '{run.parent}' and attributes.status = 'FINISHED'",
+        max_results=50000)}
+    progress.start(name, len(trials), resources.max_concurrent(cfg), {k for k, i in run_ids.items() if i in finished})
     folder = lambda n: str(paths.stages / n)  # noqa: E731
     ctx = TrialContext(cfg, name, ReidInputs(plan.data_root, plan.store, cache_dir=plan.cache_dir),
                        str(paths.trials / name), _links(plan.dataset, plan.gan, plan.generate),
@@ -175,8 +188,11 @@ def _run_trials(cfg: Config, trials: list[TrialSpec], plan: stages.Plan, run: tr
                        stores={pool: p.store for pool, p in plan.pools.items()},
                        pool_links={pool: _links(p.writer) for pool, p in plan.pools.items()},
                        log_models=log_models)
-    rows = [_read_back(run, run_ids[row.key], row)
-            for row in tune_trials(cfg, trials, ctx, paths.tune / name, resume, run.tracking_uri)]
+    try:
+        rows = [_read_back(run, run_ids[row.key], row)
+                for row in tune_trials(cfg, trials, ctx, paths.tune / name, resume, run.tracking_uri)]
+    finally:
+        progress.stop(name)
     if any(row.status in ("RUNNING", "SCHEDULED") for row in rows):
         print("\n" + results_table(rows), flush=True)
         raise KeyboardInterrupt(f"sweep {name} interrupted")
@@ -186,6 +202,9 @@ def _run_trials(cfg: Config, trials: list[TrialSpec], plan: stages.Plan, run: tr
 def _read_back(run: tracking.SweepRun, run_id: str, row: TrialRow) -> TrialRow:
     """``row`` completed from the trial's MLflow run; a trial Tune gave up on whose run no one ended is marked FAILED
     with Tune's error here (the last line of defence: a failure never reads as "interrupted")."""
+    from orchestrator import tracking
+    from orchestrator.tuning import TAG_STOPPED_AFTER, WORKER_SECONDS
+
     got = run.client.get_run(run_id)
     if got.info.status in ("RUNNING", "SCHEDULED") and row.error not in (None, "not run"):
         tracking.fail(run.client, run_id, row.error)
@@ -227,23 +246,44 @@ def _summarise(run: tracking.SweepRun, rows: list[TrialRow]) -> None:
     run.client.log_text(run.parent, json.dumps([r.as_dict() for r in rows], indent=1), "results.json")
 
 
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m orchestrator.sweep", description=__doc__.replace("``", ""),
+                                epilog=choices_help(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="cpu", choices=PRESETS, metavar="NAME",
+                   help=f"the config to start from: {', '.join(PRESETS)} (default: cpu; orchestrator.train's is smoke)")
+    p.add_argument("--config", metavar="FILE", help="YAML file of overrides, applied after the preset (default: none)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config field after --config, e.g. --set reid.epochs=5 (repeatable)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the latest sweep of this config (runtime fields such as sweep.max_concurrent may "
+                        "change; other changes are refused, listed); with none, start a new one")
+    p.add_argument("--address", metavar="ADDR",
+                   help="an existing Ray cluster: auto or ray://host:10001 (default: start a local Ray)")
+    p.add_argument("--tracking-uri", metavar="URI",
+                   help="MLflow tracking URI (default: cluster.tracking_uri, else sqlite:///<storage>/mlflow.db)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the planned stages (cached or to run) and trials with their resources and exit, "
+                        "starting no Ray and no MLflow run")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
     configure_logging()
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=choices_help(),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="cpu", choices=PRESETS, help="default cpu")
-    p.add_argument("--config", help="YAML file of overrides")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config field, e.g. --set reid.epochs=5 (repeatable)")
-    p.add_argument("--resume", action="store_true", help="continue the latest interrupted sweep of this config")
-    p.add_argument("--address", help="existing Ray cluster: auto or ray://host:10001 (default: start a local one)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///<storage>/mlflow.db)")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    args = p.parse_args(argv)
+    args = _parser().parse_args(argv)
     extra = [f"cluster.address={args.address}"] if args.address else []
     extra += [f"cluster.tracking_uri={args.tracking_uri}"] if args.tracking_uri else []
     try:
+        from orchestrator.config_checks import check_sweep_switch
+
         cfg = load_config(args.preset, file=args.config, overrides=[*args.overrides, *extra])
+        check_sweep_switch(cfg)
+        if args.dry_run:
+            from orchestrator.sweep_plan import describe
+
+            print(describe(cfg, resume=args.resume))
+            return 0
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -259,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted: unfinished MLflow runs were marked KILLED; rerun with --resume to continue",
               file=sys.stderr)
         return 130
+    from orchestrator import report
+
     print("\n" + results_table(out.rows))
     print("\nover seeds (python -m orchestrator.report: the same, with a chart):\n")
     print(report.sweep_statistics(out.tracking_uri, cfg.cluster.experiment, Path(cfg.cluster.storage_path),

@@ -125,7 +125,7 @@ def test_batch_larger_than_dataset(tiny_root: Path, tmp_path: Path) -> None:
 
 def test_cli_smoke(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     args = ["gan", "--preset", "smoke", "--out", str(tmp_path), "--set", "gan.num_workers=0", "--set", "gan.epochs=1",
-            "--set", "dataset.synthetic_ids=4", "--num-images", "12"]
+            "--set", "dataset.synthetic_ids=4", "--num-images", "12", "--set", f"cluster.storage_path={tmp_path}"]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "[gan] epoch 1/1" in out and "img/s" in out and "generated:" in out

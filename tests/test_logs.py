@@ -22,7 +22,7 @@ def test_a_resumed_cli_run_says_so(tmp_path):
     def run(epochs: int) -> str:
         cmd = [sys.executable, "-m", "orchestrator.train", "reid", "--preset", "smoke", "--label-method", "baseline",
                "--num-gan", "0", "--out", str(tmp_path), "--name", "r", "--set", f"reid.epochs={epochs}",
-               "--set", "reid.pretrained=random"]
+               "--set", "reid.pretrained=random", "--set", f"cluster.storage_path={tmp_path}"]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
         return done.stderr

@@ -85,7 +85,8 @@ def test_cli_batch_statistics_and_stretch_store_images_that_each_span_0_to_255(t
     from orchestrator.train import main
 
     args = ["gan", "--preset", "smoke", "--out", str(tmp_path), "--set", "gan.sample_bn=batch", "--set",
-            "gan.save_stretch=true", "--set", "gan.epochs=1", "--set", "dataset.synthetic_ids=4", "--num-images", "40"]
+            "gan.save_stretch=true", "--set", "gan.epochs=1", "--set", "dataset.synthetic_ids=4", "--num-images", "40",
+            "--set", f"cluster.storage_path={tmp_path}"]
     assert main(args) == 0
     store = GeneratedStore(tmp_path / "generated-bn_batch-stretch")
     assert store.complete and store.info["meta"]["stretch"] is True

@@ -12,3 +12,7 @@ from trainables.reid.labels import (  # noqa: F401
     targets_for,
     weights_from_ranks,
 )
+
+if __name__ == "__main__":  # an old path, not a command
+    raise SystemExit("trainables.labels is a library path, not a command: train with `python -m orchestrator.train "
+                     "reid|gan`, run a sweep with `python -m orchestrator.sweep`")

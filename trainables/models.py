@@ -4,3 +4,7 @@ The networks live in :mod:`trainables.reid.models`; nothing in the project impor
 """
 
 from trainables.reid.models import IdentificationNet, ResNetTrunk, TwoStreamNet  # noqa: F401
+
+if __name__ == "__main__":  # an old path, not a command
+    raise SystemExit("trainables.models is a library path, not a command: train with `python -m orchestrator.train "
+                     "reid|gan`, run a sweep with `python -m orchestrator.sweep`")
