@@ -61,6 +61,18 @@ def load(root: str | Path) -> Split:
     return Split(train=train, query=query, gallery=gallery, root=str(root))
 
 
+def load_test(root: str | Path) -> Split:
+    """A Market-format folder as a pure test set (a cross-domain one: none of its identities is trained on): its
+    query and gallery, checked as :func:`load` checks them; ``bounding_box_train`` is not needed and not read."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset root not found: {root}")
+    query = parse_dir(root / SPLIT_DIRS["query"], allow_junk=False)
+    gallery = parse_dir(root / SPLIT_DIRS["gallery"], allow_junk=True)
+    _check_protocol(root, query, gallery)
+    return Split(train=(), query=query, gallery=gallery, root=str(root))
+
+
 def _check_protocol(root: Path, query: tuple[Record, ...], gallery: tuple[Record, ...]) -> None:
     """Every query id needs a gallery image of itself from another camera, or it could never be matched."""
     cams: dict[int, set[int]] = {}

@@ -286,15 +286,19 @@ def contact_sheet(root: str | Path, path: str | Path, *, ids: int = 8, per_id: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Write a synthetic Market-format re-ID dataset.")
+    parser = argparse.ArgumentParser(prog="python -m datasets.synthetic",
+                                     description="Write a synthetic Market-format re-ID dataset.")
     parser.add_argument("--out", required=True, help="output folder (must not exist)")
-    parser.add_argument("--ids", type=int, default=24, help="identities per split (train and test each)")
-    parser.add_argument("--images-per-id", type=int, default=10)
-    parser.add_argument("--distractors", type=int, default=40)
-    parser.add_argument("--junk", type=int, default=30)
-    parser.add_argument("--size", type=int, nargs=2, default=(128, 64), metavar=("H", "W"))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workers", type=int, default=0, help="drawing processes (0 = up to 4)")
+    parser.add_argument("--ids", type=int, default=24, help="identities per split (train and test each) (default: 24)")
+    parser.add_argument("--images-per-id", type=int, default=10, help="images of each identity (default: 10)")
+    parser.add_argument("--distractors", type=int, default=40,
+                        help="gallery images of people in no query (Market's 0000) (default: 40)")
+    parser.add_argument("--junk", type=int, default=30, help="junk gallery images (Market's -1) (default: 30)")
+    parser.add_argument("--size", type=int, nargs=2, default=(128, 64), metavar=("H", "W"),
+                        help="image height and width (default: 128 64)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="the draw: another seed, other people and cameras (default: 0)")
+    parser.add_argument("--workers", type=int, default=0, help="drawing processes (0 = up to 4) (default: 0)")
     parser.add_argument("--counts", choices=sorted(COUNTS),
                         help="exact split sizes of this dataset (then --ids/--images-per-id/--distractors/--junk "
                              "are ignored)")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from datasets.generated import GeneratedStore
 from orchestrator.config import Config
-from orchestrator.stage_cache import GeneratedOut, PoolQualityOut, StageNode, StageResult, stage_key
+from orchestrator.stage_cache import GeneratedOut, PoolQualityOut, StageNode, StageResult, same_data, stage_key
 
 
 def pool_node(cfg: Config, pool: str, n: int, dataset: StageNode, resources: dict[str, float]) -> StageNode:
@@ -33,7 +33,8 @@ def pool_node(cfg: Config, pool: str, n: int, dataset: StageNode, resources: dic
         from datasets.pools import folder_listing
 
         extra.update(root=str(Path(root).expanduser().resolve()), files=folder_listing(root, n))
-    key = stage_key(cfg, "dataset", extra=extra) if pool == "synthetic_ids" else stage_key(cfg, extra=extra)
+    # the synthetic_ids pool draws from the dataset's generator: its fields, not the cross-domain test sets
+    key = stage_key(same_data(cfg), "dataset", extra=extra) if pool == "synthetic_ids" else stage_key(cfg, extra=extra)
     return StageNode("pool", key, GeneratedOut, (dataset.name,), resources, build, check)
 
 

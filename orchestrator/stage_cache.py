@@ -231,6 +231,13 @@ def versioned_key(stage: str, key: str) -> str:
     return hashlib.sha256(f"{key}:{code_version(stage)}".encode()).hexdigest()[:12]
 
 
+def same_data(cfg: Config) -> Config:
+    """``cfg`` without the cross-domain test sets, for the keys of the stages that do not evaluate on them (the
+    dataset, the GAN, the synthetic_ids pool): adding a test set retrains only what reports its metrics (the
+    baselines)."""
+    return dataclasses.replace(cfg, dataset=dataclasses.replace(cfg.dataset, test_root=()))
+
+
 def stage_key(cfg: Config, *sections: str, extra: dict[str, Any] | None = None) -> str:
     """Hash of the named config sections (or dotted fields) without their runtime-only fields (workers, GPU)."""
     tree = to_dict(cfg)

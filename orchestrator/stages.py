@@ -21,7 +21,7 @@ from datasets import synthetic
 from datasets.check import check_images
 from datasets.files import file_sha256
 from datasets.generated import GeneratedStore
-from datasets.market1501 import load
+from datasets.market1501 import load, load_test
 from orchestrator.config import Config, DatasetConfig, config_hash
 from orchestrator.pool_stages import check_pools, check_store, pool_node, pool_quality_node  # noqa: F401
 from orchestrator.resources import generation_helpers, ray_options, stage_resources, train_workers
@@ -35,6 +35,7 @@ from orchestrator.stage_cache import (
     SmprlOut,
     StageNode,
     StageResult,
+    same_data,
     stage_key,
 )
 from trainables.config import RENDER_FIELDS, ReidInputs, cache_size
@@ -156,16 +157,33 @@ def plan_stages(cfg: Config, paths: Paths, needs: list[tuple[str, int, int]],
 # ------------------------------------------------------------------------------------------ stages
 
 def dataset_path(dataset: DatasetConfig, cache: Path) -> Path:
-    """Where the dataset's images are: ``dataset.root``, or the synthetic folder under ``cache`` (not drawn here)."""
+    """Where the dataset's images are: ``dataset.root``, or the synthetic folder under ``cache`` (not drawn here; its
+    name hashes the fields that draw it, not the cross-domain test sets)."""
     if dataset.root:
         return Path(dataset.root).expanduser().resolve()
-    return cache / f"synthetic-{config_hash(dataset)}"
+    drawn = [f.name for f in dataclasses.fields(dataset) if f.name != "test_root"]
+    return cache / f"synthetic-{config_hash(dataset, *drawn)}"
+
+
+def check_test_roots(dataset: DatasetConfig) -> None:
+    """Before any cluster time: every ``dataset.test_root`` folder must parse as a Market-format query/gallery pair
+    (names, layout, every query matchable; ``datasets.market1501.load_test``); nothing is decoded."""
+    for root in dataset.test_root:
+        path = Path(root).expanduser()
+        if not path.is_dir():
+            raise ValueError(f"dataset.test_root={root} is not a folder (a Market-format dataset: query/ and "
+                             f"bounding_box_test/)")
+        try:
+            load_test(path)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"dataset.test_root={root}: {err}") from None
 
 
 def dataset_root(dataset: DatasetConfig, cache: Path) -> Path:
     """The dataset root: ``dataset.root`` for real data; the synthetic set drawn (once) under ``cache``."""
 
     root = dataset_path(dataset, cache)
+    check_test_roots(dataset)
     if dataset.root:
         check_dataset(dataset)  # a given root is only read, never written
     elif dataset.name == "synthetic":
@@ -178,7 +196,9 @@ def dataset_root(dataset: DatasetConfig, cache: Path) -> Path:
 
 
 def check_dataset(dataset: DatasetConfig) -> None:
-    """Before any cluster time: a real or given synthetic root must parse (names, layout); nothing is decoded."""
+    """Before any cluster time: a real or given synthetic root and every test root must parse (names, layout);
+    nothing is decoded."""
+    check_test_roots(dataset)
 
     if dataset.name == "synthetic" and dataset.root:  # an existing synthetic tree is only read, never written
         root = Path(dataset.root).expanduser()
@@ -204,14 +224,14 @@ def dataset_node(cfg: Config, paths: Paths, resources: dict[str, float]) -> Stag
     def check(folder: Path, out: DatasetOut) -> list[str]:
         return [] if Path(out.root).is_dir() else [f"{out.root} is missing"]
 
-    return StageNode("dataset", stage_key(cfg, "dataset"), DatasetOut, (), resources, build, check)
+    return StageNode("dataset", stage_key(same_data(cfg), "dataset"), DatasetOut, (), resources, build, check)
 
 
 def gan_key(cfg: Config) -> str:
     """The DCGAN stage's key: the dataset, the gan fields the generator depends on (not how a pool is rendered from
     it: ``RENDER_FIELDS``), the identities held out of training (``reid.val_ids``) and the seeding scheme."""
     fields = [f"gan.{f.name}" for f in dataclasses.fields(cfg.gan) if f.name not in RENDER_FIELDS]
-    return stage_key(cfg, "dataset", *fields, extra={"streams": STREAMS, "val_ids": cfg.reid.val_ids})
+    return stage_key(same_data(cfg), "dataset", *fields, extra={"streams": STREAMS, "val_ids": cfg.reid.val_ids})
 
 
 def gan_node(cfg: Config, dataset: str, resources: dict[str, float], cache_dir: str | None = None) -> StageNode:
@@ -257,7 +277,8 @@ def generate_node(cfg: Config, trained: StageNode, n: int, resources: dict[str, 
 
 
 def baseline_key(cfg: Config, seed: int | None = None) -> str:
-    """The baseline stage's key: dataset, re-ID settings (with the seed) and real-label smoothing."""
+    """The baseline stage's key: dataset (its cross-domain test sets too: the baseline reports their metrics),
+    re-ID settings (with the seed) and real-label smoothing."""
     if seed is not None:
         cfg = dataclasses.replace(cfg, reid=dataclasses.replace(cfg.reid, seed=seed))
     return stage_key(cfg, "dataset", "reid", "labels.real_smoothing", extra={"streams": STREAMS})
@@ -270,13 +291,13 @@ def baseline_node(cfg: Config, inputs: tuple[str, ...], seed: int, resources: di
     ``inputs``: the dataset stage, then the decode stage when the run reads the decoded cache in ``cache_dir``.
     """
     labels = dataclasses.replace(cfg.labels, method=BASELINE, num_gan=0)
-    reid, workers = dataclasses.replace(cfg.reid, seed=seed), train_workers(cfg, "reid")
+    reid, workers, tests = dataclasses.replace(cfg.reid, seed=seed), train_workers(cfg, "reid"), cfg.dataset.test_root
 
     def build(folder: Path, data: StageResult, *decoded: StageResult) -> BaselineOut:
         from trainables.reid.loop import run_spec, train_reid
 
         run = run_spec(reid, folder, "train", num_workers=workers)
-        inputs = ReidInputs(data.out.root, cache_dir=cache_dir)
+        inputs = ReidInputs(data.out.root, cache_dir=cache_dir, test_roots=tests)
         return BaselineOut(str(run.run_dir), train_reid(reid, labels, inputs, run))
 
     def check(folder: Path, out: BaselineOut) -> list[str]:

@@ -98,6 +98,8 @@ def run_sweep(cfg: Config, *, resume: bool = False, log_models: bool = True) -> 
         if graph is not None:
             graph.close()
     _summarise(run, rows)
+    if log_models:
+        _register(run, cfg.cluster.experiment)
     tracking.end_unfinished(client, exp_id, parent, "KILLED")
     tracking.set_status(client, parent, "FINISHED")
     sweep_record.write_record(paths.tune, name, cfg, finished=True)
@@ -244,6 +246,18 @@ def timing_summary(out: SweepOutcome) -> str:
 def _summarise(run: tracking.SweepRun, rows: list[TrialRow]) -> None:
     run.client.log_text(run.parent, results_table(rows), "results.txt")
     run.client.log_text(run.parent, json.dumps([r.as_dict() for r in rows], indent=1), "results.json")
+
+
+def _register(run: tracking.SweepRun, experiment: str) -> None:
+    """Each label method's chosen model into MLflow's model registry (orchestrator/registry.py: on validation, never
+    on a test metric). A registry that refuses does not undo a finished sweep: it is said, and the sweep ends."""
+    from orchestrator import registry
+
+    try:
+        print(registry.summary(registry.register_best(run.client, run.exp_id, experiment, run.parent, run.name)),
+              flush=True)
+    except Exception as err:  # e.g. a tracking server without a model registry
+        print(f"[registry] not registered: {type(err).__name__}: {err}", flush=True)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -4,7 +4,8 @@ MLflow's own monitor (``mlflow.system_metrics``: psutil, and NVIDIA's NVML bindi
 trial's process runs on every :data:`INTERVAL_S` seconds (``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` overrides it)
 and logs ``system/<node>/...`` metrics on the trial's run, the node named as in the placement tags. A trial whose
 training runs in a Ray Train worker group is sampled on its trial actor's node, which holds rank 0 when one node
-has the whole group. A missing library or a monitor that fails to start never fails the trial: it is logged once.
+has the whole group. A trial shorter than one interval gets one sample, at its end. A missing library or a monitor
+that fails to start never fails the trial: it is logged once.
 """
 
 from __future__ import annotations
@@ -34,11 +35,16 @@ def monitored(run_id: str, tracking_uri: str, node: str, *, interval_s: float = 
         except Exception as err:  # psutil missing, NVML broken, ...: the trial goes on without them
             log.warning("system metrics are off for run %s: %s", run_id, err)
             monitor = None
+    first_step = getattr(monitor, "_logging_step", None)
     try:
         yield monitor
     finally:
         if monitor is not None:
             try:
                 monitor.finish()
+                if getattr(monitor, "_logging_step", None) == first_step:  # shorter than one interval: one sample
+                    monitor.collect_metrics()
+                    monitor.publish_metrics(monitor.aggregate_metrics())
+                    monitor.mlflow_logger.flush()
             except Exception as err:
                 log.warning("system metrics of run %s did not finish cleanly: %s", run_id, err)

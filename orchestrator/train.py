@@ -39,7 +39,10 @@ def gan_run_name(cfg: Config) -> str:
     from trainables.seeding import STREAMS
 
     held = f"-v{cfg.reid.val_ids}" if cfg.reid.val_ids else ""
-    return f"gan-{config_hash(cfg, 'dataset', *(f'gan.{k}' for k in RESULT_FIELDS))}-s{STREAMS}{held}"
+    from orchestrator.stages import same_data
+
+    fields = ("dataset", *(f"gan.{k}" for k in RESULT_FIELDS))  # same_data: the GAN never sees the test sets
+    return f"gan-{config_hash(same_data(cfg), *fields)}-s{STREAMS}{held}"
 
 
 def store_name(cfg: Config) -> str:
@@ -86,6 +89,8 @@ def run_reid(cfg: Config, out: Path, gan_store: str | None, smprl_labels: str | 
     from orchestrator import resources, tracking
     from orchestrator.plots import plot_cmc
     from orchestrator.stages import check_dataset, dataset_root
+    from orchestrator.trials import input_tags
+    from trainables.config import PER_QUERY_AP, RANKED_LIST
     from trainables.reid.loop import run_spec, train_reid
 
     if method(cfg.labels.method).generated and cfg.labels.num_gan > 0 and not gan_store:
@@ -96,7 +101,8 @@ def run_reid(cfg: Config, out: Path, gan_store: str | None, smprl_labels: str | 
     store = gan_store and str(Path(gan_store).resolve())
     params = {"inputs.gan_store": store, "inputs.smprl_labels": smprl_labels}
     with _tracked(cfg, "reid", out / "runs" / name, name, params) as (client, run_id):
-        inputs = ReidInputs(str(dataset_root(cfg.dataset, out / "data")), store, smprl_labels)
+        inputs = ReidInputs(str(dataset_root(cfg.dataset, out / "data")), store, smprl_labels,
+                            test_roots=cfg.dataset.test_root)  # the cross-domain test sets
         workers = resources.train_workers(cfg, "reid")
         with _ray_if(cfg, workers):
             res = train_reid(cfg.reid, cfg.labels, inputs, run_spec(cfg.reid, out / "runs", name, num_workers=workers))
@@ -104,9 +110,13 @@ def run_reid(cfg: Config, out: Path, gan_store: str | None, smprl_labels: str | 
                   "num_train": res.num_train, "skipped_queries": res.skipped_queries}
         # fractions here: tracking.log_metrics logs the ranking metrics in percent (the run's TAG_UNIT says so)
         tracking.log_metrics(client, run_id, {**{f"final_{k}": v for k, v in res.metrics().items()}, **counts})
+        run_dir = out / "runs" / name
         with tempfile.TemporaryDirectory() as tmp:
             png = plot_cmc({name: res.cmc}, Path(tmp) / "cmc.png", title=name)
-            tracking.log_artifacts(client, run_id, [png], "plots")
+            tracking.log_artifacts(client, run_id, [png, run_dir / RANKED_LIST], "plots")
+        tracking.log_artifacts(client, run_id, [run_dir / PER_QUERY_AP], "evaluation")
+        for tag, value in input_tags(run_dir, inputs.data_root, cfg.dataset.test_root).items():  # for export
+            client.set_tag(run_id, tag, value)
         print(f"final: rank-1 {res.rank1:.4f}  rank-5 {res.rank5:.4f}  rank-10 {res.rank10:.4f}  "
               f"mAP {res.mAP:.4f}  ({res.num_classes} ids, {res.num_gan} extra images)")
     return 0

@@ -10,15 +10,28 @@ each trial; everything constant (the config, the stage outputs, MLflow) travels 
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from orchestrator.config import Config
-from trainables.config import METRICS, ReidInputs
+from trainables.config import METRICS, ReidInputs, cross_domain_name
 from trainables.methods import BASELINE, method
 
 EPOCH_METRICS = ("loss", "train_acc", "images_per_s", "lr", "val_rank1", "val_mAP", *METRICS, "mINP")
+# tags of a finished trial's MLflow run naming what its final model was trained and tested on (orchestrator.export
+# reads them): its run folder (the checkpoint), the dataset root and the cross-domain test sets (JSON: name -> folder)
+TAG_RUN_DIR = "mprl.run_dir"
+TAG_DATA_ROOT = "mprl.data_root"
+TAG_TEST_ROOTS = "mprl.test_roots"
+
+
+def input_tags(run_dir: str | Path, data_root: str, test_roots: tuple[str, ...]) -> dict[str, str]:
+    """The tags of a run whose final model ``orchestrator.export`` can read: its run folder, dataset and test sets."""
+    tests = {cross_domain_name(root): root for root in test_roots}
+    return {TAG_RUN_DIR: str(run_dir), TAG_DATA_ROOT: data_root, TAG_TEST_ROOTS: json.dumps(tests)}
 
 
 @dataclass(frozen=True)

@@ -22,13 +22,14 @@ from mlflow.tracking import MlflowClient
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import Searcher
 
-from orchestrator import dag, resources, tracking, trial_actor
+from orchestrator import dag, resources, system_metrics, tracking, trial_actor
 from orchestrator.config import Config, flat_dict, replace
 from orchestrator.epoch_logger import ALREADY_FINISHED, TAG_STOPPED_AFTER, EpochLogger, failure_reason  # noqa: F401
+from orchestrator.groups import group_tags
 from orchestrator.plots import plot_cmc
 from orchestrator.stage_cache import BaselineOut, read_output, wait_finished
-from orchestrator.trials import TrialContext, TrialRow, TrialSpec, cost
-from trainables.config import ReidResult
+from orchestrator.trials import TrialContext, TrialRow, TrialSpec, cost, input_tags
+from trainables.config import PER_QUERY_AP, RANKED_LIST, ReidResult
 from trainables.placement import process_label
 
 # ------------------------------------------------------------------------------------ the Tune trial
@@ -50,15 +51,19 @@ def run_trial(config: dict, ctx: TrialContext, tracking_uri: str, started: float
     if _already_finished(client, run_id):
         return
     tracking.set_status(client, run_id, "RUNNING")
-    tracking.log_params(client, run_id, {**flat_dict(cfg), "trial": trial.key})
-    _tag_placement(client, run_id)
+    params = {**flat_dict(cfg), "trial": trial.key}
+    tracking.log_params(client, run_id, params)
+    for tag, value in group_tags({k: str(v) for k, v in params.items()}).items():  # MLflow's group-by = the report's
+        client.set_tag(run_id, tag, value)
+    where = _tag_placement(client, run_id)
     try:
-        for folder in ctx.needs.get(trial.key, ()):  # a failed input stage fails the trial with its message
-            wait_finished(folder)
-        if trial.reuses_baseline and trial.seed in ctx.baselines:  # this seed's baseline stage
-            result = _reuse_baseline(read_output(ctx.baselines[trial.seed], BaselineOut), client, run_id)
-        else:
-            result = _train(cfg, ctx, trial)
+        with system_metrics.monitored(run_id, tracking_uri, where):  # CPU, memory, GPU of this node, on the run
+            for folder in ctx.needs.get(trial.key, ()):  # a failed input stage fails the trial with its message
+                wait_finished(folder)
+            if trial.reuses_baseline and trial.seed in ctx.baselines:  # this seed's baseline stage
+                result = _reuse_baseline(read_output(ctx.baselines[trial.seed], BaselineOut), client, run_id)
+            else:
+                result = _train(cfg, ctx, trial)
         _finish(client, run_id, cfg, trial, result, ctx, started)
     except SystemExit as err:
         # Tune stops a function trial (a scheduler's STOP, the end of the sweep, actor reuse) by raising
@@ -86,7 +91,7 @@ def _already_finished(client, run_id: str) -> bool:
 
     run = client.get_run(run_id)
     if run.info.status == "FINISHED":
-        final = {k[len("final_"):]: v for k, v in run.data.metrics.items() if k.startswith("final_")}
+        final = {k[len("final_"):]: v for k, v in tracking.fractions(run).items() if k.startswith("final_")}
         ray.tune.report({**final, ALREADY_FINISHED: True})
         return True
     previous = run.data.tags.get(tracking.TAG_ERROR)
@@ -96,9 +101,12 @@ def _already_finished(client, run_id: str) -> bool:
     return False
 
 
-def _tag_placement(client, run_id: str) -> None:
-    """Where the trial runs (``mprl.where``: node and pid), for the placement checks of the rehearsal."""
-    client.set_tag(run_id, "mprl.where", process_label())
+def _tag_placement(client, run_id: str) -> str:
+    """Where the trial runs (``mprl.where``: node and pid), for the placement checks of the rehearsal; returns the
+    node (the system metrics' name for it: ``node <ip> (<id>)``, the same across retries)."""
+    where = process_label()
+    client.set_tag(run_id, "mprl.where", where)
+    return where.split(" pid ")[0]
 
 
 def _train(cfg: Config, ctx: TrialContext, trial: TrialSpec) -> ReidResult:
@@ -106,7 +114,8 @@ def _train(cfg: Config, ctx: TrialContext, trial: TrialSpec) -> ReidResult:
 
     run = run_spec(cfg.reid, ctx.trials_dir, trial.key, num_workers=resources.train_workers(cfg, "reid"),
                    report_to_tune=True, max_failures=resources.trial_retries(cfg))
-    inputs = dataclasses.replace(ctx.inputs, smprl_labels=ctx.smprl_labels.get(trial.seed))
+    inputs = dataclasses.replace(ctx.inputs, smprl_labels=ctx.smprl_labels.get(trial.seed),
+                                 test_roots=cfg.dataset.test_root)  # the cross-domain test sets
     if trial.pool is not None:  # a trial on one of sweep.pools reads that pool's store
         inputs = dataclasses.replace(inputs, store_root=ctx.stores[trial.pool], smprl_labels=None)
     return train_reid(cfg.reid, cfg.labels, inputs, run)
@@ -126,20 +135,28 @@ def _finish(client, run_id: str, cfg: Config, trial: TrialSpec, result: ReidResu
     tracking.log_metrics(client, run_id, {f"final_{k}": v for k, v in result.metrics().items()})
     tracking.log_params(client, run_id, {"data.num_train": result.num_train, "data.num_classes": result.num_classes})
     pool = ctx.pool_links.get(trial.pool, {}) if trial.pool is not None else {}
-    for tag, value in {**ctx.links, **ctx.seed_links.get(trial.seed, {}), **pool}.items():
+    run_dir = _run_dir(ctx, trial)
+    inputs = input_tags(run_dir, ctx.inputs.data_root, cfg.dataset.test_root)  # what orchestrator.export reads
+    for tag, value in {**ctx.links, **ctx.seed_links.get(trial.seed, {}), **pool, **inputs}.items():
         client.set_tag(run_id, tag, value)
     with tempfile.TemporaryDirectory() as tmp:
         png = plot_cmc({trial.key: result.cmc}, Path(tmp) / "cmc.png", title=trial.key)
-        tracking.log_artifacts(client, run_id, [png], "plots")
+        tracking.log_artifacts(client, run_id, [png, run_dir / RANKED_LIST], "plots")
+    tracking.log_artifacts(client, run_id, [run_dir / PER_QUERY_AP], "evaluation")  # the final test's, per query
     if ctx.log_models:
-        run_dir = Path(ctx.trials_dir) / trial.key
-        if not run_dir.exists():
-            run_dir = Path(read_output(ctx.baselines[trial.seed], BaselineOut).run_dir)
         _log_model(client, run_id, cfg, run_dir)
     # the trial's whole time in its worker (imports, training, evaluation, logging): what the rehearsal counts as
     # compute
     tracking.log_metrics(client, run_id, {WORKER_SECONDS: round(time.perf_counter() - start, 2)})
     tracking.set_status(client, run_id, "FINISHED")
+
+
+def _run_dir(ctx: TrialContext, trial: TrialSpec) -> Path:
+    """The folder of the run that trained the trial's final model: its own, or its seed's baseline stage's."""
+    run_dir = Path(ctx.trials_dir) / trial.key
+    if not run_dir.exists() and trial.seed in ctx.baselines:
+        run_dir = Path(read_output(ctx.baselines[trial.seed], BaselineOut).run_dir)
+    return run_dir
 
 
 def _log_model(client, run_id: str, cfg: Config, run_dir: Path) -> None:

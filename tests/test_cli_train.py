@@ -34,7 +34,10 @@ def test_a_reid_run_logs_its_params_percent_metrics_and_cmc_plot(tmp_path, capsy
     assert abs(metrics["final_rank1"] - 100 * float(printed["rank-1"])) < 0.01  # percent: what the CLI prints x 100
     assert abs(metrics["final_mAP"] - 100 * float(printed["mAP"])) < 0.01
     assert 0 <= metrics["final_mINP"] <= 100 and metrics["num_classes"] == 12
-    assert [a.path for a in client.list_artifacts(run.info.run_id, "plots")] == ["plots/cmc.png"]
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "plots")] == ["plots/cmc.png",
+                                                                               "plots/ranked_list.png"]
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "evaluation")] == ["evaluation/per_query_ap.npy"]
+    assert run.data.tags["mprl.run_dir"].endswith("reid-baseline-0")  # what orchestrator.export reads
     assert f"run {run.info.run_id}" in out and str(tmp_path / "mlflow.db") in out
 
     # the same name again resumes the run folder, and its MLflow run: still one run

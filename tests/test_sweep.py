@@ -48,6 +48,14 @@ def test_smoke_sweep_end_to_end_and_cache_reuse(tmp_path, local_ray):
     assert [m.step for m in history] == [0, 1]  # one point per epoch
     model = mlflow.pytorch.load_model(lsro.data.tags["mprl.model_uri"])
     assert model(torch.zeros(1, 3, 64, 32)).shape[0] == 1
+    assert t.data.tags[tracking.TAG_UNIT] == tracking.PERCENT and t.data.tags["mlflow.source.git.commit"]
+    assert t.data.tags["mprl.group"].startswith(t.data.params["labels.method"])  # MLflow's group-by = the report's
+    assert any(k.startswith("system/") for k in t.data.metrics)  # system metrics of the trial's node
+    # one registered model per label method; no validation split here, so chosen on training loss, and said so
+    registered = {m.name: m for m in client.search_registered_models()}
+    assert set(registered) == {f"mprl-mprl-{m}" for m in ("baseline", "lsro", "dmprl2")}
+    version = client.get_model_version("mprl-mprl-lsro", "1")
+    assert version.run_id == lsro.info.run_id and "no validation split" in version.tags["mprl.selected_by"]
 
     # a second sweep over another label method reuses the GAN, the generated images and the baseline
     second = run_sweep(_smoke(tmp_path, "sweep.methods=[smprl]"))

@@ -29,3 +29,12 @@ def test_they_can_be_turned_off(tmp_path, monkeypatch):
         assert monitor is None
         time.sleep(0.5)
     assert not [k for k in client.get_run(rid).data.metrics if k.startswith("system/")]
+
+
+def test_a_block_shorter_than_one_interval_still_gets_a_sample(tmp_path):
+    uri = tracking.default_tracking_uri(tmp_path)
+    client, exp = tracking.setup(uri, "e", tmp_path)
+    rid, _ = tracking.get_or_create_run(client, exp, "trial", "t", "t")
+    with system_metrics.monitored(rid, uri, "n", interval_s=60):
+        time.sleep(0.2)
+    assert "system/n/cpu_utilization_percentage" in client.get_run(rid).data.metrics

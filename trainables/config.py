@@ -10,6 +10,8 @@ re-ID run reads besides its config (:class:`ReidInputs`) and what it returns (:c
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -90,9 +92,12 @@ class DatasetConfig:
     # market1501: exactly Market-1501's counts (751/12,936 train; 750 ids, 3,368 query, 15,913 gallery); the
     # synthetic_ids/images_per_id/distractors/junk fields are then ignored
     synthetic_counts: str | None = None
+    # Market-format folders (a path or a list) the final model is also tested on (cross-domain): metrics xd_<name>_*
+    test_root: tuple[str, ...] | str = ()
 
     def __post_init__(self) -> None:
         check_choice("dataset.name", self.name, DATASETS)
+        object.__setattr__(self, "test_root", check_test_roots(self.test_root))
         if self.synthetic_counts is not None:
             check_choice("dataset.synthetic_counts", self.synthetic_counts, SYNTHETIC_COUNTS)
         if self.name != "synthetic" and not self.root:
@@ -106,6 +111,28 @@ class DatasetConfig:
         check_positive("dataset.synthetic_distractors", self.synthetic_distractors, allow_zero=True)
         check_positive("dataset.synthetic_junk", self.synthetic_junk, allow_zero=True)
         check_image_size("dataset.synthetic_size", self.synthetic_size)
+
+
+def check_test_roots(roots: tuple[str, ...] | str) -> tuple[str, ...]:
+    """``dataset.test_root`` as a tuple of absolute paths (Ray workers run elsewhere) with distinct test-set names."""
+    roots = tuple(r and os.path.abspath(os.path.expanduser(r)) for r in ([roots] if isinstance(roots, str) else roots))
+    named: dict[str, str] = {}
+    for root in roots:
+        name = cross_domain_name(root)
+        if name in named:
+            raise ValueError(f"dataset.test_root: {named[name]} and {root} have the same test-set name {name!r} "
+                             f"(the folder's name, lowercased, letters and digits only); rename one folder")
+        named[name] = root
+    return roots
+
+
+def cross_domain_name(root: str) -> str:
+    """The name of a cross-domain test set in its metrics' names: its folder's name, lowercased, letters and digits
+    only (``/data/DukeMTMC-reID`` -> ``dukemtmcreid``)."""
+    name = re.sub(r"[^a-z0-9]", "", os.path.basename(os.path.normpath(root)).lower())
+    if not name:
+        raise ValueError(f"dataset.test_root={root!r}: the folder's name has no letter or digit to name its metrics")
+    return name
 
 
 @dataclass(frozen=True)
@@ -203,7 +230,7 @@ class ReidConfig:
     eval_every: int = 0  # evaluate the validation split every N epochs (needs val_ids > 0; 0 = never)
     checkpoint_every: int = 5  # a checkpoint (what a retry or resume starts from) every N epochs and the last
     distance: str = "cosine"
-    # k-reciprocal re-ranking (Zhong et al. 2017; k1=20, k2=6, lambda=0.3) of every evaluation's distances
+    # final test (and cross-domain) metrics also k-reciprocally re-ranked (k1=20, k2=6, lambda=0.3), as rr_*
     rerank: bool = False
     flip_test: bool = True
     # also evaluate the final model with every BatchNorm layer's statistics re-estimated on the real training images
@@ -310,7 +337,23 @@ def check_workers(section: str, num_workers: int, batch_size: int) -> None:
 # ------------------------------------------------------------------------------------- run hand-offs
 
 METRICS = ("rank1", "rank5", "rank10", "mAP")  # fractions in [0, 1]; the names Tune, MLflow and the report share
-BN_RECALIBRATED = "bnr_"  # prefix of a metric of the evaluation with BatchNorm re-estimated (reid.bn_recalibrate)
+FINAL_METRICS = (*METRICS, "mINP")  # what each final test evaluation reports
+FINAL = "final_"  # the final test metrics are logged as final_<prefix><metric> (metric_names); the prefixes:
+BN_RECALIBRATED = "bnr_"  # the evaluation with BatchNorm re-estimated (reid.bn_recalibrate)
+RERANKED = "rr_"  # the same distances k-reciprocally re-ranked (reid.rerank)
+CROSS_DOMAIN = "xd_"  # xd_<name>_: a cross-domain test set (dataset.test_root, cross_domain_name); xd_<name>_rr_
+RANKED_LIST = "ranked_list.png"  # written by the final test evaluation into the run's folder, logged with the run:
+PER_QUERY_AP = "per_query_ap.npy"  # float32 [Q] AP of every test query (NaN: no valid match); the picture: top-10s
+
+
+def metric_prefix(test_set: str | None = None, *, reranked: bool = False) -> str:
+    """The prefix of a final evaluation's metrics: "" (as trained), ``rr_``, ``xd_<name>_``, ``xd_<name>_rr_``."""
+    return (f"{CROSS_DOMAIN}{test_set}_" if test_set else "") + (RERANKED if reranked else "")
+
+
+def metric_names(prefix: str = "") -> tuple[str, ...]:
+    """``final_<prefix>rank1`` ... ``final_<prefix>mINP``: the MLflow names of one evaluation's metrics."""
+    return tuple(f"{FINAL}{prefix}{m}" for m in FINAL_METRICS)
 
 
 @dataclass(frozen=True)
@@ -323,6 +366,7 @@ class ReidInputs:
     # the decoded-image cache folder (the decode stages' output); None: ``decoded`` beside the run's folder,
     # filled in-process on first use
     cache_dir: str | None = None
+    test_roots: tuple[str, ...] = ()  # dataset.test_root: cross-domain test sets the final model is evaluated on
 
 
 @dataclass(frozen=True)
@@ -342,9 +386,15 @@ class ReidResult:
     num_train: int  # real training images
     # the same test metrics with BatchNorm re-estimated on the real training images (reid.bn_recalibrate), or None
     recalibrated: dict[str, float] | None = None
+    reranked: dict[str, float] | None = None  # the test metrics of the re-ranked distances (reid.rerank), or None
+    cross_domain: dict[str, dict[str, float]] | None = None  # dataset.test_root: name -> its metrics (and rr_*)
 
     def metrics(self) -> dict[str, float]:
-        """The final test metrics by their shared names (METRICS, then mINP), then ``bnr_<name>`` of the
-        evaluation with BatchNorm re-estimated (reid.bn_recalibrate)."""
-        bnr = {f"{BN_RECALIBRATED}{k}": v for k, v in (self.recalibrated or {}).items()}
-        return {**{k: getattr(self, k) for k in METRICS}, "mINP": self.mINP, **bnr}
+        """The final test metrics by their shared names (METRICS, then mINP), then those of the other evaluations
+        under their prefixes (:func:`metric_prefix`): ``bnr_``, ``rr_``, ``xd_<name>_`` (and ``xd_<name>_rr_``)."""
+        out = {**{k: getattr(self, k) for k in METRICS}, "mINP": self.mINP}
+        out.update({f"{BN_RECALIBRATED}{k}": v for k, v in (self.recalibrated or {}).items()})
+        out.update({f"{metric_prefix(reranked=True)}{k}": v for k, v in (self.reranked or {}).items()})
+        for name, found in (self.cross_domain or {}).items():
+            out.update({f"{metric_prefix(name)}{k}": v for k, v in found.items()})
+        return out

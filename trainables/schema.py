@@ -75,7 +75,12 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
+        for option in inner[:-1]:  # the first member that takes the value (dataset.test_root: a path or a list)
+            try:
+                return _coerce(value, option, key)
+            except ValueError:
+                pass
+        return _coerce(value, inner[-1], key)
     if origin is tuple:
         if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
             raise ValueError(f"{key} must be a list, got {value!r}")

@@ -29,7 +29,7 @@ from trainables.faults import Injection
 from trainables.methods import TWO_STREAM_WEIGHT_DECAY, method
 from trainables.reid.data import EpochLoader, epoch_batches, train_loader
 from trainables.reid.engine import StepFn, ident_step, pair_step, train_one_epoch
-from trainables.reid.evaluate import check_rerank, evaluate_model
+from trainables.reid.evaluate import check_rerank, evaluate_final, evaluate_model, load_test_sets
 from trainables.reid.labels import LabelSpec, num_outputs, samples_generated, switch_epoch_for
 from trainables.reid.models import build_reid_model, reference_code_init_
 from trainables.reid.pairs import epoch_pairs, pair_rows, pos_fraction_for_epoch
@@ -82,9 +82,9 @@ def reid_loop(config: dict) -> ReidResult | None:
     inject: Injection | None = config.get("inject")
     seed_everything(Stream.REID_INIT, reid.seed, ctx.rank)
     data = load_run_data(reid, labels, inputs)
-    for split, what in ((data.split, "test"), (data.val, "validation")):
-        if split is not None:
-            check_rerank(reid, split, what)  # fails now, not after the training
+    tests = load_test_sets(inputs.test_roots)  # the cross-domain test sets (dataset.test_root)
+    for split, what in ((data.split, "test"), *((s, f"{name} test") for name, s in tests)):
+        check_rerank(reid, split, what)  # fails now, not after the training (validation is never re-ranked)
     spec = label_spec(reid, labels, data.split.num_train_ids)
     model, optimizer, scheduler = build_training(reid, spec, weight_decay(reid, labels), ctx)
     start_epoch, final = _resume(model, optimizer, scheduler)  # [2] the latest checkpoint, if any
@@ -103,8 +103,9 @@ def reid_loop(config: dict) -> ReidResult | None:
         if ctx.rank == 0 and data.val is not None and _validates(reid, epoch):
             res = evaluate_model(runtime.unwrap(model), data.val, reid, ctx.device, cache_dir=cache_dir)
             metrics.update({f"val_{k}": res[k] for k in ("rank1", "mAP")})
-        if ctx.rank == 0 and epoch == reid.epochs - 1:  # the test split: the final model only
-            final = evaluate_model(runtime.unwrap(model), data.split, reid, ctx.device, cache_dir=cache_dir)
+        if ctx.rank == 0 and epoch == reid.epochs - 1:  # the test splits: the final model only
+            final = evaluate_final(runtime.unwrap(model), data.split, tests, reid, ctx.device, cache_dir=cache_dir,
+                                   run_dir=config["run_dir"])  # + re-ranked, cross-domain, the ranked list
             metrics.update({k: final[k] for k in (*METRICS, "mINP")})
             if reid.bn_recalibrate:  # the same model with BN statistics of the real training images only
                 final["recalibrated"] = evaluate_recalibrated(runtime.unwrap(model), data, reid, ctx.device, cache_dir)
@@ -122,7 +123,8 @@ def reid_loop(config: dict) -> ReidResult | None:
 def _result(final: dict, reid: ReidConfig, data: RunData) -> ReidResult:
     return ReidResult(**{k: final[k] for k in (*METRICS, "mINP", "skipped_queries")}, cmc=tuple(final["cmc"]),
                       epoch=reid.epochs - 1, num_classes=data.split.num_train_ids, num_gan=len(data.extra),
-                      num_train=len(data.split.train), recalibrated=final.get("recalibrated"))
+                      num_train=len(data.split.train), recalibrated=final.get("recalibrated"),
+                      reranked=final.get("reranked"), cross_domain=final.get("cross_domain"))
 
 
 def evaluate_recalibrated(model: torch.nn.Module, data: RunData, reid: ReidConfig, device: torch.device,
