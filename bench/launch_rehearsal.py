@@ -107,14 +107,16 @@ def sweep_command(dashboard: str, url: str, data: Path, storage: Path, epochs: i
     ray_cli = str(Path(sys.executable).with_name("ray"))
     sets = [f"dataset.root={data}", f"cluster.storage_path={storage}", "sweep.max_concurrent=2",
             "sweep.max_failures=3",
-            # the dataset is a Market-format folder on the shared storage (rsync-up'd on AWS); synthetic, so no
-            # ImageNet weights
+            # a Market-format folder on the shared storage (rsync-up'd on AWS); synthetic: no ImageNet weights
             "dataset.name=market1501", "reid.pretrained=random",
             # the workers' GPUs are logical: stages and trials ask for one and run on the CPU
             "cluster.logical_gpus=true", "gan.use_gpu=true", "reid.use_gpu=true",
             # one trial long enough to be killed after its first checkpoint
             f"reid.epochs={epochs}", "reid.checkpoint_every=1"]
-    return [ray_cli, "job", "submit", "--address", dashboard, "--submission-id", submission_id, "--",
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    commit = json.dumps({"env_vars": {"MPRL_GIT_COMMIT": head.strip() or "unknown"}})  # a synced tree has no .git
+    return [ray_cli, "job", "submit", "--address", dashboard, "--submission-id", submission_id,
+            "--runtime-env-json", commit, "--",
             "python", "-m", "orchestrator.sweep", "--preset", "smoke", "--address", "auto", "--tracking-uri", url,
             *[a for s in sets for a in ("--set", s)]]
 

@@ -4,7 +4,8 @@ Per (label method, pool, setting) of the sweep, the finished trial with a logged
 last **validation** rank-1 (``val_rank1``, the held-out training identities of ``reid.val_ids``) is highest becomes a
 new version of the registered model ``mprl-<experiment>-<method>`` (``-<pool>`` when it is not the DCGAN's pool,
 ``-<setting>`` when the sweep has several settings). A sweep without a validation split has no honest "best": the
-version is then the trial with the lowest final training loss, and its tags say so (``mprl.selected_by``). The test
+version is then the trial with the lowest final training loss, and its tags say so (``mprl.selected_by``); runs
+with neither (a baseline trial that reused its seed's baseline stage) give the lowest seed's. The test
 metrics are copied onto the version as tags for the reader, never compared. Each version's tags name the sweep, the
 trial, its seed and #GAN, and what chose it.
 """
@@ -19,6 +20,7 @@ from orchestrator.groups import pool_label, setting_of
 
 SELECT_BY = ("val_rank1", "max")  # the validation metric, higher is better
 FALLBACK = ("loss", "min")  # the last epoch's training loss, lower is better (no validation split)
+SEED = "seed"  # runs with neither metric: the lowest seed
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,11 @@ def choose(runs: list) -> tuple[object, str, float] | None:
         if have:
             pick = (max if mode == "max" else min)(have, key=lambda r: r.data.metrics[metric])
             return pick, metric, pick.data.metrics[metric]
-    return None
+    if not runs:
+        return None
+    # neither (a baseline trial that reused its seed's baseline stage logs no epochs): the lowest seed, by rule
+    pick = min(runs, key=lambda r: int(r.data.params.get("reid.seed", 0)))
+    return pick, SEED, float(pick.data.params.get("reid.seed", 0))
 
 
 def register_best(client, exp_id: str, experiment: str, parent: str, sweep_name: str) -> list[Registered]:
@@ -77,7 +83,8 @@ def _register(client, name: str, run, metric: str, value: float, sweep_name: str
         if "already exists" not in str(err).lower() and "RESOURCE_ALREADY_EXISTS" not in str(err):
             raise
     p, m = run.data.params, tracking.fractions(run)
-    why = metric if metric == SELECT_BY[0] else f"{metric} (no validation split: reid.val_ids=0)"
+    why = {SELECT_BY[0]: metric, FALLBACK[0]: f"{metric} (no validation split: reid.val_ids=0)"}.get(
+        metric, "the lowest seed (no validation split, no training metric: a reused baseline stage)")
     tags = {"mprl.sweep": sweep_name, "mprl.sweep_run": parent, "mprl.trial": p.get("trial", "?"),
             "mprl.seed": p.get("reid.seed", "?"), "mprl.num_gan": p.get("labels.num_gan", "?"),
             "mprl.selected_by": why, "mprl.selection_value": f"{value:.6g}",

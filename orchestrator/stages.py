@@ -357,12 +357,12 @@ def decode_node(cfg: Config, source: StageNode, cache_dir: str, resources: dict[
 
 def smprl_node(cfg: Config, baseline: StageNode, generated: StageNode, resources: dict[str, float]) -> StageNode:
     """Static multi-pseudo labels: the baseline's class ranks for every generated image, stored as uint16."""
-    key = stage_key(cfg, extra={"baseline": baseline.key, "generate": generated.key})
-    name, reid = f"smprl-{key}", cfg.reid
+    key, reid = stage_key(cfg, extra={"baseline": baseline.key, "generate": generated.key}), cfg.reid
 
     def build(folder: Path, base: StageResult, gen: StageResult) -> SmprlOut:
         from trainables.reid.smprl import write_static_labels
 
+        name = folder.name  # the node's name, "smprl-<key with its code version>": what the trials are told to read
         store = GeneratedStore(gen.out.store)
         n = write_static_labels(base.out.run_dir, store, name, reid, {"baseline": base.key})
         return SmprlOut(name, str(store.root), n)

@@ -31,9 +31,12 @@ def test_the_registry_gets_the_validation_best_per_method_and_says_what_chose_it
     _trial(client, run, "lsro", 1, {"val_rank1": 0.7, "final_rank1": 0.90, "final_mAP": 0.8, "loss": 1.0})
     _trial(client, run, "baseline", 0, {"final_rank1": 0.95, "loss": 1.5})
     base1 = _trial(client, run, "baseline", 1, {"final_rank1": 0.50, "loss": 0.9})
+    _trial(client, run, "allinone", 2, {"final_rank1": 0.9})  # neither metric (a reused baseline stage's kind)
+    all1 = _trial(client, run, "allinone", 1, {"final_rank1": 0.1})
 
     got = {r.name: r for r in registry.register_best(client, exp, "e", parent, "s1")}
-    assert set(got) == {"mprl-e-lsro", "mprl-e-baseline"}
+    assert set(got) == {"mprl-e-lsro", "mprl-e-baseline", "mprl-e-allinone"}
+    assert got["mprl-e-allinone"].run_id == all1 and "lowest seed" in got["mprl-e-allinone"].selected_by
     assert got["mprl-e-lsro"].run_id == lsro0 and got["mprl-e-lsro"].selected_by == "val_rank1"
     assert got["mprl-e-baseline"].run_id == base1 and "no validation split" in got["mprl-e-baseline"].selected_by
     version = client.get_model_version("mprl-e-lsro", got["mprl-e-lsro"].version)

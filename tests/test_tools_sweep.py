@@ -22,7 +22,7 @@ def test_cross_domain_reranked_sweep_report_ranked_list_registry_and_export(tmp_
     other = tmp_path / "data" / "Synthetic-B"
     generate(other, ids=12, images_per_id=8, distractors=12, junk=8, size=(64, 32), seed=7, workers=1)
     out = run_sweep(_smoke(tmp_path / "runs", "sweep.methods=[baseline, lsro]", f"dataset.test_root={other}",
-                           "reid.rerank=true", "reid.epochs=3"))
+                           "reid.rerank=true", "reid.epochs=5"))
     assert all(r.error is None for r in out.rows), [r.error for r in out.rows]
     client, exp_id = tracking.setup(out.tracking_uri, "mprl", tmp_path / "runs")
     trials = _runs(client, exp_id, "trial")
