@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,21 @@ class Source:
     root: str
     split: str  # "test" (the trial's own dataset) or a cross-domain test set's name
     use_gpu: bool
+
+
+def resolve_run(client, ref: str, experiment: str = "mprl") -> str:
+    """``ref`` as a run id: a run id itself, or a trial's name (``lsro-n64-paper-kall-s0``) in the latest sweep of
+    ``experiment`` that has it; ValueError naming what exists otherwise."""
+    if re.fullmatch(r"[0-9a-f]{32}", ref):
+        return ref
+    exp = client.get_experiment_by_name(experiment)
+    runs = [] if exp is None else client.search_runs(
+        [exp.experiment_id], f"tags.`mprl.kind` = 'trial' and attributes.run_name = '{ref}'", max_results=1,
+        order_by=["attributes.start_time DESC"])
+    if not runs:
+        raise ValueError(f"{ref!r} is neither a run id nor a trial of experiment {experiment!r} at "
+                         f"{client.tracking_uri} (trial names look like lsro-n64-paper-kall-s0)")
+    return runs[0].info.run_id
 
 
 def find_source(client, run_id: str, split: str = "test") -> Source:
@@ -146,7 +162,10 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m orchestrator.export",
                                 description="Write a finished trial's final-model features of the query and gallery "
                                             "images to a file (npz, or parquet: one row per image).")
-    p.add_argument("run_id", metavar="RUN_ID", help="the MLflow run id of a finished trial")
+    p.add_argument("run_id", metavar="RUN", help="a finished trial: its MLflow run id, or its name "
+                                                 "(lsro-n64-paper-kall-s0: that trial of the latest sweep with it)")
+    p.add_argument("--experiment", default="mprl", help="the MLflow experiment of a trial named by name "
+                                                        "(default: mprl)")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--tracking-uri", default=None,
                        help="an MLflow tracking URI (http://host:5000, sqlite:///path) (default: sqlite:///"
@@ -178,12 +197,12 @@ def _ray(address: str | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
-    out = Path(args.out or f"features-{args.run_id}-{args.split}.npz")
+    out = Path(args.out or f"features-{args.run_id}-{args.split}.npz")  # a trial's name or its run id
     try:
         client = open_client(args.tracking_uri, args.storage)
         if out.suffix not in FORMATS:
             raise ValueError(f"--out {out}: the file name must end in {' or '.join(FORMATS)}")
-        source = find_source(client, args.run_id, args.split)
+        source = find_source(client, resolve_run(client, args.run_id, args.experiment), args.split)
     except (ValueError, ConnectionError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

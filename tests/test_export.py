@@ -62,6 +62,14 @@ def test_the_run_names_its_model_and_data(trial, tiny_root):
     assert export.find_source(client, run_id, "otherset").root == str(other)
 
 
+def test_a_trial_is_named_by_its_run_id_or_its_name(trial):
+    client, run_id, _, _, _ = trial
+    name = client.get_run(run_id).info.run_name  # baseline-n0-paper-kall-s0
+    assert export.resolve_run(client, name) == run_id == export.resolve_run(client, run_id)
+    with pytest.raises(ValueError, match="'lsro-n9-paper-kall-s0' is neither a run id nor a trial"):
+        export.resolve_run(client, "lsro-n9-paper-kall-s0")
+
+
 def test_bad_runs_and_splits_are_refused_before_any_ray(trial, tmp_path):
     client, run_id, base, _, _ = trial
     with pytest.raises(ValueError, match="no MLflow run 'f00' at sqlite"):
