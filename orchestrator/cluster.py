@@ -205,10 +205,15 @@ def check_marker_on_nodes(marker: Path, nodes: list[dict[str, Any]], timeout_s: 
 
 
 def worker_paths(cfg: Any) -> dict[str, str]:
-    """``{field: path}`` of what workers use: the storage path (written) and a given dataset root (read)."""
+    """``{field: path}`` of what workers use: the storage path (written); a given dataset root, the cross-domain test
+    sets and a folder pool (read)."""
     out = {STORAGE_FIELD: str(Path(cfg.cluster.storage_path))}
     if cfg.dataset.root:
         out[DATASET_FIELD] = str(Path(cfg.dataset.root).expanduser().absolute())
+    for i, root in enumerate(getattr(cfg.dataset, "test_root", ())):  # cross-domain test sets: read by every trial
+        out[f"dataset.test_root[{i}]"] = root
+    if getattr(cfg.labels, "pool_root", None):  # a folder pool: read by its pool stage, wherever that runs
+        out["labels.pool_root"] = str(Path(cfg.labels.pool_root).expanduser().absolute())
     return out
 
 

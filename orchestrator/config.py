@@ -121,7 +121,8 @@ class SweepConfig:
                 raise ValueError(f"sweep.keeps contains {k}; each must be None or >= 1")
         check_choice("sweep.search", self.search, SEARCHES)
         check_choice("sweep.asha_mode", self.asha_mode, ("max", "min"))
-        if self.asha_metric in TEST_METRICS:
+        # a test metric under any prefix (rr_, bnr_, xd_<name>_: re-ranked, BN re-estimated, cross-domain)
+        if self.asha_metric.endswith(TEST_METRICS) and not self.asha_metric.startswith("val_"):
             raise ValueError(f"sweep.asha_metric={self.asha_metric!r} is a test metric: test metrics never stop or "
                              f"select trials; use val_rank1 or val_mAP (with reid.val_ids > 0)")
         check_positive("sweep.num_samples", self.num_samples)

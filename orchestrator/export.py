@@ -39,14 +39,16 @@ class Source:
 
 
 def resolve_run(client, ref: str, experiment: str = "mprl") -> str:
-    """``ref`` as a run id: a run id itself, or a trial's name (``lsro-n64-paper-kall-s0``) in the latest sweep of
-    ``experiment`` that has it; ValueError naming what exists otherwise."""
+    """``ref`` as a run id: a run id itself, or the name of a finished trial (``lsro-n64-paper-kall-s0``: the latest
+    sweep's that finished it) or single run (``reid-lsro-360``) of ``experiment``; ValueError otherwise."""
     if re.fullmatch(r"[0-9a-f]{32}", ref):
         return ref
     exp = client.get_experiment_by_name(experiment)
-    runs = [] if exp is None else client.search_runs(
-        [exp.experiment_id], f"tags.`mprl.kind` = 'trial' and attributes.run_name = '{ref}'", max_results=1,
-        order_by=["attributes.start_time DESC"])
+    runs = [] if exp is None else [  # finished trials and single runs with a model to export, the latest first
+        r for kind in ("trial", "single") for r in client.search_runs(
+            [exp.experiment_id], f"tags.`mprl.kind` = '{kind}' and attributes.run_name = '{ref}' and "
+                                 f"attributes.status = 'FINISHED' and tags.`{TAG_RUN_DIR}` != ''", max_results=1,
+            order_by=["attributes.start_time DESC"])]
     if not runs:
         raise ValueError(f"{ref!r} is neither a run id nor a trial of experiment {experiment!r} at "
                          f"{client.tracking_uri} (trial names look like lsro-n64-paper-kall-s0)")
@@ -90,7 +92,7 @@ def extract(run_dir: str, root: str, use_gpu: bool) -> dict[str, np.ndarray]:
     from trainables.runtime import device_for
 
     model, state = load_trained(run_dir)
-    reid = build(ReidConfig, state["reid"], "reid.")
+    reid = build(ReidConfig, state["reid"] if "reid" in state else state["config"]["reid"], "reid.")  # as load_trained
     device = device_for(use_gpu)
     split = load_test(root)
     emb = embed_split(model.to(device), split, reid, device)

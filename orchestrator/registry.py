@@ -69,8 +69,16 @@ def register_best(client, exp_id: str, experiment: str, parent: str, sweep_name:
         name = "-".join(["mprl", experiment, method, *([pool] if pool != "gan" else []),
                          *([setting] if len(settings) > 1 else [])])
         name = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+        if _registered(client, name, parent):  # a --resume of a finished sweep: its versions exist
+            continue
         out.append(_register(client, name, run, metric, value, sweep_name, parent))
     return out
+
+
+def _registered(client, name: str, parent: str) -> bool:
+    """Whether model ``name`` already has a version from sweep ``parent``."""
+    versions = client.search_model_versions(f"name = '{name}'")
+    return any(v.tags.get("mprl.sweep_run") == parent for v in versions)
 
 
 def _register(client, name: str, run, metric: str, value: float, sweep_name: str, parent: str) -> Registered:

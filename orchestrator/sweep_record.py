@@ -3,7 +3,8 @@
 A sweep is ``sweep-<hash>-<n>`` (its Tune experiment ``<storage>/tune/<name>``, its MLflow parent run): the hash
 covers what its results depend on, the ``dataset``, ``gan``, ``reid``, ``labels`` and ``sweep`` sections without
 their runtime fields (``RUNTIME_FIELDS``: workers, GPUs, loader processes; ``SWEEP_RUNTIME_FIELDS``:
-``sweep.max_concurrent``, ``sweep.max_failures``; ``cluster.*`` never counts); ``n`` numbers the sweeps of one
+``sweep.max_concurrent``, ``sweep.max_failures``; ``cluster.*`` never counts, but ``--resume`` refuses a changed
+``cluster.experiment``); ``n`` numbers the sweeps of one
 config. A sweep writes its resolved config into its folder (:data:`RECORD`) when it starts and marks it finished
 at its end.
 
@@ -23,12 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from datasets.files import atomic_write_bytes
-from orchestrator.config import RUNTIME_FIELDS, SWEEP_RUNTIME_FIELDS, Config, config_hash, to_dict
+from orchestrator.config import RUNTIME_FIELDS, SWEEP_RUNTIME_FIELDS, Config, to_dict
 
 RECORD = "mprl_sweep.json"  # in the sweep's Tune folder: {"name", "config", "finished", "written"}
 SECTIONS = ("dataset", "gan", "reid", "labels", "sweep")
 RUNTIME_HELP = (f"gan./reid.{{{','.join(RUNTIME_FIELDS)}}}, sweep.{{{','.join(SWEEP_RUNTIME_FIELDS)}}}, "
-                "cluster.*")
+                "cluster.* but cluster.experiment")
 ABSENT = "(absent)"  # a field one of two compared configs does not have (written by another version)
 
 
@@ -63,7 +64,8 @@ class Record:
 def runtime_field(key: str) -> bool:
     """Whether a dotted config field changes where or how fast a sweep runs, not what it produces."""
     section, _, name = key.partition(".")
-    return (section == "cluster" or (section in ("gan", "reid") and name in RUNTIME_FIELDS)
+    # every cluster field but the MLflow experiment: the restored Tune state logs into the experiment it began with
+    return ((section == "cluster" and name != "experiment") or (section in ("gan", "reid") and name in RUNTIME_FIELDS)
             or (section == "sweep" and name in SWEEP_RUNTIME_FIELDS))
 
 
@@ -94,20 +96,34 @@ def resolve(cfg: Config, tune: Path, resume: bool) -> SweepName:
     if n:
         name = f"{base}-{n}"
         record = read_record(tune / name)
-        found = changes(record.config, to_dict(cfg)) if record else []  # runtime only: the hash is the same
+        found = changes(record.config, to_dict(cfg)) if record else []  # the hash is the same: cluster.* at most
+        _refuse(name, "", [c for c in found if not runtime_field(c.key)])
         return SweepName(name, True, tuple(found))
-    legacy = f"sweep-{config_hash(cfg, *SECTIONS)}"  # named before the runtime fields left the hash
+    legacy = f"sweep-{legacy_hash(cfg)}"  # named before the runtime fields left the hash
     if _latest(tune, legacy):
         return SweepName(f"{legacy}-{_latest(tune, legacy)}", True)
     last = latest_record(tune)
     if last is not None and not last.finished:
         fixed = [c for c in changes(last.config, to_dict(cfg)) if not runtime_field(c.key)]
-        if fixed:
-            raise ValueError(f"--resume: the latest sweep, {last.name} (interrupted), ran with other settings: "
-                             f"{'; '.join(map(str, fixed))}. Only runtime fields may change on --resume "
-                             f"({RUNTIME_HELP}): set these back to resume it, or drop --resume to start a new sweep")
+        _refuse(last.name, " (interrupted)", fixed)
     return SweepName(f"{base}-1", False, note=f"--resume: no interrupted sweep of this config under {tune}; "
                                               f"starting {base}-1")
+
+
+def _refuse(name: str, state: str, fixed: list[Change]) -> None:
+    if fixed:
+        raise ValueError(f"--resume: the latest sweep, {name}{state}, ran with other settings: "
+                         f"{'; '.join(map(str, fixed))}. Only runtime fields may change on --resume "
+                         f"({RUNTIME_HELP}): set these back to resume it, or drop --resume to start a new sweep")
+
+
+def legacy_hash(cfg: Config) -> str:
+    """The name hash of sweeps made before this version: every field of :data:`SECTIONS`, runtime ones too, and no
+    ``dataset.test_root`` (it did not exist; an empty one is left out so that those sweeps are found)."""
+    tree = {s: to_dict(cfg)[s] for s in SECTIONS}
+    if not tree["dataset"].get("test_root"):
+        tree["dataset"] = {k: v for k, v in tree["dataset"].items() if k != "test_root"}
+    return hashlib.sha256(json.dumps(tree, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:12]
 
 
 def write_record(tune: Path, name: str, cfg: Config, *, finished: bool = False) -> Path:

@@ -117,8 +117,8 @@ def run_reid(cfg: Config, out: Path, gan_store: str | None, smprl_labels: str | 
         tracking.log_artifacts(client, run_id, [run_dir / PER_QUERY_AP], "evaluation")
         for tag, value in input_tags(run_dir, inputs.data_root, cfg.dataset.test_root).items():  # for export
             client.set_tag(run_id, tag, value)
-        print(f"final: rank-1 {res.rank1:.4f}  rank-5 {res.rank5:.4f}  rank-10 {res.rank10:.4f}  "
-              f"mAP {res.mAP:.4f}  ({res.num_classes} ids, {res.num_gan} extra images)")
+        print(f"final (%): rank-1 {100 * res.rank1:.2f}  rank-5 {100 * res.rank5:.2f}  rank-10 {100 * res.rank10:.2f}  "
+              f"mAP {100 * res.mAP:.2f}  ({res.num_classes} ids, {res.num_gan} extra images)")  # MLflow's unit
     return 0
 
 

@@ -189,7 +189,7 @@ def tune_trials(cfg: Config, trials: list[TrialSpec], ctx: TrialContext, experim
         resources.trial_resources(cfg))
     if resume and ray.tune.Tuner.can_restore(str(experiment)):
         print(f"[sweep] resuming {experiment}", flush=True)
-        tuner = ray.tune.Tuner.restore(str(experiment), trainable, resume_errored=True)
+        tuner = apply_runtime(ray.tune.Tuner.restore(str(experiment), trainable, resume_errored=True), cfg)
     else:
         searcher = ReadySearcher(experiment.name, trials, {t.key: ctx.needs.get(t.key, ()) for t in trials})
         tuner = ray.tune.Tuner(trainable, tune_config=_tune_config(cfg, searcher, len(trials)),
@@ -202,6 +202,17 @@ def tune_trials(cfg: Config, trials: list[TrialSpec], ctx: TrialContext, experim
                                    callbacks=[EpochLogger(ctx.sweep, cfg.cluster.experiment)]))
     grid = tuner.fit()  # a first SIGINT makes Tune stop gracefully and return; the MLflow status tells
     return results_rows(grid, trials)
+
+
+def apply_runtime(tuner, cfg: Config):
+    """A restored Tuner with this run's runtime limits (``sweep.max_concurrent``, ``sweep.max_failures``): Ray 2.60's
+    ``Tuner.restore`` keeps the saved ones, so a resume that changed them (which ``--resume`` accepts) would not
+    apply them. Sets TunerInternal's ``_tune_config`` / ``_run_config`` (private; Ray is pinned to 2.60.x and a test
+    checks that they exist)."""
+    internal = tuner._local_tuner
+    internal._tune_config.max_concurrent_trials = resources.max_concurrent(cfg)
+    internal._run_config.failure_config = ray.tune.FailureConfig(max_failures=resources.trial_retries(cfg))
+    return tuner
 
 
 def _tune_config(cfg: Config, searcher: Searcher, num_samples: int):

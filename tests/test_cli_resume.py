@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator import cluster, stage_cache, sweep, sweep_record, tracking
-from orchestrator.config import config_hash, load_config
+from orchestrator.config import load_config
 
 
 def _cfg(storage: Path, *extra: str):
@@ -89,10 +89,20 @@ def test_resume_after_a_finished_sweep_of_other_settings_starts_a_new_one(tmp_pa
 def test_a_sweep_named_before_the_runtime_fields_left_the_hash_resumes(tmp_path):
     cfg = _cfg(tmp_path)
     tune = stage_cache.Paths(tmp_path).tune
-    old = f"sweep-{config_hash(cfg, *sweep_record.SECTIONS)}-1"
+    # the name commit 19c0583 gave this config (its config_hash over the sections, runtime fields included, before
+    # dataset.test_root existed): computed by running that commit's code
+    old = "sweep-006bde9959eb-1"
+    assert sweep_record.legacy_hash(cfg) == old[6:-2]
     (tune / old).mkdir(parents=True)  # an older version's Tune folder: no record
     got = sweep_record.resolve(cfg, tune, resume=True)
     assert got.name == old and got.resumed
     assert sweep_record.sweep_hash(cfg) == sweep_record.sweep_hash(_cfg(tmp_path, "sweep.max_concurrent=8",
                                                                         "reid.num_workers=2", "cluster.num_cpus=8"))
     assert sweep_record.sweep_hash(cfg) != sweep_record.sweep_hash(_cfg(tmp_path, "reid.epochs=3"))
+
+
+def test_a_changed_experiment_is_refused_on_resume(tmp_path):
+    """cluster.* is runtime, but not the MLflow experiment: the restored Tune state logs into the one it began with."""
+    _started(tmp_path)
+    with pytest.raises(ValueError, match='cluster.experiment: "mprl" -> "other"'):
+        sweep_record.resolve(_cfg(tmp_path, "cluster.experiment=other"), stage_cache.Paths(tmp_path).tune, resume=True)

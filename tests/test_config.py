@@ -213,6 +213,10 @@ def test_periodic_evaluation_and_asha_read_the_validation_split_only():
 def test_asha_never_reads_a_test_metric():
     with pytest.raises(ValueError, match="test metrics never stop or select trials"):
         load_config("smoke", overrides=["sweep.asha_metric=rank1"])
+    for prefixed in ("rr_rank1", "bnr_mAP", "xd_dukemtmcreid_rank1", "xd_duke_rr_mINP"):  # test metrics too
+        with pytest.raises(ValueError, match="test metrics never stop or select trials"):
+            load_config("smoke", overrides=[f"sweep.asha_metric={prefixed}"])
+    assert load_config("smoke", overrides=["sweep.asha_metric=val_mAP"]).sweep.asha_metric == "val_mAP"
     with pytest.raises(ValueError, match="sweep.asha_mode='best'"):
         load_config("smoke", overrides=["sweep.asha_mode=best"])
 

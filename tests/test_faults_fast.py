@@ -128,6 +128,12 @@ def test_worker_paths_and_the_message(tmp_path):
     assert cluster.worker_paths(cfg) == {cluster.STORAGE_FIELD: str(tmp_path), cluster.DATASET_FIELD: "/data/market"}
     synthetic = load_config("smoke", overrides=[f"cluster.storage_path={tmp_path}"])
     assert "dataset.root" not in cluster.worker_paths(synthetic)
+    tested = load_config("smoke", overrides=[f"cluster.storage_path={tmp_path}", "dataset.test_root=[/d/Duke-A, /d/B]",
+                                             "labels.pool=folder", "labels.pool_root=/d/pool"])
+    got = cluster.worker_paths(tested)  # what every node must read: the test sets and a folder pool too
+    assert (got["dataset.test_root[0]"], got["dataset.test_root[1]"], got["labels.pool_root"]) == (
+        "/d/Duke-A", "/d/B", "/d/pool")
+    assert "labels.pool_root=/d/pool does not exist there" in cluster.path_problems(got)["labels.pool_root"]
     msg = cluster.problems_message({"node 10.0.0.1 (abc)": {},
                                     "node 10.0.0.2 (def)": {"dataset.root": "dataset.root=/d does not exist there"}})
     assert "on node 10.0.0.2 (def): dataset.root=/d does not exist there" in msg and "10.0.0.1" not in msg

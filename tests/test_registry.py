@@ -46,7 +46,10 @@ def test_the_registry_gets_the_validation_best_per_method_and_says_what_chose_it
     assert isinstance(loaded, torch.nn.Linear)
     assert "mprl-e-lsro version 1: trial lsro-s0 (chosen by val_rank1" in registry.summary(list(got.values()))
 
-    again = {r.name: r for r in registry.register_best(client, exp, "e", parent, "s1")}  # the next sweep: version 2
+    assert registry.register_best(client, exp, "e", parent, "s1") == []  # the same sweep again (--resume): nothing
+    parent2, _ = tracking.get_or_create_run(client, exp, "sweep", "s2", "s2")
+    _trial(client, tracking.SweepRun(client, exp, "s2", parent2, uri), "lsro", 0, {"val_rank1": 0.5})
+    again = {r.name: r for r in registry.register_best(client, exp, "e", parent2, "s2")}  # the next sweep: version 2
     assert again["mprl-e-lsro"].version == "2"
 
 

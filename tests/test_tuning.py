@@ -59,3 +59,20 @@ def test_trial_actors_start_without_importing_torch_or_mlflow():
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     out = subprocess.run([sys.executable, "-c", code], input=blob, capture_output=True, env=env, check=True)
     assert out.stdout.decode().strip() == "[]", out.stderr.decode()[-2000:]
+
+
+def test_a_resume_applies_the_new_concurrency_and_retries_to_the_restored_tuner(tmp_path, local_ray):
+    """Ray keeps a restored Tuner's saved limits; apply_runtime sets this run's (the private attributes it writes
+    exist in the pinned Ray, or this test fails)."""
+    import ray.tune
+
+    from orchestrator.config import load_config
+    from orchestrator.tuning import apply_runtime
+
+    tuner = ray.tune.Tuner(lambda config: None, tune_config=ray.tune.TuneConfig(max_concurrent_trials=1),
+                           run_config=ray.tune.RunConfig(name="t", storage_path=str(tmp_path),
+                                                         failure_config=ray.tune.FailureConfig(max_failures=0)))
+    cfg = load_config("smoke", overrides=["sweep.max_concurrent=4", "sweep.max_failures=2"])
+    internal = apply_runtime(tuner, cfg)._local_tuner
+    assert internal._tune_config.max_concurrent_trials == 4
+    assert internal._run_config.failure_config.max_failures == 2
