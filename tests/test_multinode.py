@@ -128,4 +128,5 @@ def test_smoke_sweep_on_two_nodes_with_an_mlflow_server(tmp_path, loopback_clust
             assert t.info.status == "FINISHED"
             assert t.data.tags[tracking.TAG_PARENT] == sweeps[0].info.run_id
             assert 0.0 <= t.data.metrics["final_rank1"] <= 100.0 and "final_mAP" in t.data.metrics  # percent
-        assert [a.path for a in client.list_artifacts(trials[0].info.run_id, "plots")] == ["plots/cmc.png"]
+        assert [a.path for a in client.list_artifacts(trials[0].info.run_id, "plots")] == ["plots/cmc.png",
+                                                                                         "plots/ranked_list.png"]
