@@ -137,4 +137,6 @@ def test_the_command_extracts_in_a_ray_task(trial, tmp_path, local_ray, capsys):
     np.testing.assert_allclose(got["query_features"], emb.qf.numpy(), atol=1e-6)
     np.testing.assert_allclose(got["gallery_features"], emb.gf.numpy(), atol=1e-6)
     assert export.main(["nope", "--storage", str(base)]) == 2
-    assert "error: no MLflow run 'nope'" in capsys.readouterr().err
+    assert "error: 'nope' is neither a run id nor a trial" in capsys.readouterr().err
+    assert export.main(["0" * 32, "--storage", str(base)]) == 2  # a run id that is not there
+    assert f"error: no MLflow run '{'0' * 32}'" in capsys.readouterr().err
