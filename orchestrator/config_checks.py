@@ -10,16 +10,14 @@ This module imports nothing from :mod:`orchestrator.config` at module level (tha
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any, Iterable
 
-from trainables.methods import method
+from trainables.methods import PAPER_SWITCH_FRACTION, method, switch_epoch_for
 
 if TYPE_CHECKING:
     from orchestrator.config import Config
 
 ALGORITHM_1 = "paper"  # labels.switch: the switch epoch applies (reference_code follows each script's coded switch)
-PAPER_SWITCH = 0.4  # the paper's switch (epoch 20 of 50) as a fraction of training: the suggested value
 
 
 def check_root(cfg: Any) -> None:
@@ -57,9 +55,8 @@ def check_lists(cfg: Config) -> None:
 
 def switch_epoch(labels: Any, epochs: int) -> int:
     """The 0-based epoch from which a switched method's generated images carry loss: ``labels.switch_at``, else
-    ``labels.switch_epoch`` x epochs rounded half up (what ``trainables.reid.labels.switch_epoch_for`` computes for
-    the training loop; that module imports torch, so the driver repeats the one line)."""
-    return labels.switch_at if labels.switch_at is not None else _half_up(labels.switch_epoch * epochs)
+    ``labels.switch_epoch`` x epochs rounded half up (``trainables.methods.switch_epoch_for``, as the loop does)."""
+    return labels.switch_at if labels.switch_at is not None else switch_epoch_for(epochs, labels.switch_epoch)
 
 
 def check_switch(cfg: Config, methods: Iterable[str]) -> None:
@@ -71,14 +68,14 @@ def check_switch(cfg: Config, methods: Iterable[str]) -> None:
     if not switched or cfg.labels.switch != ALGORITHM_1 or at < epochs:
         return
     if cfg.labels.switch_at is not None:
-        suggest = _half_up(PAPER_SWITCH * epochs)
+        suggest = switch_epoch_for(epochs)
         field, fix = (f"labels.switch_at={at}", f"lower labels.switch_at (e.g. {suggest}: 40% of training, as in "
                       f"the paper) or set it to null to switch at labels.switch_epoch={cfg.labels.switch_epoch} of "
                       f"training")
     else:
         field, fix = (f"labels.switch_epoch={cfg.labels.switch_epoch} (epoch {at})",
-                      f"lower labels.switch_epoch (e.g. {PAPER_SWITCH}, as in the paper) or set labels.switch_at "
-                      f"below reid.epochs")
+                      f"lower labels.switch_epoch (e.g. {PAPER_SWITCH_FRACTION}, as in the paper) or set "
+                      f"labels.switch_at below reid.epochs")
     raise ValueError(f"{field} >= reid.epochs={epochs}: the label switch of {', '.join(switched)} would never happen "
                      f"(epochs are 0-based: 0..{epochs - 1}); {fix}")
 
@@ -95,6 +92,3 @@ def check_run_switch(cfg: Config) -> None:
     """:func:`check_switch` for one run (``orchestrator.train reid``): its method, when it trains on extra images."""
     check_switch(cfg, [cfg.labels.method] if cfg.labels.num_gan > 0 else [])
 
-
-def _half_up(x: float) -> int:
-    return int(math.floor(x + 0.5))

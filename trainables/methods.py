@@ -7,6 +7,7 @@ rule in :mod:`trainables.reid.labels` when none of the existing ones fits (``doc
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 # How a generated image's target q is made (trainables/reid/labels.py ``TARGET_RULES``):
@@ -109,6 +110,18 @@ PAPER_CONTRASTS = (("dmprl2", "lsro"), ("dmprl2", "dmprl1"), ("dmprl1", "smprl")
 # (Huang-3/MpRL-for-person-re-ID@0f663eb code/train/train_2stream_MpRL3.m:34, train_2stream_baseline.m)
 TWO_STREAM_WEIGHT_DECAY = 1e-4
 DEFAULT_METHOD = "lsro"  # labels.method unless a preset or the command line says otherwise
+PAPER_SWITCH_FRACTION = 0.4  # paper: active after epoch 20 of 50 (Algorithm 1; code `epoch > 20`, 1-based)
+
+
+def switch_epoch_for(epochs: int, fraction: float = PAPER_SWITCH_FRACTION) -> int:
+    """Absolute 0-based switch epoch for a run of `epochs` epochs: round(fraction * epochs), half up. The one
+    formula: the training loop (``trainables.reid``) and the driver's check (``orchestrator.config_checks``) read it.
+
+    The paper switches on after epoch 20 of 50 (active in 1-based epochs 21..50 = 0-based 20..49): 0.4 * 50 = 20.
+    """
+    if epochs < 0 or not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"labels.switch_epoch fraction must be in [0, 1] and epochs >= 0, got {fraction}, {epochs}")
+    return int(math.floor(fraction * epochs + 0.5))
 
 
 def method(name: str) -> Method:

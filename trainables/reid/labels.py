@@ -23,11 +23,8 @@ from torch import Tensor
 
 from trainables.config import BEFORE_SWITCH, SWITCHES  # the choice lists
 from trainables.config import LABEL_ORDERS as ORDERS
-from trainables.methods import Method, method
+from trainables.methods import PAPER_SWITCH_FRACTION, Method, method, switch_epoch_for  # noqa: F401 (re-exported)
 from trainables.modes import eval_mode
-
-PAPER_SWITCH_FRACTION = 0.4  # paper: active after epoch 20 of 50 (Algorithm 1; code `epoch > 20`, 1-based)
-
 
 # --------------------------------------------------------------------------------------------------------------
 # MpRL core: ranks -> weights -> targets
@@ -168,16 +165,6 @@ def soft_cross_entropy(logits: Tensor, targets: Tensor, weights: Tensor | None =
 # --------------------------------------------------------------------------------------------------------------
 # One entry point for the training loop
 # --------------------------------------------------------------------------------------------------------------
-
-
-def switch_epoch_for(epochs: int, fraction: float = PAPER_SWITCH_FRACTION) -> int:
-    """Absolute 0-based switch epoch for a run of `epochs` epochs: round(fraction * epochs), half up.
-
-    The paper switches on after epoch 20 of 50 (active in 1-based epochs 21..50 = 0-based 20..49): 0.4 * 50 = 20.
-    """
-    if epochs < 0 or not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"labels.switch_epoch fraction must be in [0, 1] and epochs >= 0, got {fraction}, {epochs}")
-    return int(math.floor(fraction * epochs + 0.5))
 
 
 @dataclass(frozen=True)
